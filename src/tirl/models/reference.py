@@ -1,0 +1,48 @@
+"""The reference policy for the KL term, at the lowest memory cost each setup allows.
+
+- beta == 0: there is no reference at all (no copy, no forward pass).
+- LoRA: the reference *is* the base model — the same weights with the adapter switched off — so it costs no
+  second model.
+- full fine-tune with beta > 0: a frozen deep copy taken at the start of RL.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def make_frozen_reference(policy: nn.Module, kl_coef: float) -> nn.Module | None:
+    """The frozen copy a full fine-tune needs, or None when no copy is needed (beta = 0 or LoRA)."""
+    if kl_coef == 0 or is_lora(policy):
+        return None
+    ref = copy.deepcopy(policy).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+@contextmanager
+def reference_model(policy: nn.Module, frozen: nn.Module | None) -> Iterator[nn.Module]:
+    """Yield the module whose forward gives reference log-probs; use it under ``torch.no_grad``."""
+    if frozen is not None:
+        yield frozen
+        return
+    if not is_lora(policy):
+        raise RuntimeError("A reference model was requested but the policy has no LoRA adapter and no frozen copy was made.")
+    was_training = policy.training
+    policy.eval()
+    ctx = policy.disable_adapter() if is_lora(policy) else nullcontext()
+    try:
+        with ctx, torch.no_grad():
+            yield policy
+    finally:
+        policy.train(was_training)

@@ -1,0 +1,86 @@
+"""The tiny model: Qwen3 architecture sized for 2 CPU cores, with the tokenizer tirl ships.
+
+It is a checkpoint like any other: ``save_pretrained`` writes it and ``load_policy(path)`` reads it. The name
+``tiny`` builds a freshly initialised one (seeded) from the shipped tokenizer; ``tiny-warm`` loads the small
+SFT-warmed checkpoint shipped in ``tirl/assets/tiny_warm`` (made by ``scripts/make_tiny_warm.py``).
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+TINY_VOCAB_SIZE = 512
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
+    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+)
+
+# Qwen3 conventions (ChatML turns, <think> reasoning, tool results as a user turn in <tool_response>), written
+# so that rendering a conversation one message at a time gives the same text as rendering it whole.
+CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
+    "# Tools\n\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools><|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'system' and tools %}"
+    "{% elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+ASSETS = files("tirl") / "assets"
+
+
+def tiny_tokenizer_dir() -> Path:
+    return Path(str(ASSETS / "tiny"))
+
+
+def tiny_warm_dir() -> Path:
+    return Path(str(ASSETS / "tiny_warm"))
+
+
+def tiny_config(**overrides) -> Qwen3Config:
+    """~0.85 M parameters: 4 layers, hidden 128, vocab 512, tied embeddings."""
+    kw = dict(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=2,  # <|im_end|>
+        pad_token_id=0,  # <|endoftext|>
+    )
+    kw.update(overrides)
+    return Qwen3Config(**kw)
+
+
+def load_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tiny_tokenizer_dir()))
+    tok.padding_side = "left"
+    return tok
+
+
+def build_tiny(seed: int = 0, **config_overrides) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerFast]:
+    """A freshly initialised tiny Qwen3 and the shipped tokenizer (same seed → same weights)."""
+    tok = load_tiny_tokenizer()
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 2 and tok.pad_token_id == 0, "shipped tokenizer changed"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(tiny_config(**config_overrides))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
