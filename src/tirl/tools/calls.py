@@ -1,0 +1,164 @@
+"""Tool-call text <-> call dicts: BFCL python-list calls and Qwen/Hermes `<tool_call>` JSON blocks.
+
+Model text is untrusted: it is parsed with `ast.parse` + `ast.literal_eval` (python form) or `json.loads`
+(Hermes form) and never evaluated. A call is `{"name": str, "arguments": dict}`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+_CODE_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n(.*?)\n?```$", re.DOTALL)
+_DOTTED_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class ParseError:
+    """Why text is not a call list. Falsy, so `if not calls:` also catches it; use isinstance to tell
+    a parse failure from a valid empty call list `[]`."""
+
+    reason: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def parse_calls(text: str) -> list[dict[str, Any]] | ParseError:
+    """Parse `[f(a=1), mod.g(x="s")]`, a bare `f(a=1)`, or `<tool_call>{json}</tool_call>` blocks.
+
+    Returns a list of `{"name", "arguments"}` dicts (possibly empty for `[]`) or a `ParseError`;
+    never raises on any input string. One surrounding Markdown code fence is tolerated.
+    """
+    text = text.strip()
+    fenced = _CODE_FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    if "<tool_call>" in text:
+        return _parse_hermes(text)
+    return _parse_python(text)
+
+
+def _parse_hermes(text: str) -> list[dict[str, Any]] | ParseError:
+    bodies = _TOOL_CALL_BLOCK.findall(text)
+    if len(bodies) != text.count("<tool_call>"):
+        return ParseError("a <tool_call> block is not closed by </tool_call>")
+    calls = []
+    for body in bodies:
+        try:
+            obj = json.loads(body)
+        except (json.JSONDecodeError, RecursionError) as err:
+            return ParseError(f"<tool_call> body is not JSON: {err}")
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return ParseError('<tool_call> body must be an object with a string "name"')
+        arguments = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(arguments, str):  # some models double-encode the arguments
+            try:
+                arguments = json.loads(arguments)
+            except (json.JSONDecodeError, RecursionError):
+                return ParseError('"arguments" is a string that is not JSON')
+        if not isinstance(arguments, dict):
+            return ParseError('"arguments" must be a JSON object')
+        calls.append({"name": obj["name"], "arguments": arguments})
+    return calls
+
+
+def _parse_python(text: str) -> list[dict[str, Any]] | ParseError:
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
+        return ParseError(f"not Python syntax: {type(err).__name__}")
+    if isinstance(tree, ast.Call):
+        nodes = [tree]
+    elif isinstance(tree, ast.List) or (isinstance(tree, ast.Tuple) and tree.elts):
+        nodes = tree.elts  # a bracket-less `f(a=1), g(b=2)` is a tuple; `()` is not a call list
+    else:
+        return ParseError(f"expected a list of calls, got a {type(tree).__name__} expression")
+    calls = []
+    for node in nodes:
+        call = _call_from_node(node)
+        if isinstance(call, ParseError):
+            return call
+        calls.append(call)
+    return calls
+
+
+def _call_from_node(node: ast.expr) -> dict[str, Any] | ParseError:
+    if not isinstance(node, ast.Call):
+        return ParseError(f"list element is a {type(node).__name__}, not a call")
+    name = _dotted_name(node.func)
+    if name is None:
+        return ParseError("a called function must be a plain or dotted name like a.b.c")
+    if node.args:
+        return ParseError(f"{name}() has positional arguments; only keyword arguments are allowed")
+    arguments: dict[str, Any] = {}
+    for kw in node.keywords:
+        if kw.arg is None:
+            return ParseError(f"{name}() uses **kwargs unpacking")
+        if kw.arg in arguments:
+            return ParseError(f"{name}() repeats argument {kw.arg!r}")
+        try:
+            arguments[kw.arg] = ast.literal_eval(kw.value)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            return ParseError(f"{name}({kw.arg}=...) is not a literal value")
+    return {"name": name, "arguments": arguments}
+
+
+def _dotted_name(node: ast.expr) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def format_calls(calls: list[dict[str, Any]]) -> str:
+    """Render calls as the BFCL python list `[f(a=1), g(b='x')]`; `parse_calls` reads it back equal."""
+    rendered = []
+    for call in calls:
+        name = call["name"]
+        if not _DOTTED_NAME.match(name):
+            raise ValueError(f"Call name {name!r} is not a dotted Python identifier; rename the tool.")
+        args = ", ".join(f"{key}={value!r}" for key, value in call["arguments"].items())
+        rendered.append(f"{name}({args})")
+    return "[" + ", ".join(rendered) + "]"
+
+
+def split_reasoning(response: str) -> tuple[str | None, str]:
+    """Split Qwen3 `<think>\\n…\\n</think>\\n\\n answer` into (reasoning, answer_text), both stripped.
+
+    No `</think>`: (None, whole text) unless the text opens `<think>` (generation was cut inside the
+    reasoning), then (reasoning so far, ""). A leading `<think>` may be absent because some chat
+    templates put it in the prompt.
+    """
+    head, sep, tail = response.partition(_THINK_CLOSE)
+    if not sep:
+        stripped = response.lstrip()
+        if stripped.startswith(_THINK_OPEN):
+            return stripped[len(_THINK_OPEN) :].strip(), ""
+        return None, response.strip()
+    head = head.lstrip()
+    if head.startswith(_THINK_OPEN):
+        head = head[len(_THINK_OPEN) :]
+    return head.strip(), tail.strip()
+
+
+def looks_like_calls(text: str) -> bool:
+    """Heuristic: is this answer text a call list (possibly `[]`) rather than plain prose?
+
+    True when it contains `<tool_call>`, or it parses as calls and starts with `[` or is a bare call.
+    Malformed call attempts such as `[f(1)]` are False: they are neither valid calls nor prose, and
+    callers that must tell them apart use `parse_calls` directly.
+    """
+    text = text.strip()
+    if "<tool_call>" in text:
+        return True
+    return not isinstance(parse_calls(text), ParseError)
