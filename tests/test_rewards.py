@@ -52,6 +52,10 @@ def test_last_boxed(text, expected):
         ("sqrt(8)", r"2\sqrt{2}", True),
         ("x+1", "1+x", True),
         ("12", "12", True),
+        ("x = 3", "3", True),
+        ("1,000", "1000", True),
+        (r"\$5", "5", True),  # an escaped dollar is a currency sign, not a math delimiter
+        (r"$\frac{1}{2}$", "0.5", True),
         ("3", "4", False),
         ("1/3", "0.33", False),
         (r"\pi", "3.14", False),

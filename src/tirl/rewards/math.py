@@ -16,6 +16,7 @@ from typing import Any
 _BOXED_COMMANDS = ("\\boxed", "\\fbox")
 _PLAIN_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 _PLAIN_FRACTION = re.compile(r"^([+-]?\d+)\s*/\s*([+-]?\d+)$")
+_MATH_DELIMITER = re.compile(r"(?<!\\)\$|\\\(|\\\[")  # an unescaped $, \( or \[ ; "\$5" is a dollar amount
 _LATEX_FRACTION = re.compile(r"^([+-]?)\\[dt]?frac\{\s*(\d+)\s*\}\{\s*(\d+)\s*\}$")
 
 
@@ -69,7 +70,7 @@ def _as_fraction(answer: str) -> Fraction | None:
 
 def _as_latex(answer: str) -> str:
     """Wrap a bare answer so math-verify's LaTeX extractor sees it."""
-    if "$" in answer or "\\boxed" in answer or "\\(" in answer or "\\[" in answer:
+    if _MATH_DELIMITER.search(answer) or "\\boxed" in answer:
         return answer
     return f"${answer}$"
 
