@@ -117,7 +117,7 @@ class _TokenLogprobs(torch.autograd.Function):
             stop = start + block.shape[0]
             g = grad_out[start:stop, None]  # [n, 1]
             # d/dz log p(id) = onehot(id) - softmax(z); d/dlogits = that / T.
-            dz = torch.exp(_scaled(block, temperature) - lse[start:stop, None]).mul_(-g)
+            dz = torch.sub(_scaled(block, temperature), lse[start:stop, None]).exp_().mul_(-g)
             dz.scatter_add_(-1, flat_ids[start:stop, None], g)
             grad_rows[start:stop] = dz.div_(temperature) if temperature != 1.0 else dz
         return grad, None, None
@@ -136,9 +136,9 @@ class _TokenEntropy(torch.autograd.Function):
             z = _scaled(block, temperature)
             stop = start + block.shape[0]
             lse[start:stop] = torch.logsumexp(z, dim=-1)
-            p = torch.exp(z - lse[start:stop, None])
+            p = torch.sub(z, lse[start:stop, None]).exp_()  # in place: one chunk-sized temporary
             # H = lse - sum p z  (= -sum p log p, since log p = z - lse)
-            entropy[start:stop] = lse[start:stop] - (p * z).sum(-1)
+            entropy[start:stop] = lse[start:stop] - p.mul_(z).sum(-1)
         ctx.save_for_backward(logits, lse, entropy)
         ctx.temperature = temperature
         return entropy
@@ -153,7 +153,8 @@ class _TokenEntropy(torch.autograd.Function):
             stop = start + block.shape[0]
             log_p = _scaled(block, temperature) - lse[start:stop, None]  # [n, V]
             # dH/dz_j = -p_j (log p_j + H)
-            dz = log_p.add(entropy[start:stop, None]).mul_(torch.exp(log_p)).mul_(-grad_out[start:stop, None])
+            p = torch.exp(log_p)
+            dz = log_p.add_(entropy[start:stop, None]).mul_(p).mul_(-grad_out[start:stop, None])
             grad_rows[start:stop] = dz.div_(temperature) if temperature != 1.0 else dz
         return grad, None
 
