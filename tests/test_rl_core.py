@@ -70,11 +70,14 @@ def test_token_logprobs_hand_value_and_gradcheck():
 
 
 def test_token_logprobs_on_unviewable_slice_and_flat_logits(tiny_chunks):
-    full = torch.randn(3, 6, 11)
+    full = torch.randn(3, 6, 11, requires_grad=True)
     shifted = full[:, :-1]  # [3, 5, 11] that cannot be viewed as [15, 11]
     ids = torch.randint(0, 11, (3, 5))
     ref = F.log_softmax(shifted, -1).gather(-1, ids[..., None]).squeeze(-1)
-    torch.testing.assert_close(token_logprobs(shifted, ids), ref)
+    ours = token_logprobs(shifted, ids)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), full)[0], torch.autograd.grad(ref.sum(), full)[0])
+    shifted = shifted.detach()
     flat = shifted.reshape(15, 11)
     torch.testing.assert_close(token_logprobs(flat, ids), ref)  # [N, V] logits, [B, T] ids -> [B, T]
 
