@@ -1,0 +1,171 @@
+"""Typed schemas of every config group: the one place that says what a key means and what it defaults to.
+
+The yaml tree under ``configs/`` fills these in; ``tirl.config.validate`` checks a composed config against them
+(unknown key → one sentence with the closest valid name) and converts each group to its dataclass, which is what
+the modules receive. Defaults here are GRPO's; method presets (configs/method/*.yaml) set the papers' values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny-warm"     # HF hub id, local directory, or tiny / tiny-warm
+    dtype: str = "float32"              # float32 | bfloat16 | float16 | auto
+    attn_implementation: str | None = "sdpa"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    chat_format: str = "chatml"         # chatml (Qwen, tiny) | llama3
+    enable_thinking: bool = True
+    lora: LoraConfig | None = None
+    seed: int = 0                       # init seed for `tiny`
+
+
+@dataclass
+class SandboxConfig:
+    kind: str = "local"                 # local | fusion
+    workers: int = 2
+    timeout_s: float = 5.0
+    memory_mb: int = 1024
+    max_output_bytes: int = 65536
+    url: str | None = None              # SandboxFusion base URL when kind=fusion
+
+
+@dataclass
+class SelfCorrectionConfig:
+    enabled: bool = False
+    backtrack_tokens: int = 16          # tokens dropped before the failing code block
+    max_corrections: int = 4            # N_corr: resamples per failed call before keeping the error
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"                 # hf | vllm
+    max_prompt_tokens: int = 512
+    max_new_tokens: int = 256           # per generation round
+    max_total_tokens: int = 1024        # response budget over all rounds
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tool_rounds: int = 5
+    max_tool_output_chars: int = 512    # long stdout shown as head … tail
+    self_correction: SelfCorrectionConfig = field(default_factory=SelfCorrectionConfig)
+    # vLLM (GPU only)
+    gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
+    enable_sleep_mode: bool = True
+
+
+@dataclass
+class AdvantageConfig:
+    scale: str = "group"                # group | batch | none (Dr. GRPO)
+    eps: float = 1e-6
+
+
+@dataclass
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None      # c for negative advantages (THOR: 3)
+    agg: str = "token-mean"             # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    kl_coef: float = 0.0                # beta; 0 = no reference pass at all
+    kl_kind: str = "k3"                 # k1 | k2 | k3 (low_var_kl)
+    nll_coef: float = 0.0               # lambda of the NLL term on positive-advantage tokens (THOR: 0.01)
+    norm_len: int | None = None         # seq-mean-token-sum-norm constant (default: max response tokens)
+
+
+@dataclass
+class ShapingConfig:
+    kind: str = "none"                  # none | da_grpo (D-CORE)
+    alpha: float = 0.1
+    delta: float = 0.5
+
+
+@dataclass
+class EpisodeFilterConfig:
+    """THOR's episode level: which trajectories and groups enter the loss."""
+
+    enabled: bool = False
+    drop_failed_calls: bool = True
+    drop_no_boxed: bool = True
+    min_response_tokens: int = 8
+    min_group_survivors: int = 2
+    zero_on_repetition: bool = True
+    dynamic_sampling: bool = True       # refill the batch when groups are dropped
+    max_sampling_rounds: int = 3
+
+
+@dataclass
+class StepLevelConfig:
+    """THOR's step level: resample failed code blocks from a shared prefix; reward = the block runs."""
+
+    enabled: bool = False
+    suffix_tokens: int = 16             # L_suf: tokens kept after the cut, before the failing block
+    group_size: int = 8                 # continuations per failing prefix
+    max_new_tokens: int = 128
+    max_prefixes: int = 8               # failing prefixes per step
+
+
+@dataclass
+class RewardConfig:
+    name: str = "math"                  # math | toolcall (D-CORE) | toolcall_exact
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "grpo"
+    kind: str = "rl"                    # rl | sft
+    module: dict[str, Any] = field(default_factory=lambda: {"_target_": "tirl.modules.grpo.GRPOModule"})
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"       # constant | cosine | linear
+    max_grad_norm: float = 1.0
+    # RL
+    group_size: int = 8                 # G samples per prompt
+    prompts_per_step: int = 4
+    ppo_epochs: int = 1
+    micro_batch_size: int = 8           # sequences per forward/backward
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    episode_filter: EpisodeFilterConfig = field(default_factory=EpisodeFilterConfig)
+    step_level: StepLevelConfig = field(default_factory=StepLevelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    log_samples: int = 4                # rollout samples per step in the samples table
+    # SFT
+    loss_on: str = "assistant"          # assistant | last_assistant
+
+
+@dataclass
+class DataConfig:
+    """One datamodule; ``_target_`` picks it, the rest are its arguments."""
+
+    _target_: str = "tirl.data.datamodules.RLPromptDataModule"
+    train: Any = None                   # source: path (jsonl/parquet), HF id, `synthetic:math`, `synthetic:toolcall`, bfcl:<category>
+    val: Any = None
+    test: Any = None
+    batch_size: int = 4
+    num_workers: int = 0
+    max_length: int = 512
+    seed: int = 0
+    on_bad_line: str = "error"          # error | skip (skipped lines are counted and logged)
+    synthetic: dict[str, Any] = field(default_factory=dict)   # generator options (difficulty, size, …)
+    streaming: bool = False
+    packing: bool = False
+    val_size: int = 64
