@@ -1,0 +1,474 @@
+"""Warm sandbox worker: imports heavy modules once, then runs each snippet in a fresh forked child.
+
+LocalSandbox starts this file as a script (`python -I sandbox_worker.py CONFIG_JSON`) with an empty
+environment. It speaks length-prefixed JSON: requests `{"code": str}` on stdin, replies (one per request)
+on stdout. Both channel fds are moved to private descriptors at start so that nothing a snippet does to
+its own fds 0/1/2 can touch them.
+
+Per snippet the worker forks a child that, before running the code: starts a new session (own process
+group, no controlling terminal), drops to a dedicated unprivileged uid when the worker runs as root,
+applies RLIMIT_AS / CPU / FSIZE / NPROC / CORE / NOFILE, chdirs into a private temp dir, clears the
+environment, and points stdin at /dev/null. The worker enforces the wall-clock timeout and the output cap,
+then kills every process the snippet left behind (the worker is a child subreaper, so orphans come back
+to it) and removes the temp dir.
+
+This module imports nothing from tirl, so it runs from its file path; LocalSandbox imports the framing
+helpers and exit codes from it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import json
+import linecache
+import os
+import resource
+import selectors
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+import traceback
+import types
+
+# Exit statuses the child uses to tell the worker how the snippet ended. A snippet can fake them with
+# sys.exit(211); that only mislabels its own failure, so it is not worth a side channel.
+EXIT_SYNTAX = 211
+EXIT_MEMORY = 212
+EXIT_SETUP = 213  # the child could not set up its limits: a sandbox fault, not the snippet's
+EXIT_FLUSH = 120  # what CPython itself returns when flushing stdout fails at exit
+
+_HEADER = struct.Struct("!I")
+_PR_SET_CHILD_SUBREAPER = 36
+_READ_CHUNK = 1 << 16
+_SNIPPET_NAME = "<snippet>"
+
+
+# ---------------------------------------------------------------- framing (shared with the parent)
+
+
+def write_message(fd: int, message: dict) -> None:
+    """Send one JSON object, prefixed by its byte length."""
+    payload = json.dumps(message).encode()
+    view = memoryview(_HEADER.pack(len(payload)) + payload)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def read_exactly(fd: int, n: int, deadline: float | None = None) -> bytes | None:
+    """Read n bytes from fd; None on EOF. Raises TimeoutError when the monotonic deadline passes."""
+    chunks, got = [], 0
+    while got < n:
+        if deadline is not None:
+            _wait_readable(fd, deadline)
+        chunk = os.read(fd, n - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def read_message(fd: int, deadline: float | None = None) -> dict | None:
+    """Receive one length-prefixed JSON object; None when the other side closed the channel."""
+    header = read_exactly(fd, _HEADER.size, deadline)
+    if header is None:
+        return None
+    payload = read_exactly(fd, _HEADER.unpack(header)[0], deadline)
+    return None if payload is None else json.loads(payload)
+
+
+def _wait_readable(fd: int, deadline: float) -> None:
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not sel.select(remaining):
+            raise TimeoutError("no reply from the sandbox worker before the deadline")
+
+
+# ---------------------------------------------------------------- the snippet's side of the fork
+
+
+def _child_main(code: str, workdir: str, out_w: int, err_w: int, cfg: dict) -> None:
+    """Runs in the forked child; never returns (always os._exit)."""
+    try:
+        os.setsid()  # own session and process group: the worker can kill the group, no tty signals
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.closerange(3, 1 << 16)  # the worker's channel, the other pipes, the epoll fd: all gone
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        _apply_limits(cfg)
+        os.chdir(workdir)
+        uid = cfg.get("uid")
+        if uid is not None:  # last: setting limits and the uid needs root, running the code must not
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        os.environ.clear()
+        os.environ.update(_snippet_env(workdir))
+        tempfile.tempdir = workdir
+        _rebind_std_streams()
+    except BaseException:
+        os._exit(EXIT_SETUP)
+    os._exit(_run_code(code))
+
+
+def _apply_limits(cfg: dict) -> None:
+    cpu = int(cfg["cpu_time_s"])
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # soft → SIGXCPU, hard → SIGKILL
+    resource.setrlimit(resource.RLIMIT_AS, (cfg["as_limit_bytes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["max_file_bytes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    if cfg.get("uid") is not None:
+        # RLIMIT_NPROC counts every process of the uid; with a uid of its own this is the snippet's
+        # whole process tree. (Root ignores NPROC, hence the uid drop; without it this is skipped.)
+        resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_procs"],) * 2)
+
+
+def _snippet_env(workdir: str) -> dict[str, str]:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def _rebind_std_streams() -> None:
+    # Fresh stream objects on the new fds, so nothing buffered in the worker leaks in.
+    sys.stdin = sys.__stdin__ = open(0, encoding="utf-8", closefd=False)
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+        open(2, "wb", buffering=0, closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
+    )
+    sys.argv = ["-c"]
+
+
+def _run_code(code: str) -> int:
+    """Compile and exec like `python -c`, returning the exit status."""
+    linecache.cache[_SNIPPET_NAME] = (len(code), None, code.splitlines(keepends=True), _SNIPPET_NAME)
+    main = types.ModuleType("__main__")  # a clean __main__, not the worker's
+    sys.modules["__main__"] = main
+    try:
+        compiled = compile(code, _SNIPPET_NAME, "exec")
+    except (SyntaxError, ValueError) as exc:  # ValueError: source code string cannot contain null bytes
+        sys.stderr.write("".join(traceback.format_exception_only(type(exc), exc)))
+        _flush_streams()
+        return EXIT_SYNTAX
+    except MemoryError:
+        return _report_memory_error(main)
+    status = 0
+    try:
+        exec(compiled, main.__dict__)
+    except SystemExit as exc:
+        status = _system_exit_status(exc)
+    except MemoryError:
+        return _report_memory_error(main)
+    except BaseException as exc:
+        # Skip our own exec frame so the traceback starts at the snippet.
+        traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
+        status = 1
+    if not _flush_streams() and status == 0:
+        status = EXIT_FLUSH
+    return status
+
+
+def _system_exit_status(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    print(exc.code, file=sys.stderr)  # sys.exit("message") prints it and exits 1, as CPython does
+    return 1
+
+
+def _report_memory_error(main: types.ModuleType) -> int:
+    # The snippet's globals may hold what filled memory; drop them before writing anything.
+    main.__dict__.clear()
+    try:
+        os.write(2, b"\nMemoryError: the code ran out of memory (address-space limit)\n")
+    except OSError:
+        pass
+    return EXIT_MEMORY
+
+
+def _flush_streams() -> bool:
+    """Flush both streams; False when stdout could not be flushed (closed, or fd 1 closed under it)."""
+    try:
+        sys.stderr.flush()
+    except Exception:
+        pass
+    if sys.stdout.closed:  # sys.stdout.close() by the snippet: CPython exits quietly too
+        return True
+    try:
+        sys.stdout.flush()
+    except Exception as exc:
+        try:
+            os.write(2, f"\nException ignored while flushing stdout: {type(exc).__name__}: {exc}\n".encode())
+        except OSError:
+            pass
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- the worker's side
+
+
+class Worker:
+    def __init__(self, cfg: dict, reply_fd: int, request_fd: int) -> None:
+        self.cfg = cfg
+        self.reply_fd = reply_fd
+        self.request_fd = request_fd
+        self.uid: int | None = cfg.get("uid")
+        self.tmp_root = tempfile.mkdtemp(prefix="tirl-sandbox-")
+        os.chmod(self.tmp_root, 0o711)  # the snippet's uid may enter its own subdir, not list others
+
+    def serve(self) -> None:
+        try:
+            while True:
+                request = read_message(self.request_fd)
+                if request is None:  # the parent closed the channel (or died)
+                    return
+                reply, parent_gone = self.run_snippet(request["code"])
+                if parent_gone:
+                    return
+                write_message(self.reply_fd, reply)
+        finally:
+            shutil.rmtree(self.tmp_root, ignore_errors=True)
+
+    def run_snippet(self, code: str) -> tuple[dict, bool]:
+        workdir = tempfile.mkdtemp(dir=self.tmp_root)
+        if self.uid is not None:
+            os.chown(workdir, self.uid, self.uid)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        start = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _child_main(code, workdir, out_w, err_w, self.cfg)
+            finally:
+                os._exit(EXIT_SETUP)
+        os.close(out_w)
+        os.close(err_w)
+        try:
+            capture = _Capture(pid, out_r, err_r, self.request_fd, self.cfg["max_output_bytes"])
+            capture.collect(start + self.cfg["timeout_s"], on_exit=self._kill_leftovers_if_any)
+            if capture.status is None:  # timeout, output cap, or the parent went away: stop everything
+                status = self.kill_snippet_tree(pid)
+                capture.status = status if status is not None else _reap(pid)
+                capture.drain()
+        finally:
+            os.close(out_r)
+            os.close(err_r)
+            shutil.rmtree(workdir, ignore_errors=True)
+        duration = time.monotonic() - start
+        return _make_reply(capture, duration, self.cfg), capture.parent_gone
+
+    def _kill_leftovers_if_any(self, snippet_pid: int) -> None:
+        # The snippet is reaped; anything it left running was reparented to us (subreaper).
+        if _child_pids():
+            self.kill_snippet_tree(snippet_pid)
+
+    def kill_snippet_tree(self, snippet_pid: int) -> int | None:
+        """Kill every process the snippet started, wherever it moved, and reap them all.
+
+        Returns the snippet's own wait status when it was reaped here (None if it was reaped before).
+        """
+        snippet_status = None
+        if self.uid is not None:
+            _kill_all_of_uid(self.uid)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if self.uid is None:  # no uid of its own: process group, then whatever got reparented to us
+                for pid in [snippet_pid, *_child_pids()]:
+                    for kill in (os.killpg, os.kill):
+                        try:
+                            kill(pid, signal.SIGKILL)
+                        except OSError:
+                            pass
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break  # no children left: the whole tree is gone
+            if pid == snippet_pid:
+                snippet_status = status
+            if pid == 0:
+                time.sleep(0.001)
+        return snippet_status
+
+
+class _Capture:
+    """Reads the snippet's stdout/stderr under the cap while watching its exit and the parent channel."""
+
+    def __init__(self, pid: int, out_r: int, err_r: int, control_fd: int, cap: int) -> None:
+        self.pid = pid
+        self.cap = cap
+        self.buffers = {out_r: bytearray(), err_r: bytearray()}
+        self.out_r, self.err_r = out_r, err_r
+        self.total = 0
+        self.status: int | None = None  # waitpid status once the snippet exited
+        self.timed_out = self.over_cap = self.parent_gone = False
+        self.pidfd = os.pidfd_open(pid)
+        self.control_fd = control_fd
+        self.sel = selectors.DefaultSelector()
+        for fd in (out_r, err_r, self.pidfd, control_fd):
+            self.sel.register(fd, selectors.EVENT_READ)
+
+    def collect(self, deadline: float, on_exit) -> None:
+        open_pipes = {self.out_r, self.err_r}
+        try:
+            while open_pipes or self.status is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.timed_out = True
+                    break
+                for key, _ in self.sel.select(remaining):
+                    fd = key.fd
+                    if fd == self.pidfd:
+                        self.sel.unregister(fd)
+                        _, self.status = os.waitpid(self.pid, 0)
+                        on_exit(self.pid)  # kills leftovers so their copies of the pipes close
+                    elif fd == self.control_fd:
+                        self.parent_gone = True  # EOF (or a protocol breach): stop at once
+                    elif not self._read(fd):
+                        self.sel.unregister(fd)
+                        open_pipes.discard(fd)
+                if self.over_cap or self.parent_gone:
+                    break
+        finally:
+            self.sel.close()
+            os.close(self.pidfd)
+
+    def _read(self, fd: int) -> bool:
+        data = os.read(fd, _READ_CHUNK)
+        if not data:
+            return False
+        room = self.cap - self.total
+        self.buffers[fd] += data[: max(room, 0)]
+        self.total += len(data)
+        if self.total > self.cap:
+            self.over_cap = True
+        return True
+
+    def drain(self) -> None:
+        """After the kill: read what is left in the pipes, still under the cap."""
+        for fd in (self.out_r, self.err_r):
+            os.set_blocking(fd, False)
+            try:
+                while self.total <= self.cap and self._read(fd):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def text(self, fd: int) -> str:
+        return self.buffers[fd].decode("utf-8", errors="replace")
+
+
+def _make_reply(capture: _Capture, duration: float, cfg: dict) -> dict:
+    stdout, stderr = capture.text(capture.out_r), capture.text(capture.err_r)
+    status = capture.status
+    code = os.waitstatus_to_exitcode(status) if status is not None else None
+    error, note = None, None
+    if capture.over_cap:
+        error, note = "output_limit", f"OutputLimitError: the output exceeded {cfg['max_output_bytes']} bytes"
+    elif capture.timed_out:
+        error, note = "timeout", f"TimeoutError: the code ran longer than {cfg['timeout_s']:g} s and was stopped"
+    elif capture.parent_gone or code is None:
+        error, note = "sandbox", "SandboxError: the run was interrupted"
+    elif code == -signal.SIGXCPU:
+        error, note = "timeout", f"TimeoutError: the code used more than {cfg['cpu_time_s']} s of CPU time"
+    elif code == EXIT_SYNTAX:
+        error = "syntax"
+    elif code == EXIT_MEMORY:
+        error = "memory"
+    elif code == EXIT_SETUP:
+        error, note = "sandbox", "SandboxError: the sandbox could not set up the run"
+    elif code < 0:
+        error, note = "runtime", f"Killed by signal {signal.Signals(-code).name}"
+    elif code != 0:
+        error = "runtime"
+        if not stderr.strip():
+            note = f"SystemExit: {code}"
+    if note:
+        stderr = f"{stderr}{'' if not stderr or stderr.endswith(chr(10)) else chr(10)}{note}\n"
+    return {"ok": error is None, "stdout": stdout, "stderr": stderr, "error": error, "duration_s": duration}
+
+
+def _child_pids() -> list[int]:
+    pids: list[int] = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            pids.extend(int(p) for p in f.read().split())
+    return pids
+
+
+def _kill_all_of_uid(uid: int) -> None:
+    """Fork a helper that becomes `uid` and signals every process of that uid (kill(-1) semantics).
+
+    Stopping first freezes a fork bomb so the final SIGKILL pass catches every member; the uid is this
+    worker's alone, so nothing else is hit. Processes that called setsid() are caught too.
+    """
+    helper = os.fork()
+    if helper == 0:
+        try:
+            os.setuid(uid)
+            for sig in (signal.SIGSTOP, signal.SIGSTOP, signal.SIGSTOP, signal.SIGKILL, signal.SIGKILL):
+                try:
+                    os.kill(-1, sig)
+                except ProcessLookupError:
+                    pass
+        finally:
+            os._exit(0)
+    os.waitpid(helper, 0)
+
+
+def _reap(pid: int) -> int | None:
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:  # already reaped by kill_snippet_tree
+        return None
+
+
+def _measure_address_space() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read VmSize from /proc/self/status")
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    # Private copies of the channel; fds 0/1 become /dev/null so no stray write can corrupt the protocol.
+    request_fd, reply_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of a snippet come back to us, not init
+    missing = []
+    for name in cfg["preload"]:
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    baseline = _measure_address_space()
+    cfg["as_limit_bytes"] = baseline + cfg["memory_mb"] * (1 << 20)
+    worker = Worker(cfg, reply_fd, request_fd)
+    write_message(reply_fd, {"ready": True, "pid": os.getpid(), "baseline_mb": baseline / (1 << 20), "missing": missing})
+    worker.serve()
+
+
+if __name__ == "__main__":
+    main()
