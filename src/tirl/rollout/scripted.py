@@ -1,0 +1,46 @@
+"""A deterministic backend: a function of the context decides the text, the backend plays the model's part.
+
+Used to check rollout bookkeeping token by token and to run the data pipelines on fixed responses whose right
+output is known. It pauses at a closed ```python block and ends with EOS exactly like ``HFBackend``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tirl.rollout.backend import CLOSE_FENCE, OPEN_FENCE
+from tirl.rollout.types import Generation, SamplingParams
+
+
+class ScriptedBackend:
+    def __init__(self, tokenizer, respond: Callable[[str], str]):
+        """``respond(context_text)`` returns the full continuation the 'model' would write from that context."""
+        self.tokenizer = tokenizer
+        self.respond = respond
+        self.calls = 0
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        self.calls += 1
+        return [self._one(p, params) for p in prompts]
+
+    def _one(self, prompt: list[int], params: SamplingParams) -> Generation:
+        text = self.respond(self.tokenizer.decode(prompt))
+        reason = "eos"
+        if params.stop_at_code and OPEN_FENCE in text:
+            open_at = text.index(OPEN_FENCE)
+            close = text.find(CLOSE_FENCE, open_at + len(OPEN_FENCE))
+            if close >= 0:
+                text, reason = text[: close + len(CLOSE_FENCE)], "tool"
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        code_start = None
+        if reason == "tool":
+            prefix = text[: text.rindex(OPEN_FENCE)]
+            code_start = len(self.tokenizer.encode(prefix, add_special_tokens=False))
+            # the text is encoded as (prefix, block) so the fence starts a token
+            ids = self.tokenizer.encode(prefix, add_special_tokens=False) + self.tokenizer.encode(
+                text[len(prefix):], add_special_tokens=False)
+        else:
+            ids = ids + [self.tokenizer.eos_token_id]
+        if len(ids) > params.max_new_tokens:
+            ids, reason, code_start = ids[: params.max_new_tokens], "length", None
+        return Generation(ids, [0.0] * len(ids), [0.0] * len(ids), reason, code_start)

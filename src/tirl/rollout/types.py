@@ -1,0 +1,82 @@
+"""What rollouts produce: token-exact records of who wrote which token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0            # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 = off
+    stop_at_code: bool = True           # pause when a ```python block closes (the environment runs it)
+
+
+@dataclass
+class Generation:
+    """One backend call's continuation of one prompt."""
+
+    ids: list[int]
+    logprobs: list[float]               # log p(token) under the rollout policy at the rollout temperature
+    entropies: list[float]              # entropy of that distribution at each step
+    stop_reason: str                    # "eos" | "tool" (a code block closed) | "length"
+    code_start: int | None = None       # index in ids of the token where the closing block's ```python begins
+
+
+@dataclass
+class ToolCall:
+    """One executed code block: token spans are indices into Trajectory.response_ids."""
+
+    code: str
+    code_start: int                     # first token of the ```python fence (model-written)
+    code_end: int                       # one past the closing fence token
+    output_start: int                   # first environment token
+    output_end: int
+    passed: bool                        # THOR's rule: exit 0 and non-empty stdout
+    error: str | None
+    feedback: str                       # what the model was shown
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    model_mask: list[int] = field(default_factory=list)     # 1 = model-written, 0 = tool output
+    logprobs: list[float] = field(default_factory=list)     # 0.0 on tool tokens
+    entropies: list[float] = field(default_factory=list)    # 0.0 on tool tokens
+    calls: list[ToolCall] = field(default_factory=list)
+    stop_reason: str = ""                                   # eos | length | tool_rounds
+    corrections: int = 0                                    # self-correction resamples taken
+    meta: dict = field(default_factory=dict)                # prompt record id, group index, …
+
+    def append(self, ids: list[int], model_written: bool, logprobs=None, entropies=None) -> None:
+        n = len(ids)
+        self.response_ids += ids
+        self.model_mask += [int(model_written)] * n
+        self.logprobs += list(logprobs) if logprobs is not None else [0.0] * n
+        self.entropies += list(entropies) if entropies is not None else [0.0] * n
+
+    def truncate(self, length: int) -> None:
+        """Drop every response token from ``length`` on (and calls that started there)."""
+        for name in ("response_ids", "model_mask", "logprobs", "entropies"):
+            setattr(self, name, getattr(self, name)[:length])
+        self.calls = [c for c in self.calls if c.output_end <= length]
+
+    @property
+    def num_calls(self) -> int:
+        return len(self.calls)
+
+    @property
+    def failed_calls(self) -> int:
+        return sum(not c.passed for c in self.calls)
+
+    def segments(self) -> list[tuple[int, int, bool]]:
+        """Maximal runs of (start, end, model_written) over the response."""
+        out, start = [], 0
+        for i in range(1, len(self.model_mask) + 1):
+            if i == len(self.model_mask) or self.model_mask[i] != self.model_mask[start]:
+                out.append((start, i, bool(self.model_mask[start])))
+                start = i
+        return out

@@ -1,0 +1,148 @@
+"""Tool-integrated rollouts: bookkeeping token by token, HF sampling, self-correction."""
+
+import pytest
+import torch
+
+from tirl.config.schema import RolloutConfig, SelfCorrectionConfig
+from tirl.models.tiny import build_tiny, load_tiny_tokenizer
+from tirl.rl.core import token_entropy, token_logprobs
+from tirl.rollout.backend import HFBackend, filter_logits
+from tirl.rollout.scripted import ScriptedBackend
+from tirl.rollout.tool_loop import ToolLoop, last_code_block
+from tirl.rollout.types import SamplingParams
+from tirl.tools.sandbox import LocalSandbox
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with LocalSandbox(workers=2, timeout_s=3.0) as sb:
+        yield sb
+
+
+def script_from(turns):
+    """A 'model' that writes turns[k] after the k-th tool output it has seen."""
+    def respond(context):
+        return turns[min(context.count("```output"), len(turns) - 1)]
+    return respond
+
+
+def test_bookkeeping_token_by_token(tok, sandbox):
+    turns = [
+        "<think>\nAdd them.\n```python\nprint(2 + 3)\n```",
+        "\nNow double.\n```python\nx = 5\nprint(x * 2)\n```",
+        "\nSo the answer is \\boxed{10}.\n</think>\n\n\\boxed{10}",
+    ]
+    loop = ToolLoop(ScriptedBackend(tok, script_from(turns)), sandbox, tok, RolloutConfig(max_total_tokens=400))
+    prompt = tok.encode("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n")
+    (t,) = loop.run([prompt])
+    text = tok.decode(t.response_ids)
+    assert [c.feedback for c in t.calls] == ["5", "10"] and all(c.passed for c in t.calls)
+    assert t.stop_reason == "eos"
+    # decoding all spans in order reproduces the text
+    assert "".join(tok.decode(t.response_ids[s:e]) for s, e, _ in t.segments()) == text
+    # tool tokens are exactly the ```output blocks, never marked as model tokens
+    tool_text = "".join(tok.decode(t.response_ids[s:e]) for s, e, m in t.segments() if not m)
+    assert tool_text == "\n```output\n5\n```\n\n```output\n10\n```\n"
+    model_text = "".join(tok.decode(t.response_ids[s:e]) for s, e, m in t.segments() if m)
+    assert model_text == "".join(turns) + "<|im_end|>"
+    for c in t.calls:
+        assert tok.decode(t.response_ids[c.code_start:c.code_end]).startswith("```python\n")
+        assert tok.decode(t.response_ids[c.code_start:c.code_end]).endswith("\n```")
+        assert all(t.model_mask[c.code_start:c.code_end]) and not any(t.model_mask[c.output_start:c.output_end])
+    assert len(t.response_ids) == len(t.model_mask) == len(t.logprobs) == len(t.entropies)
+
+
+def test_failed_call_shows_last_error_line_and_round_limit(tok, sandbox):
+    turns = ["```python\nprint(1/0)\n```", "```python\nprint(1)\n```", "```python\nprint(2)\n```", "done"]
+    cfg = RolloutConfig(max_total_tokens=400, max_tool_rounds=2)
+    (t,) = ToolLoop(ScriptedBackend(tok, script_from(turns)), sandbox, tok, cfg).run([tok.encode("q")])
+    assert t.calls[0].feedback == "ZeroDivisionError: division by zero" and not t.calls[0].passed
+    assert t.num_calls == 2 and t.stop_reason == "tool_rounds"   # the third block is never run
+
+
+def test_self_correction_backtracks_and_resamples(tok, sandbox):
+    attempts = {"n": 0}
+
+    def respond(context):
+        if "```output" in context:
+            return "\\boxed{4}"
+        attempts["n"] += 1
+        code = "print(undefined)" if attempts["n"] <= 2 else "print(2 + 2)"
+        return f"Let me compute.\n```python\n{code}\n```"
+
+    cfg = RolloutConfig(max_total_tokens=400, self_correction=SelfCorrectionConfig(True, backtrack_tokens=2, max_corrections=4))
+    (t,) = ToolLoop(ScriptedBackend(tok, respond), sandbox, tok, cfg).run([tok.encode("q")])
+    text = tok.decode(t.response_ids)
+    assert t.corrections == 2 and attempts["n"] == 3
+    assert "undefined" not in text and t.num_calls == 1 and t.calls[0].passed   # the failing blocks are gone
+    # after max_corrections failures the error is kept
+    attempts["n"] = -100
+    cfg.self_correction.max_corrections = 1
+    (t2,) = ToolLoop(ScriptedBackend(tok, respond), sandbox, tok, cfg).run([tok.encode("q")])
+    assert t2.corrections == 1 and t2.num_calls == 1 and not t2.calls[0].passed and "NameError" in t2.calls[0].feedback
+
+
+def test_last_code_block():
+    assert last_code_block("a\n```python\nx=1\n```\nb\n```python\nprint(2)\n```") == "print(2)"
+    assert last_code_block("no code") is None
+
+
+def test_hf_backend_logprobs_match_a_full_forward():
+    torch.manual_seed(0)
+    model, tok = build_tiny(0)
+    backend = HFBackend(model, tok)
+    prompts = [tok.encode("<|im_start|>user\nhi<|im_end|>\n"), tok.encode("a much longer prompt with more tokens in it")]
+    gens = backend.generate(prompts, SamplingParams(max_new_tokens=24, temperature=0.7))
+    for p, g in zip(prompts, gens):
+        assert len(g.ids) == len(g.logprobs) == len(g.entropies) > 0
+        ids = torch.tensor([p + g.ids])
+        logits = model(ids).logits[:, len(p) - 1:-1]
+        ref = token_logprobs(logits, ids[:, len(p):], temperature=0.7)[0]
+        assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)   # left padding + KV cache are exact
+        assert torch.allclose(token_entropy(logits, 0.7)[0], torch.tensor(g.entropies), atol=1e-4)
+
+
+def test_hf_backend_greedy_is_deterministic_across_batch_rows():
+    model, tok = build_tiny(1)
+    prompts = [tok.encode("x"), tok.encode("a longer prompt"), tok.encode("x")]
+    a = HFBackend(model, tok).generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
+    assert a[0].ids == a[2].ids and a[0].ids != a[1].ids   # left padding does not change a row's output
+
+
+def test_filter_logits_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, 2, 1.0)[0, 2:]).all() and torch.isfinite(filter_logits(logits, 2, 1.0)[0, :2]).all()
+    kept = torch.isfinite(filter_logits(logits, 0, 0.8)[0]).tolist()
+    assert kept == [True, True, False, False]   # 0.5 + 0.3 reaches 0.8
+    assert torch.isfinite(filter_logits(logits, 0, 0.01)[0]).tolist() == [True, False, False, False]
+
+
+def test_hf_backend_pauses_at_closing_fence():
+    """A model forced to write a fixed string pauses exactly after the closing fence."""
+    _, tok = build_tiny(0)
+    target = tok.encode("Go.\n```python\nprint(1)\n```\nmore text")
+
+    class Parrot(torch.nn.Module):
+        """Emits target[k] at step k (by counting generated positions), like a model that memorised it."""
+
+        def __init__(self, prompt_len):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.prompt_len = prompt_len
+
+        def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+            step = int(position_ids[0, -1]) - self.prompt_len + 1
+            logits = torch.full((input_ids.shape[0], input_ids.shape[1], 512), -1e4)
+            logits[:, -1, target[min(step, len(target) - 1)]] = 0.0
+            return type("Out", (), {"logits": logits, "past_key_values": None})()
+
+    prompt = tok.encode("p")
+    gen = HFBackend(Parrot(len(prompt)), tok).generate([prompt], SamplingParams(max_new_tokens=40, temperature=1.0))[0]
+    assert gen.stop_reason == "tool"
+    assert tok.decode(gen.ids).endswith("print(1)\n```")
+    assert tok.decode(gen.ids[gen.code_start:]).startswith("```python")
