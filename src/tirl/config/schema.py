@@ -103,6 +103,7 @@ class EpisodeFilterConfig:
     drop_no_boxed: bool = True
     min_response_tokens: int = 8
     min_group_survivors: int = 2
+    drop_zero_variance: bool = False    # DAPO: a group whose rewards are all equal teaches nothing; drop it
     zero_on_repetition: bool = True
     dynamic_sampling: bool = True       # refill the batch when groups are dropped
     max_sampling_rounds: int = 3
@@ -113,7 +114,7 @@ class StepLevelConfig:
     """THOR's step level: resample failed code blocks from a shared prefix; reward = the block runs."""
 
     enabled: bool = False
-    suffix_tokens: int = 16             # L_suf: tokens kept after the cut, before the failing block
+    suffix_tokens: int = 16             # L_suf: reasoning tokens before the failing block regenerated with it
     group_size: int = 8                 # continuations per failing prefix
     max_new_tokens: int = 128
     max_prefixes: int = 8               # failing prefixes per step

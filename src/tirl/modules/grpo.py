@@ -1,0 +1,333 @@
+"""GRPO as a LightningModule: the orchestration of one RL step. The math is in ``tirl.rl.core``.
+
+A step: take prompts → roll out G samples each (no grad, eval mode, through ``tirl.rollout``) → score them with
+the configured reward callable → group advantages → (optional, by config) D-CORE's entropy shaping, THOR's
+episode filter with dynamic sampling and its step-level samples → ``ppo_epochs`` passes of micro-batch
+updates whose token-mean is normalised by the global token count → clip, step, schedule → metrics.
+
+D-CORE and THOR are this module with parts switched on (``tirl.modules.dcore``, ``tirl.modules.thor``), so any
+combination — DA-GRPO shaping with THOR's step level, say — is a config change.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+from tirl.data.chat import get_chat_format, render_prompt
+from tirl.models.reference import make_frozen_reference, reference_model
+from tirl.modules.policy import PolicyModule
+from tirl.modules.rl_batch import Sample, TensorBatch, collate_samples
+from tirl.rewards import get_reward
+from tirl.rl import core
+from tirl.rollout.backend import HFBackend
+from tirl.rollout.tool_loop import ToolLoop
+from tirl.rollout.types import Trajectory
+from tirl.tools.sandbox import build_sandbox
+
+ACCURACY_REWARDS = {"math": "math", "toolcall": "toolcall_exact", "toolcall_exact": "toolcall_exact"}
+
+
+def sandbox_from_config(s: SandboxConfig):
+    if s.kind == "fusion":
+        return build_sandbox("fusion", url=s.url, timeout_s=s.timeout_s)
+    return build_sandbox(s.kind, workers=s.workers, timeout_s=s.timeout_s, memory_mb=s.memory_mb,
+                         max_output_bytes=s.max_output_bytes)
+
+
+def make_backend(cfg: RolloutConfig, policy, tokenizer):
+    if cfg.backend == "hf":
+        return HFBackend(policy, tokenizer)
+    if cfg.backend == "vllm":
+        from tirl.rollout.vllm import VLLMBackend
+
+        return VLLMBackend.colocated(policy, tokenizer, cfg)
+    raise ValueError(f"rollout.backend='{cfg.backend}' must be 'hf' or 'vllm'.")
+
+
+class GRPOModule(PolicyModule):
+    def __init__(self, method: MethodConfig, model: ModelConfig, rollout: RolloutConfig, sandbox: SandboxConfig,
+                 tokenizer, init_from: str | None = None):
+        super().__init__(method, model, tokenizer, init_from)
+        self.rollout_cfg, self.sandbox_cfg = rollout, sandbox
+        self.automatic_optimization = False
+        self.fmt = get_chat_format(model.chat_format)
+        self.reward_fn = get_reward(method.reward.name, **method.reward.kwargs)
+        self.accuracy_fn = get_reward(ACCURACY_REWARDS.get(method.reward.name, method.reward.name))
+        # the method parts live with their method; imported here because those files subclass this module
+        from tirl.modules.thor import EpisodeFilter, StepLevel
+
+        self.episode_filter = EpisodeFilter(method.episode_filter) if method.episode_filter.enabled else None
+        self.step_level = StepLevel(method.step_level) if method.step_level.enabled else None
+        self.frozen_ref = None
+        self.sandbox = None
+        self._val_outputs: list[dict] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        if stage == "fit" and self.frozen_ref is None:
+            self.frozen_ref = make_frozen_reference(self.policy, self.method_cfg.loss.kl_coef)
+        if self.sandbox is None:
+            self.sandbox = sandbox_from_config(self.sandbox_cfg)
+
+    def teardown(self, stage: str) -> None:
+        if self.sandbox is not None:
+            self.sandbox.close()
+            self.sandbox = None
+
+    @property
+    def tool_loop(self) -> ToolLoop:
+        return ToolLoop(make_backend(self.rollout_cfg, self.policy, self.tokenizer), self.sandbox, self.tokenizer,
+                        self.rollout_cfg)
+
+    # ------------------------------------------------------------------ rollout and reward
+    def encode_prompt(self, record: dict) -> list[int]:
+        text = render_prompt(record["messages"], self.fmt, add_generation_prompt=True,
+                             enable_thinking=self.model_cfg.enable_thinking)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids[-self.rollout_cfg.max_prompt_tokens:]
+
+    def response_text(self, t: Trajectory) -> str:
+        """The response as the reward sees it: special tokens kept (<think>), the closing end-of-turn dropped."""
+        ids = t.response_ids
+        if ids and ids[-1] in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id):
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids)
+
+    def rollout_groups(self, records: list[dict], group_size: int, loop: ToolLoop | None = None) -> list[Trajectory]:
+        prompts, metas = [], []
+        for gi, r in enumerate(records):
+            ids = self.encode_prompt(r)
+            for _ in range(group_size):
+                prompts.append(ids)
+                metas.append({"group": gi, "id": r.get("id"), "answer": r.get("answer")})
+        return (loop or self.tool_loop).run(prompts, metas)
+
+    def score(self, trajs: list[Trajectory], records: list[dict]) -> tuple[list[float], list[float]]:
+        texts = [self.response_text(t) for t in trajs]
+        answers = [records[t.meta["group"]].get("answer") for t in trajs]
+        rewards = [float(x) for x in self.reward_fn(texts, answer=answers)]
+        correct = [float(x) for x in self.accuracy_fn(texts, answer=answers)]
+        return rewards, correct
+
+    # ------------------------------------------------------------------ building the training batch
+    def episode_samples(self, trajs: list[Trajectory], rewards: list[float], G: int) -> tuple[list[Sample], dict]:
+        """Group-normalised advantages (over survivors of THOR's filter when it is on) → one Sample per trajectory."""
+        keep = [True] * len(trajs)
+        stats: dict = {}
+        if self.episode_filter is not None:
+            keep, rewards, stats = self.episode_filter(trajs, rewards, G, self.tokenizer)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, t in enumerate(trajs):
+            if keep[i]:
+                groups[t.meta["group"]].append(i)
+        samples = []
+        a = self.method_cfg.advantage
+        if a.scale == "batch":
+            kept = [i for idx in groups.values() for i in idx]
+            batch_std = torch.tensor([rewards[i] for i in kept]).std() if len(kept) > 1 else torch.tensor(0.0)
+        for idx in groups.values():
+            r = torch.tensor([rewards[i] for i in idx], dtype=torch.float64)
+            adv = core.group_advantages(r, len(idx), scale="none" if a.scale == "batch" else a.scale, eps=a.eps)
+            if a.scale == "batch":
+                adv = adv / (batch_std + a.eps)
+            for i, ai in zip(idx, adv.tolist()):
+                t = trajs[i]
+                samples.append(Sample(t.prompt_ids, t.response_ids, t.model_mask, t.logprobs, t.entropies, ai))
+        stats["groups_kept"] = len(groups)
+        return samples, stats
+
+    # ------------------------------------------------------------------ the update
+    def global_counts(self, batch: TensorBatch, level: str) -> tuple[float, float]:
+        """Token and sequence counts of one loss level over the whole batch and all ranks (micro-batch invariance)."""
+        rows = [i for i, lv in enumerate(batch.level) if lv == level]
+        mask = batch.mask[rows] if rows else batch.mask[:0]
+        counts = torch.tensor([mask.sum().item(), float((mask.sum(-1) > 0).sum().item())], device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
+
+    def micro_batch_loss(self, mb: TensorBatch, counts: dict[str, tuple[float, float]]) -> tuple[torch.Tensor, dict]:
+        loss_cfg = self.method_cfg.loss
+        out = self.policy(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
+        logits = out.logits[:, :-1]                                                       # [B, L-1, V]
+        logp = core.token_logprobs(logits, mb.targets, temperature=self.rollout_cfg.temperature or 1.0)
+        loss_tok, metrics = core.policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, loss_cfg.clip_low,
+                                             loss_cfg.clip_high, loss_cfg.dual_clip)
+        if loss_cfg.kl_coef > 0:
+            with reference_model(self.policy, self.frozen_ref) as ref, torch.no_grad():
+                ref_logits = ref(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+                ref_logp = core.token_logprobs(ref_logits, mb.targets, temperature=self.rollout_cfg.temperature or 1.0)
+            kl = core.kl_penalty(logp, ref_logp, loss_cfg.kl_kind)
+            loss_tok = loss_tok + loss_cfg.kl_coef * kl
+            metrics["kl"] = core.masked_mean(kl.detach(), mb.mask)
+        if loss_cfg.nll_coef > 0:
+            loss_tok = loss_tok + loss_cfg.nll_coef * core.nll_on_positive(logp, mb.advantages, mb.mask)
+        total = logp.new_zeros(())
+        for level in ("episode", "step"):   # L = L_episode + L_step, each normalised over its own tokens
+            rows = torch.tensor([lv == level for lv in mb.level], device=mb.mask.device)
+            if not rows.any():
+                continue
+            n_tok, n_seq = counts[level]
+            total = total + core.aggregate(loss_tok[rows], mb.mask[rows], loss_cfg.agg, num_tokens=n_tok,
+                                           num_seqs=n_seq, norm_len=loss_cfg.norm_len or self.rollout_cfg.max_total_tokens)
+        return total, metrics
+
+    def update(self, batch: TensorBatch) -> dict:
+        m = self.method_cfg
+        opt = self.optimizers()
+        counts = {lv: self.global_counts(batch, lv) for lv in ("episode", "step")}
+        logs: dict[str, list[float]] = defaultdict(list)
+        order = list(range(len(batch)))
+        for _ in range(m.ppo_epochs):
+            opt.zero_grad(set_to_none=True)
+            for s in range(0, len(order), m.micro_batch_size):
+                mb = batch.select(order[s:s + m.micro_batch_size]).to(self.device)
+                loss, metrics = self.micro_batch_loss(mb, counts)
+                self.manual_backward(loss)
+                logs["loss"].append(loss.item())
+                w = mb.mask.sum().item()
+                for k, v in metrics.items():
+                    logs[k].append(float(v) * w)
+                logs["_w"].append(w)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), m.max_grad_norm)
+            logs["grad_norm"].append(float(grad_norm))
+            opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        wsum = max(sum(logs.pop("_w")), 1.0)
+        out = {"loss": sum(logs.pop("loss")) / m.ppo_epochs, "grad_norm": sum(logs.pop("grad_norm")) / m.ppo_epochs}
+        out.update({k: sum(v) / wsum / m.ppo_epochs for k, v in logs.items()})
+        return out
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: list[dict], batch_idx: int):
+        m = self.method_cfg
+        G = m.group_size
+        records = list(batch)
+        loop = self.tool_loop
+        trajs = self.rollout_groups(records, G, loop)
+        rewards, correct = self.score(trajs, records)
+        samples, stats = self.episode_samples(trajs, rewards, G)
+        rounds = 1
+        # dynamic sampling: when THOR's filter (or zero-variance groups) empties the batch, draw more prompts
+        while self.episode_filter is not None and m.episode_filter.dynamic_sampling and \
+                stats["groups_kept"] < len(batch) and rounds < m.episode_filter.max_sampling_rounds:
+            extra = self.refill_prompts(len(batch) - stats["groups_kept"])
+            if not extra:
+                break
+            offset = len(records)
+            records += extra
+            more = self.rollout_groups(extra, G, loop)
+            for t in more:
+                t.meta["group"] += offset
+            r2, c2 = self.score(more, records)
+            trajs, rewards, correct = trajs + more, rewards + r2, correct + c2
+            samples, stats = self.episode_samples(trajs, rewards, G)
+            rounds += 1
+        step_stats: dict = {}
+        if self.step_level is not None:
+            step_samples, step_stats = self.step_level(trajs, loop, self.sandbox, self.tokenizer)
+            samples += step_samples
+        metrics = self.rollout_metrics(trajs, rewards, correct)
+        metrics.update({f"filter/{k}": v for k, v in stats.items()})
+        metrics.update({f"step_level/{k}": v for k, v in step_stats.items()})
+        metrics["sampling_rounds"] = rounds
+        if samples:
+            tb = collate_samples(samples, self.tokenizer.pad_token_id)
+            if m.shaping.kind != "none":
+                from tirl.modules.dcore import shape_advantages
+
+                tb.advantages, shaped = shape_advantages(tb.advantages, tb.entropy, tb.mask, m.shaping)
+                metrics["shaping/shaped_token_frac"] = shaped
+            metrics.update(self.update(tb))
+        else:   # nothing to learn from: keep step/schedule counters moving so runs stay comparable
+            metrics["skipped_update"] = 1.0
+            sched = self.lr_schedulers()
+            if sched is not None:
+                sched.step()
+            opt = self.optimizers()
+            opt.zero_grad(set_to_none=True)
+            opt.step()   # no gradients: parameters are untouched, but the step counts
+        self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, prog_bar=False, on_step=True,
+                      batch_size=len(batch))
+        self.log("train/reward", metrics["reward_mean"], prog_bar=True, batch_size=len(batch))
+        self.log_samples("train", trajs, rewards, correct)
+
+    def refill_prompts(self, n: int) -> list[dict]:
+        dm = getattr(self.trainer, "datamodule", None)
+        return dm.refill_prompts(n) if dm is not None and hasattr(dm, "refill_prompts") else []
+
+    def rollout_metrics(self, trajs: list[Trajectory], rewards: list[float], correct: list[float]) -> dict:
+        r = torch.tensor(rewards)
+        n_calls = sum(t.num_calls for t in trajs)
+        model_tokens = [sum(t.model_mask) for t in trajs]
+        ent = [e for t in trajs for e, mm in zip(t.entropies, t.model_mask) if mm]
+        return {
+            "reward_mean": r.mean().item(), "reward_std": r.std().item() if len(r) > 1 else 0.0,
+            "acc": sum(correct) / max(len(correct), 1),
+            "response_len": sum(len(t.response_ids) for t in trajs) / max(len(trajs), 1),
+            "model_tokens": sum(model_tokens) / max(len(trajs), 1),
+            "entropy": sum(ent) / max(len(ent), 1),
+            "tool_calls_per_sample": n_calls / max(len(trajs), 1),
+            "tool_pass_rate": (sum(c.passed for t in trajs for c in t.calls) / n_calls) if n_calls else 0.0,
+            "corrections": sum(t.corrections for t in trajs) / max(len(trajs), 1),
+            "truncated_frac": sum(t.stop_reason == "length" for t in trajs) / max(len(trajs), 1),
+        }
+
+    def validation_step(self, batch: list[dict], batch_idx: int):
+        self._val_outputs += self.evaluate_records(batch)
+
+    def test_step(self, batch: list[dict], batch_idx: int):
+        self._val_outputs += self.evaluate_records(batch)
+
+    def evaluate_records(self, records: list[dict]) -> list[dict]:
+        """Greedy tool-integrated rollout of each held-out prompt; correctness by the accuracy reward."""
+        greedy = RolloutConfig(**{**self.rollout_cfg.__dict__, "temperature": 0.0})
+        loop = ToolLoop(make_backend(greedy, self.policy, self.tokenizer), self.sandbox, self.tokenizer, greedy)
+        trajs = self.rollout_groups(records, 1, loop)
+        rewards, correct = self.score(trajs, records)
+        self.log_samples("val", trajs, rewards, correct)
+        return [{"correct": c, "reward": r, "len": len(t.response_ids)} for t, r, c in zip(trajs, rewards, correct)]
+
+    def _epoch_end(self, prefix: str) -> None:
+        outs, self._val_outputs = self._val_outputs, []
+        if not outs:
+            return
+        n = len(outs)
+        self.log(f"{prefix}/acc", sum(o["correct"] for o in outs) / n, prog_bar=True, sync_dist=True)
+        self.log(f"{prefix}/reward", sum(o["reward"] for o in outs) / n, sync_dist=True)
+        self.log(f"{prefix}/response_len", sum(o["len"] for o in outs) / n, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    # ------------------------------------------------------------------ samples table
+    def log_samples(self, split: str, trajs: list[Trajectory], rewards: list[float], correct: list[float]) -> None:
+        k = self.method_cfg.log_samples
+        if not k or self.trainer is None or self.trainer.sanity_checking:
+            return
+        rows = [[int(self.global_step), t.meta.get("id"), self.response_text(t), r, c, t.num_calls, t.failed_calls]
+                for t, r, c in list(zip(trajs, rewards, correct))[:k]]
+        cols = ["step", "id", "response", "reward", "correct", "calls", "failed_calls"]
+        for logger in self.loggers:
+            if hasattr(logger, "log_table"):     # W&B
+                logger.log_table(key=f"{split}/samples", columns=cols, data=rows)
+            elif getattr(logger, "log_dir", None):
+                path = os.path.join(logger.log_dir, f"{split}_samples.csv")
+                new = not os.path.exists(path)
+                with open(path, "a", newline="") as f:
+                    w = csv.writer(f)
+                    if new:
+                        w.writerow(cols)
+                    w.writerows(rows)

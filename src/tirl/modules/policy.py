@@ -1,0 +1,92 @@
+"""What SFT and RL modules share: the policy, its optimiser and schedule, and exact-resume state."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import lightning as L
+import numpy as np
+import torch
+
+from tirl.config.schema import MethodConfig, ModelConfig
+from tirl.models.load import LoraSpec, load_policy
+from tirl.models.reference import is_lora
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the base LR at an optimiser step: linear warmup, then constant / cosine / linear decay."""
+    if schedule not in ("constant", "cosine", "linear"):
+        raise ValueError(f"method.lr_schedule='{schedule}' must be one of ['constant', 'cosine', 'linear'].")
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+    return f
+
+
+class PolicyModule(L.LightningModule):
+    """Loads the policy lazily in ``configure_model`` (so FSDP can shard it) from the model config or ``init_from``."""
+
+    def __init__(self, method: MethodConfig, model: ModelConfig, tokenizer, init_from: str | None = None):
+        super().__init__()
+        self.method_cfg, self.model_cfg, self.tokenizer, self.init_from = method, model, tokenizer, init_from
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.policy = None
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        m = self.model_cfg
+        lora = None
+        if m.lora is not None:
+            lora = LoraSpec(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=list(m.lora.target_modules))
+        self.policy = load_policy(
+            self.init_from or m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing, lora=lora, seed=m.seed,
+        )
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        m = self.method_cfg
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=m.lr, weight_decay=m.weight_decay, betas=tuple(m.betas))
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps and self.trainer.max_steps > 0 else 1
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(m.lr_schedule, m.warmup_steps, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # Exact resume: Lightning restores weights, optimiser, scheduler, step and datamodule state; the RNG streams
+    # that drive sampling are ours to carry.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tirl_rng"] = {
+            "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        checkpoint["tirl_lora"] = is_lora(self.policy)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()
+        rng = checkpoint.get("tirl_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def export_hf(self, out_dir: str, merge_lora: bool = True) -> str:
+        """Write an HF-format directory loadable by ``from_pretrained`` (LoRA merged, or the adapter alone)."""
+        model = self.policy
+        if is_lora(model) and merge_lora:
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        return out_dir
