@@ -1,0 +1,307 @@
+"""Where records come from: JSONL / parquet files, directories of them, HF datasets, synthetic generators.
+
+``load_records(spec)`` returns a ``RecordStream``: iterate it for validated dicts; after (or during) a pass,
+``.skipped`` says how many bad records were dropped (with ``on_bad_line="skip"``) so modules can log it.
+A bad record with ``on_bad_line="error"`` raises ``DataError`` naming the file and line (or row).
+
+Specs:
+- ``path/to/file.jsonl`` (also ``.json`` with one object a line), ``path/to/file.parquet``;
+- ``path/to/dir``: every .jsonl/.json/.parquet under it, sorted by path;
+- ``hf:org/name`` or ``hf:org/name:split`` (default split ``train``), through ``datasets.load_dataset``;
+- ``synthetic:math`` / ``synthetic:toolcall`` with generator options (see ``synthetic_records``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool")
+KINDS = ("sft", "rl", "auto")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+JSON_COLUMNS = ("tools", "answer")  # stored as JSON text in parquet: their shapes differ row to row
+
+
+class DataError(ValueError):
+    """A data source or record is not usable; the message names where and why."""
+
+
+# ---------------------------------------------------------------- validation (one-sentence reasons)
+
+
+def _messages_problem(messages: Any) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return '"messages" must be a non-empty list of {"role", "content"} objects'
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f'message {i} must be an object with "role" and "content"'
+        if m["role"] not in ROLES:
+            return f"message {i} has role {m['role']!r}; valid roles are {list(ROLES)}"
+        if not isinstance(m["content"], str):
+            return f"message {i} content must be a string, got {type(m['content']).__name__}"
+    return None
+
+
+def _tools_problem(record: dict) -> str | None:
+    tools = record.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) and "name" in t for t in tools)):
+        return '"tools" must be a list of function objects, each with a "name"'
+    return None
+
+
+def _possible_answer_problem(answer: Any) -> str | None:
+    """BFCL possible answer: a list of one-key dicts {fn: {arg: [allowed values]}}; [] = no call expected."""
+    if not isinstance(answer, list):
+        return f'a toolcall "answer" must be a list like [{{"fn": {{"arg": [values]}}}}], got {type(answer).__name__}'
+    for call in answer:
+        if not (isinstance(call, dict) and len(call) == 1):
+            return f'each gold call must be a one-key object {{"fn": {{"arg": [values]}}}}, got {call!r}'
+        (name, args), = call.items()
+        if not isinstance(args, dict) or not all(isinstance(v, list) for v in args.values()):
+            return f"gold call {name!r} must map each argument to a list of allowed values"
+    return None
+
+
+def sft_problem(record: Any) -> str | None:
+    """Why ``record`` is not an SFT sample, or None if it is one."""
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object, got {type(record).__name__}"
+    problem = _messages_problem(record.get("messages")) or _tools_problem(record)
+    if problem:
+        return problem
+    if not any(m["role"] == "assistant" for m in record["messages"]):
+        return "an SFT sample needs at least one assistant message"
+    if record.get("loss_on", "assistant") not in ("assistant", "last_assistant"):
+        return f'"loss_on" must be "assistant" or "last_assistant", got {record["loss_on"]!r}'
+    return None
+
+
+def rl_problem(record: Any) -> str | None:
+    """Why ``record`` is not an RL prompt, or None if it is one."""
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object, got {type(record).__name__}"
+    missing = [k for k in ("id", "task", "messages", "answer") if k not in record]
+    if missing:
+        return f"an RL prompt needs {missing} (fields: id, task, messages, answer, optional tools)"
+    if record["task"] not in ("math", "toolcall"):
+        return f'"task" must be "math" or "toolcall", got {record["task"]!r}'
+    problem = _messages_problem(record["messages"]) or _tools_problem(record)
+    if problem:
+        return problem
+    if record["messages"][-1]["role"] == "assistant":
+        return "an RL prompt must not end with an assistant message; the policy writes that"
+    if record["task"] == "math" and not isinstance(record["answer"], str):
+        return f'a math "answer" must be a string, got {type(record["answer"]).__name__}'
+    if record["task"] == "toolcall":
+        return _possible_answer_problem(record["answer"])
+    return None
+
+
+def record_problem(record: Any, kind: str) -> str | None:
+    if kind == "auto":
+        kind = "rl" if isinstance(record, dict) and "task" in record else "sft"
+    return rl_problem(record) if kind == "rl" else sft_problem(record)
+
+
+# ---------------------------------------------------------------- raw readers: (where, record | error text)
+
+
+Located = tuple[str, Any]  # ("data/train.jsonl line 17", record) ; record is a _Malformed on parse errors
+
+
+class _Malformed(str):
+    """A line that did not parse; carries the reason."""
+
+
+def _read_jsonl(path: Path) -> Iterator[Located]:
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path} line {n}", json.loads(line)
+            except json.JSONDecodeError as err:
+                yield f"{path} line {n}", _Malformed(f"not valid JSON ({err.msg} at column {err.colno})")
+
+
+def _decode_columnar(row: dict) -> dict | _Malformed:
+    """A parquet/HF row -> record: None columns are absent fields; tools and tool-call answers stored as
+    JSON text are decoded (a math answer is text and stays text, even one like "[0, 1)")."""
+    row = {k: v for k, v in row.items() if v is not None}
+    json_keys = ["tools"] + (["answer"] if row.get("task") == "toolcall" else [])
+    for key in json_keys:
+        if isinstance(row.get(key), str):
+            try:
+                row[key] = json.loads(row[key])
+            except json.JSONDecodeError:
+                return _Malformed(f'column "{key}" holds text that is not valid JSON')
+    return row
+
+
+def _read_parquet(path: Path) -> Iterator[Located]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for unreadable files
+        raise DataError(f"{path} is not a readable parquet file ({err}); check the file.") from err
+    n = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            n += 1
+            yield f"{path} row {n}", _decode_columnar(row)
+
+
+def _files_under(directory: Path) -> list[Path]:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+    if not files:
+        raise DataError(f"{directory} holds no {'/'.join(FILE_SUFFIXES)} files; point the data config at a file.")
+    return files
+
+
+def _read_path(path: Path) -> Iterator[Located]:
+    if not path.exists():
+        raise DataError(f"Data file {path} does not exist; check the path (relative paths start at the run's cwd).")
+    for file in _files_under(path) if path.is_dir() else [path]:
+        if file.suffix == ".parquet":
+            yield from _read_parquet(file)
+        elif file.suffix in (".jsonl", ".json"):
+            yield from _read_jsonl(file)
+        else:
+            raise DataError(f"{file} has an unknown suffix; use .jsonl, .json or .parquet.")
+
+
+def _read_hf(spec: str, streaming: bool) -> Iterator[Located]:
+    """``hf:org/name[:split]``; a local dataset directory works too (``hf:/path/to/dir:train``)."""
+    import datasets
+
+    name, split = spec, "train"
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and "/" not in tail:
+        name, split = head, tail
+    try:
+        dataset = datasets.load_dataset(name, split=split, streaming=streaming)
+    except Exception as err:  # hub, network and builder errors come in many types
+        raise DataError(f"Could not load HF dataset {name!r} split {split!r} ({type(err).__name__}: {err}); "
+                        "check the id, the split and network access.") from err
+    for n, row in enumerate(dataset, 1):
+        yield f"hf:{name}:{split} row {n}", _decode_columnar(dict(row))
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def synthetic_records(name: str, seed: int = 0, options: dict | None = None, sandbox: Any = None) -> Iterator[dict]:
+    """Records of a synthetic task. Options (all optional):
+
+    ``format``: "rl" (prompts, default) or "sft" (samples; math needs ``sandbox``); ``size``: how many
+    (default: unlimited for rl, 1000 for sft); ``split``: "train" or "heldout"; math ``levels`` (1-4);
+    toolcall ``categories``, ``max_tools``, ``max_calls``.
+    """
+    from tirl.data import synthetic_math, synthetic_toolcall
+
+    options = dict(options or {})
+    fmt = options.pop("format", "rl")
+    size = options.pop("size", None)
+    split = options.pop("split", "train")
+    if name == "math":
+        generator_keys = {"levels"}
+    elif name == "toolcall":
+        generator_keys = {"categories", "max_tools", "max_calls"}
+    else:
+        raise DataError(f"Unknown synthetic task 'synthetic:{name}'; use synthetic:math or synthetic:toolcall.")
+    unknown = set(options) - generator_keys
+    if unknown or fmt not in ("rl", "sft"):
+        raise DataError(f"synthetic:{name} takes options format (rl|sft), size, split and {sorted(generator_keys)}; "
+                        f"got unknown {sorted(unknown) or fmt!r}.")
+    if "levels" in options:
+        options["levels"] = tuple(options["levels"])
+    if "categories" in options:
+        options["categories"] = tuple(options["categories"])
+    if fmt == "sft":
+        n = 1000 if size is None else int(size)
+        if name == "math":
+            yield from synthetic_math.make_math_sft_samples(n, seed, sandbox=sandbox, split=split, **options)
+        else:
+            yield from synthetic_toolcall.make_toolcall_sft_samples(n, seed, split=split, **options)
+        return
+    make: Callable[..., list[dict]] = (synthetic_math.make_math_rl_prompts if name == "math"
+                                       else synthetic_toolcall.make_toolcall_rl_prompts)
+    if size is not None:
+        yield from make(int(size), seed, split=split, **options)
+        return
+    start = 0
+    while True:  # unlimited: generate in chunks
+        yield from make(256, seed, split=split, start=start, **options)
+        start += 256
+
+
+# ---------------------------------------------------------------- the stream
+
+
+class RecordStream:
+    """Validated records of one source; iterate as often as needed. ``skipped`` counts the last pass's drops."""
+
+    def __init__(self, spec: str | Path, on_bad_line: str = "error", streaming: bool = False, kind: str = "auto",
+                 seed: int = 0, synthetic: dict | None = None, sandbox: Any = None) -> None:
+        if on_bad_line not in ("error", "skip"):
+            raise DataError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}.")
+        if kind not in KINDS:
+            raise DataError(f"kind must be one of {list(KINDS)}, got {kind!r}.")
+        self.spec, self.on_bad_line, self.streaming, self.kind = str(spec), on_bad_line, streaming, kind
+        self.seed, self.synthetic, self.sandbox = seed, synthetic, sandbox
+        self.skipped = 0
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.spec.startswith("synthetic:")
+
+    def _located(self) -> Iterator[Located]:
+        if self.is_synthetic:
+            name = self.spec.removeprefix("synthetic:")
+            for n, record in enumerate(synthetic_records(name, self.seed, self.synthetic, self.sandbox), 1):
+                yield f"{self.spec} record {n}", record
+        elif self.spec.startswith("hf:"):
+            yield from _read_hf(self.spec.removeprefix("hf:"), self.streaming)
+        else:
+            yield from _read_path(Path(self.spec))
+
+    def __iter__(self) -> Iterator[dict]:
+        self.skipped = 0
+        for where, record in self._located():
+            problem = str(record) if isinstance(record, _Malformed) else record_problem(record, self.kind)
+            if problem is None:
+                yield record
+            elif self.on_bad_line == "skip":
+                self.skipped += 1
+            else:
+                raise DataError(f"{where}: {problem}; fix or remove it, or set data.on_bad_line=skip.")
+
+
+def load_records(spec: str | Path, on_bad_line: str = "error", streaming: bool = False, kind: str = "auto",
+                 seed: int = 0, synthetic: dict | None = None, sandbox: Any = None) -> RecordStream:
+    """Records of ``spec`` (see module doc), validated against the SFT or RL contract (``kind``)."""
+    return RecordStream(spec, on_bad_line, streaming, kind, seed, synthetic, sandbox)
+
+
+def write_records(path: str | Path, records: list[dict]) -> Path:
+    """Write records as JSONL or parquet (by suffix); parquet stores tools and non-text answers as JSON text."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = list(dict.fromkeys(k for r in records for k in r))  # every key of every record, in order
+        rows = [{k: json.dumps(r[k]) if k in JSON_COLUMNS and not isinstance(r.get(k, ""), str) else r.get(k)
+                 for k in columns} for r in records]
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif path.suffix in (".jsonl", ".json"):
+        with path.open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    else:
+        raise DataError(f"Cannot write {path}: use a .jsonl or .parquet suffix.")
+    return path
