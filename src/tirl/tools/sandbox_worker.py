@@ -19,6 +19,7 @@ helpers and exit codes from it.
 from __future__ import annotations
 
 import ctypes
+import gc
 import io
 import json
 import linecache
@@ -27,6 +28,7 @@ import resource
 import selectors
 import shutil
 import signal
+import stat
 import struct
 import sys
 import tempfile
@@ -100,7 +102,7 @@ def _child_main(code: str, workdir: str, out_w: int, err_w: int, cfg: dict) -> N
         os.dup2(devnull, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
-        os.closerange(3, 1 << 16)  # the worker's channel, the other pipes, the epoll fd: all gone
+        _close_fds_except(cfg.get("keep_fds", []))  # the worker's channel, pipes, epoll fd: all gone
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         _apply_limits(cfg)
@@ -117,6 +119,14 @@ def _child_main(code: str, workdir: str, out_w: int, err_w: int, cfg: dict) -> N
     except BaseException:
         os._exit(EXIT_SETUP)
     os._exit(_run_code(code))
+
+
+def _close_fds_except(keep: list[int]) -> None:
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 16)
 
 
 def _apply_limits(cfg: dict) -> None:
@@ -232,6 +242,7 @@ class Worker:
         self.uid: int | None = cfg.get("uid")
         self.tmp_root = tempfile.mkdtemp(prefix="tirl-sandbox-")
         os.chmod(self.tmp_root, 0o711)  # the snippet's uid may enter its own subdir, not list others
+        self.workdir: str | None = None
 
     def serve(self) -> None:
         try:
@@ -247,9 +258,7 @@ class Worker:
             shutil.rmtree(self.tmp_root, ignore_errors=True)
 
     def run_snippet(self, code: str) -> tuple[dict, bool]:
-        workdir = tempfile.mkdtemp(dir=self.tmp_root)
-        if self.uid is not None:
-            os.chown(workdir, self.uid, self.uid)
+        workdir = self._fresh_workdir()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         start = time.monotonic()
@@ -271,9 +280,30 @@ class Worker:
         finally:
             os.close(out_r)
             os.close(err_r)
-            shutil.rmtree(workdir, ignore_errors=True)
+            self._retire_workdir()
         duration = time.monotonic() - start
         return _make_reply(capture, duration, self.cfg), capture.parent_gone
+
+    def _fresh_workdir(self) -> str:
+        if self.workdir is None:
+            self.workdir = tempfile.mkdtemp(dir=self.tmp_root)
+            if self.uid is not None:
+                os.chown(self.workdir, self.uid, self.uid)
+        return self.workdir
+
+    def _retire_workdir(self) -> None:
+        # A dir the snippet left exactly as it got it (empty, same owner and mode) is as good as a new
+        # one and saves an rmdir+mkdir per run; anything else is removed with all its contents.
+        try:
+            st = os.lstat(self.workdir)
+            pristine = (stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+                        and st.st_uid == (self.uid if self.uid is not None else os.getuid())
+                        and not os.listdir(self.workdir))
+        except OSError:
+            pristine = False
+        if not pristine:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
 
     def _kill_leftovers_if_any(self, snippet_pid: int) -> None:
         # The snippet is reaped; anything it left running was reparented to us (subreaper).
@@ -440,6 +470,53 @@ def _reap(pid: int) -> int | None:
         return None
 
 
+def _reroute_unreachable_import_paths() -> list[int]:
+    """Let a snippet's uid import from dirs it cannot reach by name, and nothing more.
+
+    An interpreter under a private home (e.g. /root at mode 0700 with pyenv inside) has its stdlib behind
+    a dir the snippet's uid may not enter. For each such sys.path dir the worker keeps a directory fd
+    open (inherited by every snippet) and points sys.path and every loaded package's __path__/__file__
+    at /proc/self/fd/N/..., which resolves through the fd without walking the private parent. The rest
+    of that parent stays closed to the snippet. Returns the fds to keep open in children.
+    """
+    mapping: dict[str, str] = {}
+    for entry in sys.path:
+        if entry and entry not in mapping and os.path.isdir(entry) and not _reachable_by_others(entry):
+            mapping[entry] = f"/proc/self/fd/{os.open(entry, os.O_RDONLY | os.O_DIRECTORY)}"
+    if not mapping:
+        return []
+    prefixes = sorted(mapping, key=len, reverse=True)
+
+    def remap(path: str) -> str:
+        for prefix in prefixes:
+            if path == prefix or path.startswith(prefix + os.sep):
+                return mapping[prefix] + path[len(prefix) :]
+        return path
+
+    sys.path[:] = [remap(p) for p in sys.path]
+    for module in list(sys.modules.values()):
+        package_path = getattr(module, "__path__", None)
+        if isinstance(package_path, list):
+            package_path[:] = [remap(p) if isinstance(p, str) else p for p in package_path]
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str):
+            module.__file__ = remap(file)
+    sys.path_importer_cache.clear()
+    return [int(fd_path.rsplit("/", 1)[1]) for fd_path in mapping.values()]
+
+
+def _reachable_by_others(path: str) -> bool:
+    """Can a uid with no groups list `path` and walk down to it (other-x on every ancestor)?"""
+    path = os.path.realpath(path)
+    if not os.stat(path).st_mode & 0o005 == 0o005:
+        return False
+    while path != os.sep:
+        path = os.path.dirname(path)
+        if not os.stat(path).st_mode & 0o001:
+            return False
+    return True
+
+
 def _measure_address_space() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -463,6 +540,11 @@ def main() -> None:
             __import__(name)
         except ImportError:
             missing.append(name)
+    # Move everything imported so far out of the collector's sight: a collection in a child would
+    # otherwise touch (and so copy) every page of the preloaded heap.
+    gc.freeze()
+    if cfg.get("uid") is not None:
+        cfg["keep_fds"] = _reroute_unreachable_import_paths()
     baseline = _measure_address_space()
     cfg["as_limit_bytes"] = baseline + cfg["memory_mb"] * (1 << 20)
     worker = Worker(cfg, reply_fd, request_fd)

@@ -1,0 +1,377 @@
+"""The sandbox: results and feedback, every limit, hostile snippets, the pool's survival, the HTTP client."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tirl.tools.sandbox import (
+    ExecResult,
+    FusionSandbox,
+    LocalSandbox,
+    SandboxClosedError,
+    SandboxConfigError,
+    build_sandbox,
+)
+
+IS_ROOT = os.geteuid() == 0
+SECRET_NAME, SECRET_VALUE = "TIRL_SANDBOX_TEST_SECRET", "hunter2-do-not-leak"
+root_only = pytest.mark.skipif(not IS_ROOT, reason="uid isolation needs root; without it these are not contained")
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    os.environ[SECRET_NAME] = SECRET_VALUE  # set before the workers start: they must not inherit it
+    try:
+        with LocalSandbox(workers=2, timeout_s=1.0) as sb:
+            yield sb
+    finally:
+        os.environ.pop(SECRET_NAME, None)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """One worker, nothing preloaded, tight limits: quick to start, quick to hit every limit."""
+    with LocalSandbox(workers=1, timeout_s=3.0, cpu_time_s=1, memory_mb=64, max_output_bytes=1000,
+                      preload=(), max_file_mb=1, max_procs=8) as sb:
+        yield sb
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, uid) for every process, zombies included, read from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            continue  # it exited while we looked
+        table[int(entry)] = (ppid, uid)
+    return table
+
+
+def _descendants(roots: list[int]) -> set[int]:
+    table = _proc_table()
+    found, frontier = set(), set(roots)
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _leftovers(sb: LocalSandbox) -> set[int]:
+    """Processes a snippet could have left: below a worker, or (root) under a worker slot's uid."""
+    uids = {w.uid for w in sb._slots if w.uid is not None}
+    by_uid = {pid for pid, (_, uid) in _proc_table().items() if uid in uids}
+    return _descendants(sb.worker_pids()) | by_uid
+
+
+# ---------------------------------------------------------------- results and feedback
+
+
+def test_print_passes_and_feedback_is_stdout(sandbox):
+    result = sandbox.run("print(1 + 1)")
+    assert (result.ok, result.error, result.stdout, result.passed) == (True, None, "2\n", True)
+    assert result.feedback() == "2"
+    assert 0 < result.duration_s < 1.0
+
+
+def test_preloaded_libraries_work(sandbox):
+    result = sandbox.run("import sympy, numpy as np\nprint(sympy.factorint(360), int(np.arange(5).sum()))")
+    assert result.stdout == "{2: 3, 3: 2, 5: 1} 10\n"
+
+
+def test_clean_run_without_output_does_not_pass(sandbox):
+    result = sandbox.run("x = 1")
+    assert result.ok and not result.passed and result.feedback() == ""
+
+
+def test_syntax_error(sandbox):
+    result = sandbox.run("def f(:\n    pass\n")
+    assert result.error == "syntax" and not result.ok
+    assert result.feedback().startswith("SyntaxError")
+
+
+def test_runtime_error_feedback_is_the_last_line(sandbox):
+    result = sandbox.run("x = 1\ny = x / 0\n")
+    assert result.error == "runtime"
+    assert result.feedback() == "ZeroDivisionError: division by zero"
+    assert 'File "<snippet>", line 2' in result.stderr  # the traceback points into the snippet
+
+
+def test_feedback_head_tail_and_fallbacks():
+    long = ExecResult(ok=True, stdout="0123456789" * 3 + "\n", stderr="", error=None, duration_s=0.0)
+    assert long.feedback(max_chars=13) == "01234\n…\n56789"  # 13 = 5 head + 3 marker + 5 tail
+    assert len(long.feedback(max_chars=20)) == 20
+    assert long.feedback(max_chars=100) == "0123456789" * 3
+    quiet_failure = ExecResult(ok=False, stdout="", stderr="", error="timeout", duration_s=1.0)
+    assert quiet_failure.feedback() == "Error: timeout" and not quiet_failure.passed
+    noisy = ExecResult(ok=False, stdout="partial", stderr="Traceback\nValueError: " + "v" * 50, error="runtime",
+                       duration_s=0.1)
+    assert noisy.feedback(max_chars=20) == "ValueError: vvvvvvv…" and not noisy.passed
+
+
+def test_exit_statuses(sandbox):
+    clean = sandbox.run("import sys\nsys.exit(0)")
+    assert clean.ok and not clean.passed
+    three = sandbox.run("import sys\nsys.exit(3)")
+    assert three.error == "runtime" and three.feedback() == "SystemExit: 3"
+    message = sandbox.run("raise SystemExit('bye')")
+    assert message.error == "runtime" and message.feedback() == "bye"
+    hard = sandbox.run("import os\nprint('out', flush=True)\nos._exit(0)")
+    assert hard.passed and hard.stdout == "out\n"
+
+
+def test_closing_stdout(sandbox):
+    closed_fd = sandbox.run("import os\nos.close(1)\nprint('lost')")
+    assert closed_fd.error == "runtime" and "Bad file descriptor" in closed_fd.feedback()
+    closed_stream = sandbox.run("import sys\nprint('kept', flush=True)\nsys.stdout.close()")
+    assert closed_stream.ok and closed_stream.stdout == "kept\n"
+    assert sandbox.run("print('still fine')").passed
+
+
+# ---------------------------------------------------------------- limits
+
+
+def test_infinite_loop_times_out_within_the_limit(sandbox):
+    start = time.monotonic()
+    result = sandbox.run("while True:\n    pass")
+    elapsed = time.monotonic() - start
+    assert result.error == "timeout" and not result.ok
+    assert 0.9 <= elapsed < 1.0 + 1.0
+    assert result.feedback().startswith("TimeoutError")
+
+
+def test_cpu_time_limit(small):
+    # wall limit 3 s, CPU limit 1 s: a busy loop is stopped by RLIMIT_CPU well before the wall clock.
+    start = time.monotonic()
+    result = small.run("while True:\n    pass")
+    assert result.error == "timeout" and "CPU" in result.feedback()
+    assert time.monotonic() - start < 2.9
+
+
+def test_memory_bombs(sandbox, small):
+    assert sandbox.run("x = bytearray(64 * 1024**3)").error == "memory"
+    grow = small.run("chunks = []\nwhile True:\n    chunks.append(' ' * 10**6)")
+    assert grow.error == "memory" and grow.feedback().startswith("MemoryError")
+    assert small.run("print(len(bytearray(16 * 1024**2)))").stdout == "16777216\n"  # 16 MB fits in 64
+
+
+def test_output_flood_is_cut_quickly(sandbox, small):
+    start = time.monotonic()
+    result = sandbox.run("print('x' * 100_000_000)")
+    assert result.error == "output_limit" and time.monotonic() - start < 1.0
+    assert len(result.stdout.encode()) <= 65536
+    endless = small.run("while True:\n    print('spam')")
+    assert endless.error == "output_limit" and len(endless.stdout) <= 1000
+    assert endless.feedback().startswith("OutputLimitError")
+
+
+def test_file_size_limit(small):
+    result = small.run("open('big.bin', 'wb').write(b'0' * (2 << 20))")
+    assert result.error == "runtime" and "File too large" in result.feedback()
+    assert small.run("print(open('ok.bin', 'wb').write(b'0' * 1000))").stdout == "1000\n"
+
+
+def test_workdir_is_private_and_removed(small, tmp_path):
+    result = small.run("import os\nopen('note.txt', 'w').write('x')\nprint(os.getcwd())")
+    workdir = result.stdout.strip()
+    assert result.ok and workdir != os.getcwd() and os.path.isabs(workdir)
+    assert not os.path.exists(workdir)  # removed together with the file written in it
+
+
+@root_only
+def test_cannot_write_outside_its_dir(small, tmp_path):
+    target = tmp_path / "owned_by_root.txt"  # tmp_path is root's, mode 0755
+    result = small.run(f"open({str(target)!r}, 'w').write('x')")
+    assert result.error == "runtime" and "PermissionError" in result.feedback()
+    assert not target.exists()
+
+
+def test_parent_environment_is_not_visible(sandbox):
+    result = sandbox.run(f"import os\nprint(os.environ.get({SECRET_NAME!r}))\nprint(sorted(os.environ))")
+    assert result.stdout.splitlines()[0] == "None"
+    assert SECRET_VALUE not in result.stdout
+    assert SECRET_NAME in os.environ  # the test process does have it
+
+
+@root_only
+def test_other_processes_environment_is_not_readable(sandbox):
+    result = sandbox.run(f"print(open('/proc/{os.getpid()}/environ').read())")
+    assert result.error == "runtime" and "PermissionError" in result.feedback()
+    assert SECRET_VALUE not in result.stdout
+
+
+# ---------------------------------------------------------------- hostile snippets vs the pool
+
+
+def test_fork_bomb_is_contained(small):
+    start = time.monotonic()
+    result = small.run("import os\nwhile True:\n    os.fork()")
+    assert not result.ok and time.monotonic() - start < 3.0 + 1.0
+    assert _leftovers(small) == set()
+    assert small.run("print('alive')").passed
+
+
+def test_background_processes_are_killed_after_the_run(small):
+    code = ("import subprocess, os\n"
+            "subprocess.Popen(['sleep', '30'], start_new_session=True)\n"
+            "if os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(30)\n"
+            "print('parent done')")
+    result = small.run(code)
+    assert result.passed
+    assert _leftovers(small) == set()
+
+
+def test_signalling_the_parent_does_not_break_the_pool(sandbox):
+    result = sandbox.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('survived')")
+    if IS_ROOT:
+        assert result.error == "runtime" and "PermissionError" in result.feedback()
+    results = sandbox.run_batch(["print(7)"] * 4)
+    assert all(r.passed and r.stdout == "7\n" for r in results)
+
+
+def test_a_dead_worker_is_replaced(small):
+    (pid,) = small.worker_pids()
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)  # let it die for sure
+    results = [small.run("print(5)") for _ in range(3)]
+    assert all(r.passed for r in results[1:]) and results[0].error in (None, "sandbox")
+    assert small.worker_pids() != [pid]
+
+
+def test_deep_recursion_is_a_clean_error(sandbox, small):
+    result = sandbox.run("def f(n):\n    return f(n + 1)\nf(0)")
+    assert result.error == "runtime" and result.feedback().startswith("RecursionError")
+    # With the recursion limit lifted, frames fill the 64 MB headroom (CPython 3.11 then reports a
+    # MemoryError or a SystemError), or the 1 s CPU limit comes first on a busy machine: an error
+    # the model can read, not a crashed worker.
+    unbounded = small.run("import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1)\nf(0)")
+    assert unbounded.error in ("runtime", "memory", "timeout") and not unbounded.ok
+    assert small.run("print('ok')").passed
+
+
+def test_state_does_not_leak_between_snippets(small):
+    first = small.run("import math\nmath.pi = 3\nsecret = 42\nopen('f.txt', 'w').write('x')\nprint(math.pi)")
+    assert first.stdout == "3\n"
+    second = small.run("import math, os\nprint(math.pi, 'secret' in globals(), os.path.exists('f.txt'))")
+    assert second.stdout == "3.141592653589793 False False\n"
+
+
+def test_run_batch_keeps_order_and_runs_concurrently(sandbox):
+    codes = [f"import time\ntime.sleep(0.5)\nprint({i})" for i in range(4)]
+    start = time.monotonic()
+    results = sandbox.run_batch(codes)
+    assert time.monotonic() - start < 1.6  # 2 workers: two rounds of 0.5 s, not four
+    assert [r.stdout for r in results] == ["0\n", "1\n", "2\n", "3\n"]
+
+
+def test_close_leaves_no_processes():
+    sb = LocalSandbox(workers=2, timeout_s=5.0, preload=())
+    pids = sb.worker_pids()
+    busy = threading.Thread(target=sb.run, args=("while True:\n    pass",))
+    busy.start()
+    time.sleep(0.3)  # the loop is running in a snippet now
+    sb.close()
+    busy.join(5)
+    assert not busy.is_alive()
+    assert _leftovers(sb) == set() and not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    with pytest.raises(SandboxClosedError):
+        sb.run("print(1)")
+
+
+def test_bad_settings_fail_with_a_clear_message():
+    with pytest.raises(SandboxConfigError, match="workers"):
+        LocalSandbox(workers=0)
+    with pytest.raises(SandboxConfigError, match="local"):
+        build_sandbox("docker")
+    with pytest.raises(SandboxConfigError, match="http"):
+        FusionSandbox(url="localhost:8080")
+
+
+# ---------------------------------------------------------------- SandboxFusion client
+
+
+class _FakeFusion(BaseHTTPRequestHandler):
+    """Answers like SandboxFusion; the code text picks the behaviour."""
+
+    requests_seen: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.requests_seen.append(body)
+        code = body["code"]
+        if "FAIL500" in code:
+            self.send_error(500, "boom")
+            return
+        if "STALL" in code:
+            time.sleep(2.0)
+        if "ZERO" in code:
+            run = {"status": "Finished", "return_code": 1, "stdout": "",
+                   "stderr": "Traceback...\nZeroDivisionError: division by zero\n", "execution_time": 0.01}
+        elif "SLOW" in code:
+            run = {"status": "TimeLimitExceeded", "return_code": None, "stdout": "", "stderr": "",
+                   "execution_time": 5.0}
+        else:
+            run = {"status": "Finished", "return_code": 0, "stdout": "2\n", "stderr": "", "execution_time": 0.02}
+        payload = json.dumps({"status": "Success", "message": "", "run_result": run}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def fusion_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeFusion)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_fusion_good_reply(fusion_url):
+    with build_sandbox("fusion", url=fusion_url, timeout_s=3.0) as sb:
+        result = sb.run("print(1 + 1)")
+        assert result.passed and result.stdout == "2\n" and result.duration_s == 0.02
+        sent = _FakeFusion.requests_seen[-1]
+        assert sent == {"code": "print(1 + 1)", "language": "python", "run_timeout": 3.0, "memory_limit_MB": 1024}
+        zero, slow = sb.run_batch(["ZERO", "SLOW"])
+        assert zero.error == "runtime" and zero.feedback() == "ZeroDivisionError: division by zero"
+        assert slow.error == "timeout"
+
+
+def test_fusion_server_error_is_retried_then_reported(fusion_url):
+    before = len(_FakeFusion.requests_seen)
+    with FusionSandbox(url=fusion_url, retries=2, backoff_s=0.01) as sb:
+        result = sb.run("FAIL500")
+    assert len(_FakeFusion.requests_seen) - before == 3  # the first try and two retries
+    assert result.error == "sandbox" and "HTTP 500" in result.feedback() and "3 attempt" in result.feedback()
+
+
+def test_fusion_stall_times_out(fusion_url):
+    start = time.monotonic()
+    with FusionSandbox(url=fusion_url, request_timeout_s=0.3) as sb:
+        result = sb.run("STALL")
+    assert result.error == "timeout" and time.monotonic() - start < 1.5
+
+
+def test_fusion_unreachable_server_is_a_result_not_an_exception():
+    with FusionSandbox(url="http://127.0.0.1:9", retries=1, backoff_s=0.01) as sb:  # port 9: nothing listens
+        result = sb.run("print(1)")
+    assert result.error == "sandbox" and "SandboxFusion" in result.feedback()
