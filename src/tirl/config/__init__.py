@@ -1,1 +1,56 @@
+"""Config: typed schemas, validation of a composed Hydra config, the task wrapper, the configs directory."""
 
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from tirl.config.validate import ConfigError, TypedConfig, check_overrides, check_trainer_keys, validate
+from tirl.config.wrapper import register_loggers, task_wrapper
+
+# The yaml tree lives in the source checkout next to src/ (console scripts work from an editable install).
+CONFIG_DIR: Path = Path(__file__).resolve().parents[3] / "configs"
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@contextlib.contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """Turn a ConfigError into its one-sentence message and exit status 2.
+
+    In a multirun job it is re-raised instead, so the sweeper records a failed job and goes on.
+    """
+    try:
+        yield
+    except ConfigError as err:
+        if _in_multirun():
+            raise
+        print(f"Config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def exit_on_bad_overrides(argv: list[str] | None = None, config_dir: Path = CONFIG_DIR) -> None:
+    """Check command-line overrides before Hydra composes (unknown group option or schema key → exit 2)."""
+    with exit_on_config_error():
+        check_overrides(sys.argv[1:] if argv is None else argv, config_dir)
+
+
+__all__ = [
+    "CONFIG_DIR",
+    "ConfigError",
+    "TypedConfig",
+    "check_overrides",
+    "check_trainer_keys",
+    "exit_on_bad_overrides",
+    "exit_on_config_error",
+    "register_loggers",
+    "task_wrapper",
+    "validate",
+]

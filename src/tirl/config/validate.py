@@ -1,0 +1,238 @@
+"""Check a composed config against the typed schemas and turn each group into its dataclass.
+
+Every problem a user can cause here ends in one sentence that names the dotted key and the valid choices:
+a misspelled key (with the closest valid name), a value of the wrong type, a value outside an enum, a
+required value left at ``???``, or an unknown option of a config group on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tirl.config.schema import DataConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+
+
+class ConfigError(ValueError):
+    """A config the user wrote or composed is invalid; the message says what and how to fix it."""
+
+
+@dataclass
+class TypedConfig:
+    """The schema-checked groups that the datamodule and the modules receive."""
+
+    model: ModelConfig
+    method: MethodConfig
+    data: DataConfig
+    rollout: RolloutConfig
+    sandbox: SandboxConfig
+
+
+SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "method": MethodConfig,
+    "data": DataConfig,
+    "rollout": RolloutConfig,
+    "sandbox": SandboxConfig,
+}
+
+# Keys whose value must be one of a few names (dotted path from the config root).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
+    "model.chat_format": ("chatml", "llama3"),
+    "method.kind": ("rl", "sft"),
+    "method.lr_schedule": ("constant", "cosine", "linear"),
+    "method.advantage.scale": ("group", "batch", "none"),
+    "method.loss.agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "method.loss.kl_kind": ("k1", "k2", "k3"),
+    "method.shaping.kind": ("none", "da_grpo"),
+    "method.loss_on": ("assistant", "last_assistant"),
+    "rollout.backend": ("hf", "vllm"),
+    "sandbox.kind": ("local", "fusion"),
+    "data.on_bad_line": ("error", "skip"),
+}
+
+# Top-level keys of train.yaml / eval.yaml besides the schema groups; anything else is a typo.
+TOP_LEVEL_KEYS: frozenset[str] = frozenset(
+    {"task_name", "tags", "seed", "init_from", "ckpt_path", "train", "test", "optimized_metric",
+     "trainer", "callbacks", "logger", "paths", "hydra", *SCHEMAS}
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(schema: type) -> dict[str, Any]:
+    """Field name → resolved type hint (the schema module uses postponed annotations)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def _nested_schema(hint: Any) -> type | None:
+    """The dataclass a field holds (also through ``X | None``), or None for leaves, dicts and Any."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            return inner[0]
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def unknown_key_message(path: str, key: str, valid: Sequence[str]) -> str:
+    """One sentence: the unknown dotted key, the closest valid name and all valid names."""
+    full = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" did you mean '{close[0]}'?" if close else ""
+    return f"Unknown config key '{full}';{hint} Valid keys: {', '.join(sorted(valid))}."
+
+
+def check_key_path(path: Sequence[str], schema: type, prefix: str) -> None:
+    """Raise ConfigError if the dotted key ``prefix.path`` does not exist in ``schema`` (dicts end the check)."""
+    fields = _field_types(schema)
+    head, rest = path[0], path[1:]
+    if head not in fields:
+        raise ConfigError(unknown_key_message(prefix, head, list(fields)))
+    nested = _nested_schema(fields[head])
+    if rest and nested is not None:
+        check_key_path(rest, nested, f"{prefix}.{head}")
+
+
+def _check_keys(node: Mapping, schema: type, prefix: str) -> None:
+    """Every key of a user mapping must be a field of ``schema``, recursively into nested dataclasses."""
+    fields = _field_types(schema)
+    for key, value in node.items():
+        if key not in fields:
+            raise ConfigError(unknown_key_message(prefix, str(key), list(fields)))
+        nested = _nested_schema(fields[key])
+        if nested is not None and isinstance(value, Mapping):
+            _check_keys(value, nested, f"{prefix}.{key}")
+
+
+def _expected_type(schema: type, dotted: str) -> str:
+    hint: Any = schema
+    for part in dotted.split("."):
+        nested = _nested_schema(hint)
+        if nested is None or part not in _field_types(nested):
+            return "a different type"
+        hint = _field_types(nested)[part]
+    return _type_name(hint)
+
+
+def _to_dataclass(group: str, node: Any, schema: type) -> Any:
+    """Merge a group's values into its schema, check keys, types and required values; return the dataclass."""
+    if node is None:
+        return schema()
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"Config group '{group}' must be a mapping of keys to values, got {type(node).__name__}.")
+    _check_keys(node, schema, group)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        sub = str(getattr(err, "full_key", "") or "")
+        key = f"{group}.{sub}" if sub else group
+        got = getattr(err, "value", None)
+        raise ConfigError(
+            f"Config key '{key}' got {got!r} ({type(got).__name__}) but expects {_expected_type(schema, sub)}."
+        ) from None
+
+
+def _check_choices(typed: TypedConfig) -> None:
+    for dotted, allowed in CHOICES.items():
+        obj: Any = typed
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        if obj not in allowed:
+            raise ConfigError(f"Config key '{dotted}' is {obj!r}; valid choices: {', '.join(allowed)}.")
+
+
+def _group_values(cfg: DictConfig, group: str) -> Any:
+    """A group's values with interpolations resolved against the whole config (missing stays ???)."""
+    node = cfg.get(group)
+    if isinstance(node, DictConfig):
+        for key in sorted(OmegaConf.missing_keys(node)):  # full dotted keys, e.g. data.train
+            raise ConfigError(
+                f"Config value '{key}' is required (it is ???); set it on the command line, e.g. {key}=<value>."
+            )
+        try:
+            return OmegaConf.to_container(node, resolve=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"Config group '{group}' could not be resolved: {str(err).splitlines()[0]}.") from None
+    return node
+
+
+def validate(cfg: DictConfig) -> TypedConfig:
+    """Check ``cfg`` (composed by Hydra) against the schemas; return the typed groups or raise ConfigError."""
+    for key in cfg:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(unknown_key_message("", str(key), sorted(TOP_LEVEL_KEYS)))
+    groups = {name: _to_dataclass(name, _group_values(cfg, name), schema) for name, schema in SCHEMAS.items()}
+    typed = TypedConfig(**groups)
+    _check_choices(typed)
+    if typed.sandbox.kind == "fusion" and not typed.sandbox.url:
+        raise ConfigError("sandbox=fusion needs the server address; set sandbox.url=http://host:port.")
+    return typed
+
+
+def check_trainer_keys(trainer_cfg: Mapping) -> None:
+    """Name a misspelled Trainer argument before Lightning's TypeError does (imports lightning)."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    valid = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+    for key in trainer_cfg:
+        if key != "_target_" and key not in valid:
+            raise ConfigError(unknown_key_message("trainer", str(key), valid))
+
+
+# ---------------------------------------------------------------- command-line overrides, before Hydra runs
+
+
+def group_options(config_dir: Path, group: str) -> list[str]:
+    """Option names of a config group directory (yaml files, nested ones as sub/path)."""
+    root = config_dir / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def check_overrides(argv: Sequence[str], config_dir: Path) -> None:
+    """Reject an unknown group option (``method=thorr``) or schema key (``method.loss.clip_hgih=1``) in argv.
+
+    Hydra would reject both too, with a multi-line message; this names the closest valid choice in one sentence.
+    Sweep syntax (``a,b``) is checked per item; functions like ``choice(...)`` and interpolations are left to Hydra.
+    """
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        deleting = key.startswith("~")
+        key = key.lstrip("+~").split("@", 1)[0]
+        if key.startswith("hydra") or any(c in value for c in "([{$"):
+            continue
+        if (config_dir / key).is_dir():
+            if deleting or value in ("", "null"):
+                continue
+            options = group_options(config_dir, key)
+            for option in value.split(","):
+                if option not in options:
+                    close = difflib.get_close_matches(option, options, n=1, cutoff=0.5)
+                    hint = f" did you mean '{close[0]}'?" if close else ""
+                    raise ConfigError(
+                        f"Unknown option '{option}' for config group '{key}';{hint} Valid choices: {', '.join(options)}."
+                    )
+        elif "." in key and key.split(".", 1)[0] in SCHEMAS:
+            group, *path = key.split(".")
+            check_key_path(path, SCHEMAS[group], group)

@@ -1,0 +1,229 @@
+"""The config tree composes, resolves and validates in every combination; user mistakes end in one sentence."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from tirl.config import CONFIG_DIR, ConfigError, check_overrides, check_trainer_keys, validate
+from tirl.config.schema import LoraConfig, LossConfig, MethodConfig
+from tirl.config.validate import SCHEMAS, check_key_path, group_options
+
+MODELS = {  # option → the checkpoint it must name
+    "tiny": "tiny-warm",
+    "tiny_scratch": "tiny",
+    "qwen3_0.6b": "Qwen/Qwen3-0.6B",
+    "qwen8b": "Qwen/Qwen3-8B",
+    "qwen14b": "Qwen/Qwen3-14B",
+    "qwen2.5_math_7b": "Qwen/Qwen2.5-Math-7B",
+    "llama3.1_8b": "meta-llama/Llama-3.1-8B-Instruct",
+}
+METHODS = ["sft", "grpo", "dr_grpo", "dapo", "dcore", "thor"]
+HARDWARE = {"cpu": "cpu", "gpu": "gpu", "ddp": "gpu", "fsdp": "gpu", "multinode": "gpu"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_configs():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def compose_resolved(overrides: list[str], config_name: str = "train", output_dir: str = "/tmp/tirl-test-out") -> DictConfig:
+    """Compose like `python src/{config_name}.py <overrides>` and resolve every interpolation."""
+    cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.cwd} in paths reads it
+    with open_dict(cfg):
+        cfg.paths.output_dir = output_dir  # set by Hydra only when a job actually starts
+        del cfg["hydra"]
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def test_config_groups_hold_the_options_the_readme_names():
+    assert set(group_options(CONFIG_DIR, "model")) == set(MODELS)
+    assert set(group_options(CONFIG_DIR, "method")) == set(METHODS)
+    assert set(group_options(CONFIG_DIR, "hardware")) == set(HARDWARE)
+    assert {"synthetic_math", "synthetic_toolcall", "sft_synthetic_math", "sft_synthetic_toolcall", "jsonl", "bfcl"} <= set(
+        group_options(CONFIG_DIR, "data")
+    )
+
+
+@pytest.mark.parametrize("model,method,hardware", list(itertools.product(MODELS, METHODS, HARDWARE)))
+def test_every_model_method_hardware_combination_validates(model, method, hardware):
+    cfg = compose_resolved([f"model={model}", f"method={method}", f"hardware={hardware}"])
+    typed = validate(cfg)
+    assert typed.model.name_or_path == MODELS[model]
+    assert typed.method.name == method
+    assert cfg.trainer.accelerator == HARDWARE[hardware]
+    # RL datamodules batch prompts_per_step prompts; the interpolation must have resolved to a number
+    assert isinstance(typed.data.batch_size, int) and typed.data.batch_size > 0
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert cfg.callbacks.model_checkpoint.monitor == cfg.optimized_metric == "val/acc"
+    assert Path(cfg.paths.log_dir).name == "logs"
+
+
+def test_method_presets_carry_the_papers_values():
+    dcore = validate(compose_resolved(["method=dcore"])).method
+    assert dcore.module["_target_"] == "tirl.modules.dcore.DCoreModule"
+    assert (dcore.shaping.kind, dcore.shaping.alpha, dcore.shaping.delta) == ("da_grpo", 0.1, 0.5)
+    assert (dcore.loss.clip_low, dcore.loss.clip_high, dcore.loss.agg) == (0.2, 0.2, "token-mean")
+    assert (dcore.loss.kl_kind, dcore.loss.kl_coef, dcore.group_size, dcore.lr) == ("k3", 0.001, 8, 1e-6)
+    assert dcore.reward.name == "toolcall"
+
+    thor_cfg = compose_resolved(["method=thor"])
+    thor = validate(thor_cfg).method
+    assert thor.module["_target_"] == "tirl.modules.thor.ThorModule"
+    assert (thor.loss.clip_low, thor.loss.clip_high, thor.loss.dual_clip) == (0.2, 0.28, 3.0)
+    assert (thor.loss.kl_coef, thor.loss.nll_coef, thor.group_size, thor.lr) == (0.0, 0.01, 16, 1e-6)
+    assert thor.episode_filter.enabled and thor.step_level.enabled and thor.reward.name == "math"
+    assert thor_cfg.rollout.max_tool_rounds == 5 and thor_cfg.rollout.temperature == 1.0
+
+    dr = validate(compose_resolved(["method=dr_grpo"])).method
+    assert (dr.advantage.scale, dr.loss.agg) == ("none", "seq-mean-token-sum-norm")
+    dapo = validate(compose_resolved(["method=dapo"])).method
+    assert (dapo.loss.clip_high, dapo.episode_filter.dynamic_sampling) == (0.28, True)
+    sft = validate(compose_resolved(["method=sft", "data=sft_synthetic_math"])).method
+    assert (sft.kind, sft.module["_target_"], sft.lr) == ("sft", "tirl.modules.sft.SFTModule", 1e-5)
+
+
+def test_validate_returns_schema_dataclasses_with_defaults_filled_in():
+    typed = validate(compose_resolved(["method=thor", "+model.lora={r: 8}", "seed=7"]))
+    assert isinstance(typed.method, MethodConfig) and isinstance(typed.method.loss, LossConfig)
+    assert typed.method.loss.kl_kind == "k3"  # not in thor.yaml: the schema default
+    assert typed.model.lora == LoraConfig(r=8)
+    assert typed.data.seed == 7  # data.seed interpolates the top-level seed
+    assert typed.data.batch_size == typed.method.prompts_per_step
+
+
+@pytest.mark.parametrize("preset", group_options(CONFIG_DIR, "experiment"))
+def test_every_experiment_preset_validates(preset):
+    cfg = compose(config_name="train", overrides=[f"experiment={preset}"])
+    extra = ["data.train=prompts.jsonl"] if OmegaConf.is_missing(cfg.data, "train") else []
+    cfg = compose_resolved([f"experiment={preset}", *extra])
+    typed = validate(cfg)
+    assert cfg.task_name == preset
+    assert typed.method.name == preset.split("_")[0]  # presets are named <method>_<model...>
+    assert typed.model.name_or_path in MODELS.values()
+
+
+def test_experiment_presets_pick_their_model_and_hardware():
+    cfg = compose_resolved(["experiment=thor_qwen8b", "data.train=x.jsonl"])
+    assert (cfg.model.name_or_path, cfg.rollout.backend, cfg.trainer.strategy._target_) == (
+        "Qwen/Qwen3-8B", "vllm", "lightning.pytorch.strategies.FSDPStrategy")
+    assert validate(compose_resolved(["experiment=dcore_qwen14b", "data.train=x.jsonl"])).model.name_or_path == "Qwen/Qwen3-14B"
+    tiny = compose_resolved(["experiment=dcore_tiny"])
+    assert (tiny.model.name_or_path, tiny.trainer.accelerator, tiny.data.train) == ("tiny-warm", "cpu", "synthetic:toolcall")
+
+
+@pytest.mark.parametrize("search", group_options(CONFIG_DIR, "hparams_search"))
+def test_hparams_search_presets_sweep_real_schema_keys(search):
+    cfg = compose(config_name="train", overrides=[f"hparams_search={search}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    params = cfg.hydra.sweeper.params
+    assert len(params) == 2
+    for key in params:  # a misspelled sweep key would only fail after the first trial
+        group, *path = key.split(".")
+        check_key_path(path, SCHEMAS[group], group)
+
+
+@pytest.mark.parametrize("preset,key,value", [("fdr", "fast_dev_run", True), ("limit", "limit_val_batches", 2),
+                                               ("overfit", "overfit_batches", 1), ("default", "detect_anomaly", True)])
+def test_debug_presets_compose_on_the_cpu(preset, key, value):
+    cfg = compose_resolved([f"debug={preset}", "experiment=thor_qwen8b", "data.train=x.jsonl"])  # debug wins
+    validate(cfg)
+    assert cfg.trainer[key] == value and cfg.trainer.accelerator == "cpu" and cfg.task_name == "debug"
+
+
+def test_eval_config_validates():
+    cfg = compose_resolved(["method=dcore", "data=bfcl"], config_name="eval")
+    assert validate(cfg).data.test == "bfcl:simple"
+    assert cfg.task_name == "eval"
+
+
+# ------------------------------------------------------------------ user mistakes → one sentence
+
+
+def assert_one_sentence(message: str, *needles: str) -> None:
+    assert "\n" not in message and message.endswith("."), message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_misspelled_nested_key_names_path_and_closest_key():
+    cfg = compose_resolved(["+method.loss.clip_hgih=0.3"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert_one_sentence(str(err.value), "'method.loss.clip_hgih'", "did you mean 'clip_high'?", "clip_low", "kl_kind")
+
+
+def test_misspelled_top_level_key_is_caught():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_resolved(["+sed=3"]))
+    assert_one_sentence(str(err.value), "'sed'", "did you mean 'seed'?")
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_resolved(["method.lr=fast"]))
+    assert_one_sentence(str(err.value), "'method.lr'", "'fast'", "float")
+
+
+@pytest.mark.parametrize("override,key,choice", [
+    ("method.loss.agg=token-sum", "method.loss.agg", "seq-mean-token-sum-norm"),
+    ("method.advantage.scale=std", "method.advantage.scale", "none"),
+    ("++method.loss.kl_kind=k4", "method.loss.kl_kind", "k3"),
+    ("rollout.backend=sglang", "rollout.backend", "vllm"),
+    ("sandbox.kind=docker", "sandbox.kind", "fusion"),
+    ("model.dtype=fp8", "model.dtype", "bfloat16"),
+])
+def test_invalid_enum_value_lists_choices(override, key, choice):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_resolved([override]))
+    assert_one_sentence(str(err.value), f"'{key}'", "valid choices", choice)
+
+
+def test_required_value_left_missing_says_how_to_set_it():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_resolved(["data=jsonl"]))
+    assert_one_sentence(str(err.value), "'data.train'", "data.train=<value>")
+    with pytest.raises(ConfigError) as err:
+        validate(compose_resolved(["sandbox=fusion"]))
+    assert_one_sentence(str(err.value), "'sandbox.url'")
+    assert validate(compose_resolved(["sandbox=fusion", "sandbox.url=http://localhost:8080"])).sandbox.kind == "fusion"
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["method=thorr"], ["'thorr'", "'method'", "did you mean 'thor'?", "dapo, dcore, dr_grpo, grpo, sft, thor"]),
+    (["model=qwen8b", "hardware=fdsp"], ["'fdsp'", "did you mean 'fsdp'?", "multinode"]),
+    (["-m", "method=thor,dcorre"], ["'dcorre'", "did you mean 'dcore'?"]),
+    (["+experiment=thor_tinyy"], ["'thor_tinyy'", "'experiment'", "dcore_qwen14b"]),
+    (["model.dtyp=bfloat16"], ["'model.dtyp'", "did you mean 'dtype'?"]),
+    (["method.shaping.alpah=0.2"], ["'method.shaping.alpah'", "did you mean 'alpha'?"]),
+])
+def test_command_line_typos_are_named_before_hydra_runs(argv, needles):
+    with pytest.raises(ConfigError) as err:
+        check_overrides(argv, CONFIG_DIR)
+    assert_one_sentence(str(err.value), *needles)
+
+
+def test_valid_command_lines_pass_the_override_check():
+    check_overrides(["method=thor,dcore", "model=qwen8b", "experiment=thor_tiny", "~logger", "logger=null",
+                     "hydra.run.dir=/tmp/x", "--cfg", "job", "method.shaping.alpha=0.2", "data.train=a.jsonl",
+                     "method.module._target_=my.Module", "method.reward.kwargs.strict=true", "trainer.max_steps=3",
+                     "method.loss.nll_coef=choice(0.0,0.01)", "hparams_search=dcore_alpha_delta"], CONFIG_DIR)
+
+
+def test_misspelled_trainer_argument_is_named():
+    cfg = compose_resolved(["+trainer.max_step=3"])
+    with pytest.raises(ConfigError) as err:
+        check_trainer_keys(cfg.trainer)
+    assert_one_sentence(str(err.value), "'trainer.max_step'", "did you mean 'max_steps'?")
+    check_trainer_keys(compose_resolved(["hardware=fsdp"]).trainer)
