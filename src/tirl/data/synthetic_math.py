@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import random
-from math import gcd
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from math import gcd
 
 from tirl.data.prompts import math_prompt
 

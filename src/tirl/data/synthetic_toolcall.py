@@ -259,7 +259,7 @@ def check_categories(categories: Sequence[str]) -> tuple[str, ...]:
 
 
 def task_at(seed: int, index: int, categories: Sequence[str] = CATEGORIES, split: str = "train",
-            max_tools: int = 3, max_calls: int = 2) -> ToolTask:
+            max_tools: int = 2, max_calls: int = 2) -> ToolTask:
     """Task number ``index`` of the stream; pure, so streams resume anywhere.
 
     ``max_tools`` bounds the functions offered (>= 2), ``max_calls`` the calls of parallel categories (>= 2):
@@ -306,7 +306,7 @@ def toolcall_sft_sample(task: ToolTask) -> dict:
 
 
 def make_toolcall_rl_prompts(n: int, seed: int, categories: Sequence[str] = CATEGORIES, split: str = "train",
-                             start: int = 0, max_tools: int = 3, max_calls: int = 2) -> list[dict]:
+                             start: int = 0, max_tools: int = 2, max_calls: int = 2) -> list[dict]:
     """Prompts ``start .. start+n-1`` of the stream; held-out sets are de-duplicated."""
     limits = {"max_tools": max_tools, "max_calls": max_calls}
     if split == "heldout":
@@ -317,7 +317,7 @@ def make_toolcall_rl_prompts(n: int, seed: int, categories: Sequence[str] = CATE
 
 
 def make_toolcall_sft_samples(n: int, seed: int, categories: Sequence[str] = CATEGORIES, split: str = "train",
-                              max_tools: int = 3, max_calls: int = 2) -> list[dict]:
+                              max_tools: int = 2, max_calls: int = 2) -> list[dict]:
     """``n`` distinct SFT samples with decomposition reasoning and the gold call list."""
     tasks = unique_tasks(n, seed, categories, split, max_tools=max_tools, max_calls=max_calls)
     return [toolcall_sft_sample(t) for t in tasks]

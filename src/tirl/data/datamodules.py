@@ -1,0 +1,433 @@
+"""Lightning DataModules: tokenised SFT batches, and endless seeded streams of RL prompts.
+
+Both take the DataConfig fields (``tirl.config.schema.DataConfig``) as constructor arguments, plus the
+tokenizer and the few fields that belong to the model or method (``chat_format``, ``loss_on``); an unknown
+argument is an error naming the closest valid one.
+
+Validation / test sets: ``val`` / ``test`` sources when given; otherwise, for a synthetic train source, the
+first ``val_size`` (val) and next ``val_size`` (test) distinct held-out problems (a hash split that never
+overlaps the train stream); for a file train source, ``val_size`` records held out from a seeded shuffle.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from tirl.data.chat import get_chat_format, render_prompt, tokenize_conversation
+from tirl.data.collate import Example, SFTCollator, collate_prompts, pack_examples
+from tirl.data.sources import DataError, RecordStream, load_records
+from tirl.data.synthetic_math import math_rl_prompt, problem_at
+from tirl.data.synthetic_toolcall import task_at, toolcall_rl_prompt
+
+log = logging.getLogger(__name__)
+
+DATA_CONFIG_FIELDS = ("train", "val", "test", "batch_size", "num_workers", "max_length", "seed", "on_bad_line",
+                      "synthetic", "streaming", "packing", "val_size")
+SYNTHETIC_TASKS = ("math", "toolcall")
+
+
+def _reject_unknown(owner: str, unknown: dict, valid: tuple[str, ...]) -> None:
+    if not unknown:
+        return
+    parts = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key, valid, n=1)
+        parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    raise DataError(f"{owner} got unknown option(s) {', '.join(parts)}; valid options are {list(valid)}.")
+
+
+def _synthetic_name(spec: Any) -> str | None:
+    if isinstance(spec, str) and spec.startswith("synthetic:"):
+        name = spec.removeprefix("synthetic:")
+        if name not in SYNTHETIC_TASKS:
+            raise DataError(f"Unknown synthetic task '{spec}'; use synthetic:math or synthetic:toolcall.")
+        return name
+    return None
+
+
+def _generator_options(options: dict | None) -> dict:
+    """The synthetic options a generator takes (size/format/split are decided by the datamodule)."""
+    return {k: v for k, v in dict(options or {}).items() if k not in ("size", "format", "split")}
+
+
+def _split_off(records: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held) with ``n`` records held out by a seeded shuffle; order of the rest is kept."""
+    if n <= 0 or len(records) <= n:
+        raise DataError(f"Cannot hold out val_size={n} of {len(records)} records; lower data.val_size or give data.val.")
+    held = set(random.Random(f"tirl-holdout:{seed}").sample(range(len(records)), n))
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+# ====================================================================== SFT
+
+
+class _ListDataset(Dataset):
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+class SFTDataModule(LightningDataModule):
+    """Chat samples -> ``{"input_ids", "attention_mask", "labels"}`` [B, T] (+ ``position_ids`` when packing).
+
+    A sample's own ``loss_on`` wins over the module's default. Samples longer than ``max_length`` are
+    truncated (counted in ``self.truncated``). Bad records are errors or skipped (``self.skipped``).
+    """
+
+    def __init__(self, tokenizer=None, train: Any = None, val: Any = None, test: Any = None, batch_size: int = 4,
+                 num_workers: int = 0, max_length: int = 512, seed: int = 0, on_bad_line: str = "error",
+                 synthetic: dict | None = None, streaming: bool = False, packing: bool = False, val_size: int = 64,
+                 loss_on: str = "assistant", chat_format: str = "chatml", sandbox: Any = None, **unknown) -> None:
+        super().__init__()
+        _reject_unknown("SFTDataModule", unknown, DATA_CONFIG_FIELDS + ("tokenizer", "loss_on", "chat_format", "sandbox"))
+        if tokenizer is None or train is None:
+            raise DataError("SFTDataModule needs a tokenizer and data.train (a file, directory, hf: id or synthetic:).")
+        if loss_on not in ("assistant", "last_assistant"):
+            raise DataError(f"loss_on must be 'assistant' or 'last_assistant', got {loss_on!r}.")
+        self.tokenizer, self.fmt = tokenizer, get_chat_format(chat_format)
+        self.train_spec, self.val_spec, self.test_spec = train, val, test
+        self.batch_size, self.num_workers, self.max_length, self.seed = batch_size, num_workers, max_length, seed
+        self.on_bad_line, self.synthetic, self.streaming = on_bad_line, dict(synthetic or {}), streaming
+        self.packing, self.val_size, self.loss_on, self.sandbox = packing, val_size, loss_on, sandbox
+        self.collator = SFTCollator(tokenizer.pad_token_id, packing, max_length)
+        self.skipped = 0
+        self.truncated = 0
+        self._sets: dict[str, list] | None = None
+
+    # -------------------------------------------------------------- records -> examples
+    def _records(self, spec: Any, split: str) -> list[dict]:
+        """Records of ``spec``; for a synthetic spec, ``split`` picks train samples or held-out val/test ones."""
+        name = _synthetic_name(spec)
+        if name is None:
+            stream = load_records(spec, self.on_bad_line, self.streaming, kind="sft")
+            records = list(stream)
+            self.skipped += stream.skipped
+            if stream.skipped:
+                log.warning("Skipped %d bad records in %s.", stream.skipped, spec)
+            return records
+        # held-out sets: the first val_size distinct held-out samples are val, the next val_size are test
+        size = int(self.synthetic.get("size", 1000)) if split == "train" else 2 * self.val_size
+        gen_split = "train" if split == "train" else "heldout"
+        options = {**_generator_options(self.synthetic), "format": "sft", "size": size, "split": gen_split}
+        if name == "math" and self.sandbox is None:
+            from tirl.tools.sandbox import LocalSandbox
+
+            with LocalSandbox(workers=1) as sandbox:  # the solutions' outputs come from really running them
+                records = list(load_records(spec, kind="sft", seed=self.seed, synthetic=options, sandbox=sandbox))
+        else:
+            records = list(load_records(spec, kind="sft", seed=self.seed, synthetic=options, sandbox=self.sandbox))
+        return {"train": records, "val": records[: self.val_size], "test": records[self.val_size :]}[split]
+
+    def encode(self, record: dict) -> Example:
+        ids, mask = tokenize_conversation(record["messages"], self.tokenizer, self.fmt,
+                                          record.get("loss_on", self.loss_on))
+        example = Example(ids, mask)
+        if len(example) > self.max_length:
+            self.truncated += 1
+            example = example.truncated(self.max_length)
+        return example
+
+    def _examples(self, records: list[dict]) -> list:
+        examples = [self.encode(r) for r in records]
+        return list(pack_examples(examples, self.max_length)) if self.packing else examples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._sets is not None:
+            return
+        train = self._records(self.train_spec, "train")
+        synthetic_train = _synthetic_name(self.train_spec) is not None
+        if self.val_spec is not None:
+            val = self._records(self.val_spec, "val")
+        elif synthetic_train:
+            val = self._records(self.train_spec, "val")
+        elif self.val_size > 0:
+            train, val = _split_off(train, self.val_size, self.seed)
+        else:
+            val = []
+        if self.test_spec is not None:
+            test = self._records(self.test_spec, "test")
+        else:
+            test = self._records(self.train_spec, "test") if synthetic_train else []
+        self._sets = {"train": self._examples(train), "val": self._examples(val), "test": self._examples(test)}
+        if self.truncated:
+            log.warning("Truncated %d samples longer than max_length=%d.", self.truncated, self.max_length)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if self._sets is None:
+            self.setup()
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(_ListDataset(self._sets[split]), batch_size=self.batch_size, shuffle=shuffle,
+                          generator=generator, collate_fn=self.collator, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+# ====================================================================== RL prompts
+
+
+class PromptBatch(list):
+    """A list of prompt records that remembers where in the train stream it came from."""
+
+    index: int = -1  # global batch number, -1 for val/test batches
+
+
+class _SyntheticPrompts:
+    """Random access into an endless synthetic stream: position -> prompt (pure, so resumable)."""
+
+    def __init__(self, name: str, seed: int, options: dict) -> None:
+        self.name, self.seed, self.options = name, seed, options
+
+    def at(self, position: int, refill: bool = False) -> dict:
+        # refills draw from negative indices: a stream of their own that never meets the batches'
+        index = -(position + 1) if refill else position
+        tag = f"r{position}" if refill else str(position)
+        if self.name == "math":
+            return math_rl_prompt(problem_at(self.seed, index, split="train", **self.options),
+                                  f"math-train-{self.seed}-{tag}")
+        return toolcall_rl_prompt(task_at(self.seed, index, split="train", **self.options),
+                                  f"toolcall-train-{self.seed}-{tag}")
+
+
+class _ShuffledPrompts:
+    """A finite record list, reshuffled every epoch by a seeded permutation: position -> record."""
+
+    def __init__(self, records: list[dict], seed: int) -> None:
+        if not records:
+            raise DataError("The RL train source has no usable prompts; check data.train.")
+        self.records, self.seed = records, seed
+        self._perms: dict[tuple[int, bool], list[int]] = {}
+
+    def at(self, position: int, refill: bool = False) -> dict:
+        epoch, i = divmod(position, len(self.records))
+        key = (epoch, refill)
+        if key not in self._perms:
+            if len(self._perms) > 8:
+                self._perms.clear()
+            perm = list(range(len(self.records)))
+            random.Random(f"tirl-epoch:{self.seed}:{epoch}:{refill}").shuffle(perm)
+            self._perms[key] = perm
+        return self.records[self._perms[key][i]]
+
+
+class _SequentialPrompts:
+    """A streamed source read in order (cycling); random access by re-reading forward from the start."""
+
+    def __init__(self, stream: RecordStream) -> None:
+        self.stream = stream
+        self._iters: dict[bool, tuple[Iterator[dict], int]] = {}
+        self._size: int | None = None
+
+    def at(self, position: int, refill: bool = False) -> dict:
+        if self._size:
+            position %= self._size
+        it, pos = self._iters.get(refill, (None, 0))
+        if it is None or pos > position:
+            it, pos = iter(self.stream), 0
+        while True:
+            try:
+                record = next(it)
+            except StopIteration:
+                if pos == 0:
+                    raise DataError(f"The RL train source {self.stream.spec} has no usable prompts.") from None
+                self._size = pos
+                self._iters.pop(refill, None)
+                return self.at(position % pos, refill)
+            pos += 1
+            if pos - 1 == position:
+                self._iters[refill] = (it, pos)
+                return record
+
+
+class _TrainPromptStream(IterableDataset):
+    """Endless batches: global batch b on rank r holds positions [(b*world + r)*B, +B) of the train source."""
+
+    def __init__(self, dm: RLPromptDataModule) -> None:
+        self.dm = dm
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        b = self.dm._next_batch
+        while True:
+            yield self.dm._batch(b)
+            b += 1
+
+
+def _identity(batch):
+    return batch
+
+
+class RLPromptDataModule(LightningDataModule):
+    """Lists of RL prompt records for the RL modules (they render and roll out): no tensors here.
+
+    Train: an endless, seeded stream (synthetic generators, or file records reshuffled each epoch). The
+    position of the next batch the model has not trained on is ``state_dict()["next_batch"]``; Lightning saves
+    it in checkpoints and a resumed run continues with the same next prompts. ``refill_prompts(n)`` (THOR's
+    dynamic sampling) draws from a separate stream so it never shifts the batches. Val/test: fixed lists.
+    ``max_length``: prompts whose rendered length exceeds it are dropped (counted in ``self.too_long``).
+    """
+
+    def __init__(self, tokenizer=None, train: Any = None, val: Any = None, test: Any = None, batch_size: int = 4,
+                 num_workers: int = 0, max_length: int = 512, seed: int = 0, on_bad_line: str = "error",
+                 synthetic: dict | None = None, streaming: bool = False, packing: bool = False, val_size: int = 64,
+                 chat_format: str = "chatml", enable_thinking: bool = True, **unknown) -> None:
+        super().__init__()
+        _reject_unknown("RLPromptDataModule", unknown,
+                        DATA_CONFIG_FIELDS + ("tokenizer", "chat_format", "enable_thinking"))
+        if train is None:
+            raise DataError("RLPromptDataModule needs data.train (a file, directory, hf: id or synthetic:math|toolcall).")
+        if packing:
+            raise DataError("data.packing applies to SFT only; set it to false for RL prompts.")
+        if batch_size < 1:
+            raise DataError(f"data.batch_size must be at least 1, got {batch_size}.")
+        self.tokenizer, self.fmt, self.enable_thinking = tokenizer, get_chat_format(chat_format), enable_thinking
+        self.train_spec, self.val_spec, self.test_spec = train, val, test
+        self.batch_size, self.num_workers, self.max_length, self.seed = batch_size, num_workers, max_length, seed
+        self.on_bad_line, self.synthetic, self.streaming = on_bad_line, dict(synthetic or {}), streaming
+        self.val_size = val_size
+        self.skipped = 0
+        self.too_long = 0
+        self._next_batch = 0  # first global batch not yet trained on
+        self._refills = 0  # refill prompts drawn on this rank
+        self._source: Any = None
+        self.val_records: list[dict] = []
+        self.test_records: list[dict] = []
+
+    # -------------------------------------------------------------- sources
+    def prompt_length(self, record: dict) -> int:
+        text = render_prompt(record["messages"], self.fmt, add_generation_prompt=True,
+                             enable_thinking=self.enable_thinking)
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _fits(self, record: dict) -> bool:
+        if self.tokenizer is None or self.prompt_length(record) <= self.max_length:
+            return True
+        self.too_long += 1
+        return False
+
+    def _load(self, spec: Any) -> list[dict]:
+        stream = load_records(spec, self.on_bad_line, self.streaming, kind="rl")
+        records = [r for r in stream if self._fits(r)]
+        self.skipped += stream.skipped
+        if stream.skipped:
+            log.warning("Skipped %d bad records in %s.", stream.skipped, spec)
+        return records
+
+    def _heldout(self, spec: Any, start: int) -> list[dict]:
+        name = _synthetic_name(spec)
+        options = {**_generator_options(self.synthetic), "size": start + self.val_size, "split": "heldout"}
+        records = list(load_records(spec, kind="rl", seed=self.seed, synthetic=options))[start:]
+        return [r for r in records if self._fits(r)] if name else records
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._source is not None:
+            return
+        name = _synthetic_name(self.train_spec)
+        val = test = None
+        if name is not None:
+            self._source = _SyntheticPrompts(name, self.seed, _generator_options(self.synthetic))
+            self._source.at(0)  # fail now, not mid-run, on bad generator options
+            val = self._heldout(self.train_spec, 0)
+            test = self._heldout(self.train_spec, self.val_size)
+        elif self.streaming:
+            self._source = _SequentialPrompts(load_records(self.train_spec, self.on_bad_line, True, kind="rl"))
+        else:
+            records = self._load(self.train_spec)
+            if self.val_spec is None and self.val_size > 0:
+                records, val = _split_off(records, self.val_size, self.seed)
+            self._source = _ShuffledPrompts(records, self.seed)
+        self.val_records = self._fixed(self.val_spec, 0) if self.val_spec is not None else (val or [])
+        self.test_records = self._fixed(self.test_spec, self.val_size) if self.test_spec is not None else (test or [])
+
+    def _fixed(self, spec: Any, start: int) -> list[dict]:
+        return self._heldout(spec, start) if _synthetic_name(spec) else self._load(spec)
+
+    # -------------------------------------------------------------- the train stream
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _batch(self, b: int) -> PromptBatch:
+        rank, world = self._rank()
+        start = (b * world + rank) * self.batch_size
+        batch = PromptBatch(r for r in (self._source.at(p) for p in range(start, start + self.batch_size))
+                            if self._fits(r))
+        batch.index = b
+        return batch
+
+    def refill_prompts(self, n: int) -> list[dict]:
+        """``n`` more train prompts for dynamic sampling, from a stream separate from the batches'."""
+        if self._source is None:
+            self.setup()
+        rank, world = self._rank()
+        out = []
+        while len(out) < n:
+            record = self._source.at(self._refills * world + rank, refill=True)
+            self._refills += 1
+            if self._fits(record):
+                out.append(record)
+        return out
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called right before each training step, after any prefetching: the batch is now really consumed.
+        if isinstance(batch, PromptBatch) and batch.index >= 0:
+            self._next_batch = batch.index + 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_batch": self._next_batch, "refills": self._refills, "seed": self.seed,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("seed", self.seed) != self.seed or state_dict.get("batch_size", self.batch_size) != self.batch_size:
+            log.warning("Resuming with a different data seed or batch size: the prompt stream will not continue "
+                        "where the checkpoint left it.")
+        self._next_batch = int(state_dict["next_batch"])
+        self._refills = int(state_dict.get("refills", 0))
+
+    # -------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        if self._source is None:
+            self.setup()
+        # one process: the stream's position must be the trainer's, and generating prompts is cheap
+        return DataLoader(_TrainPromptStream(self), batch_size=None, collate_fn=_identity, num_workers=0)
+
+    def _fixed_loader(self, records: list[dict]) -> DataLoader:
+        if self._source is None:
+            self.setup()
+        return DataLoader(_ListDataset(records), batch_size=self.batch_size, shuffle=False,
+                          collate_fn=collate_prompts, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._fixed_loader(self.val_records)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._fixed_loader(self.test_records)
+
+    def iter_train(self) -> Iterator[PromptBatch]:
+        """The train stream outside a Trainer; each yielded batch counts as consumed."""
+        for batch in self.train_dataloader():
+            yield self.on_before_batch_transfer(batch, 0)
+
