@@ -1,0 +1,145 @@
+"""Training run: validate → seed → tokenizer → datamodule → module → callbacks, loggers, trainer → fit → test.
+
+``run(cfg)`` returns the metric named by ``optimized_metric`` so Hydra sweepers (Optuna) can optimise it.
+Heavy imports (torch, lightning, transformers) happen inside ``run`` so that composing or printing a config
+(``python src/train.py --cfg job``) loads no model and touches no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import hydra
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tirl.config import (
+    CONFIG_DIR,
+    ConfigError,
+    TypedConfig,
+    check_trainer_keys,
+    exit_on_bad_overrides,
+    exit_on_config_error,
+    register_loggers,
+    task_wrapper,
+    validate,
+)
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group_cfg: Mapping | None, what: str) -> list[Any]:
+    """Instantiate every ``{name: {_target_: ...}}`` entry of the callbacks or logger group."""
+    objects: list[Any] = []
+    for name, entry in (group_cfg or {}).items():
+        if entry is None:  # `~logger.wandb` style removal leaves a null
+            continue
+        if not isinstance(entry, Mapping) or "_target_" not in entry:
+            raise ConfigError(f"{what}.{name} needs a _target_ naming the class to build; see configs/{what}/.")
+        log.info("Instantiating %s <%s>", what, entry["_target_"])
+        objects.append(instantiate(entry))
+    return objects
+
+
+def check_accelerator(trainer_cfg: Mapping) -> None:
+    """A GPU config on a machine without CUDA fails here in one sentence, not deep inside Lightning."""
+    import torch
+
+    if str(trainer_cfg.get("accelerator", "auto")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "The config asks for a GPU (trainer.accelerator=gpu) but CUDA is not available here; "
+            "use hardware=cpu or run on a machine with a GPU."
+        )
+
+
+def build_datamodule(typed: TypedConfig, tokenizer: Any) -> Any:
+    """The datamodule named by data._target_, given every DataConfig field (schema defaults included)."""
+    kwargs = dataclasses.asdict(typed.data)
+    return get_class(kwargs.pop("_target_"))(**kwargs, tokenizer=tokenizer)
+
+
+def build_module(typed: TypedConfig, tokenizer: Any, init_from: str | None) -> Any:
+    """The LightningModule named by method.module._target_, given the typed groups it orchestrates."""
+    module_cfg = dict(typed.method.module)
+    target = module_cfg.pop("_target_", None)
+    if not target:
+        raise ConfigError("method.module needs a _target_ naming the LightningModule, e.g. tirl.modules.grpo.GRPOModule.")
+    return get_class(target)(
+        **module_cfg,
+        method=typed.method,
+        model=typed.model,
+        rollout=typed.rollout,
+        sandbox=typed.sandbox,
+        tokenizer=tokenizer,
+        init_from=init_from,
+    )
+
+
+def metric_value(metrics: Mapping[str, Any], name: str | None) -> float | None:
+    """The optimised metric as a float (None when no metric is configured)."""
+    if not name:
+        return None
+    if name not in metrics:
+        logged = ", ".join(sorted(metrics)) or "none"
+        raise ConfigError(f"optimized_metric '{name}' was never logged; set it to one of the logged metrics: {logged}.")
+    return float(metrics[name])
+
+
+@task_wrapper
+def run(cfg: DictConfig) -> float | None:
+    """Train (and test) as configured; return the value of ``cfg.optimized_metric``."""
+    typed = validate(cfg)
+    check_trainer_keys(cfg.trainer)
+    check_accelerator(cfg.trainer)
+
+    import lightning.pytorch as pl
+
+    from tirl.models.load import load_tokenizer
+
+    pl.seed_everything(cfg.seed, workers=True)
+    tokenizer = load_tokenizer(typed.model.name_or_path, trust_remote_code=typed.model.trust_remote_code)
+    log.info("Instantiating datamodule <%s>", typed.data._target_)
+    datamodule = build_datamodule(typed, tokenizer)
+    log.info("Instantiating module <%s>", typed.method.module.get("_target_"))
+    module = build_module(typed, tokenizer, cfg.get("init_from"))
+
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    register_loggers(loggers)  # closed by task_wrapper even if fit raises
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    metrics: dict[str, Any] = {}
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update(trainer.callback_metrics)
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        ckpt_path = best or None  # test the best checkpoint; without one, the weights as they are
+    if cfg.get("test", True):
+        if typed.data.test is None:
+            log.warning("test=true but data.test is null; skipping the test stage.")
+        else:
+            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            metrics.update(trainer.callback_metrics)
+    return metric_value(metrics, cfg.get("optimized_metric"))
+
+
+def _hydra_task(cfg: DictConfig) -> float | None:
+    with exit_on_config_error():
+        return run(cfg)
+
+
+def main() -> None:
+    """Console script ``tirl-train``: the same as ``python src/train.py`` (needs a source checkout's configs/)."""
+    if not (CONFIG_DIR / "train.yaml").is_file():
+        raise SystemExit(
+            f"tirl-train needs the configs/ directory of a source checkout (looked in {CONFIG_DIR}); "
+            "install with `pip install -e .` from the repository or run `python src/train.py`."
+        )
+    exit_on_bad_overrides()
+    hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")(_hydra_task)()
