@@ -68,11 +68,20 @@ def _descendants(roots: list[int]) -> set[int]:
     return found
 
 
-def _leftovers(sb: LocalSandbox) -> set[int]:
-    """Processes a snippet could have left: below a worker, or (root) under a worker slot's uid."""
+def _leftovers(sb: LocalSandbox, within_s: float = 2.0) -> set[int]:
+    """Processes a snippet left: below a worker, or (root) under a worker slot's uid.
+
+    A worker replies as soon as the snippet reported its status and closed its output, and reaps it
+    (and kills anything it left) right after; so this polls briefly instead of looking once.
+    """
     uids = {w.uid for w in sb._slots if w.uid is not None}
-    by_uid = {pid for pid, (_, uid) in _proc_table().items() if uid in uids}
-    return _descendants(sb.worker_pids()) | by_uid
+    deadline = time.monotonic() + within_s
+    while True:
+        by_uid = {pid for pid, (_, uid) in _proc_table().items() if uid in uids}
+        found = _descendants(sb.worker_pids()) | by_uid
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------- results and feedback
@@ -186,6 +195,8 @@ def test_workdir_is_private_and_removed(small, tmp_path):
     result = small.run("import os\nopen('note.txt', 'w').write('x')\nprint(os.getcwd())")
     workdir = result.stdout.strip()
     assert result.ok and workdir != os.getcwd() and os.path.isabs(workdir)
+    # Cleanup runs right after the reply, always before the worker takes the next snippet.
+    assert small.run("import os\nprint(os.listdir('.'))").stdout == "[]\n"
     assert not os.path.exists(workdir)  # removed together with the file written in it
 
 

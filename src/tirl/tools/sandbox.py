@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -375,7 +374,7 @@ class FusionSandbox:
                 problem = f"HTTP {exc.code}"
                 if exc.code < 500 and exc.code != 429:  # our request is wrong: retrying will not help
                     break
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:  # socket.timeout is TimeoutError since 3.10
                 return ExecResult(False, "", f"TimeoutError: SandboxFusion at {self.endpoint} did not answer "
                                   f"within {self.request_timeout_s:g} s", "timeout", time.monotonic() - start)
             except (urllib.error.URLError, OSError, ValueError) as exc:

@@ -46,6 +46,7 @@ EXIT_FLUSH = 120  # what CPython itself returns when flushing stdout fails at ex
 _HEADER = struct.Struct("!I")
 _PR_SET_CHILD_SUBREAPER = 36
 _READ_CHUNK = 1 << 16
+_STATUS_FD = 250  # in the child: where it reports its exit status, just under its RLIMIT_NOFILE of 256
 _SNIPPET_NAME = "<snippet>"
 
 
@@ -94,15 +95,17 @@ def _wait_readable(fd: int, deadline: float) -> None:
 # ---------------------------------------------------------------- the snippet's side of the fork
 
 
-def _child_main(code: str, workdir: str, out_w: int, err_w: int, cfg: dict) -> None:
+def _child_main(code: str, workdir: str, pipes: tuple[int, int, int], cfg: dict) -> None:
     """Runs in the forked child; never returns (always os._exit)."""
     try:
         os.setsid()  # own session and process group: the worker can kill the group, no tty signals
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        _close_fds_except(cfg.get("keep_fds", []))  # the worker's channel, pipes, epoll fd: all gone
+        os.dup2(pipes[0], 1)
+        os.dup2(pipes[1], 2)
+        os.dup2(pipes[2], _STATUS_FD)
+        # The worker's channel, the other pipes, the epoll fd: all gone.
+        _close_fds_except([_STATUS_FD, *cfg.get("keep_fds", [])])
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         _apply_limits(cfg)
@@ -118,7 +121,37 @@ def _child_main(code: str, workdir: str, out_w: int, err_w: int, cfg: dict) -> N
         _rebind_std_streams()
     except BaseException:
         os._exit(EXIT_SETUP)
-    os._exit(_run_code(code))
+    try:
+        status = _run_code(code)
+    except BaseException:  # reporting the snippet's own error failed (e.g. no memory left even for that)
+        _write_stderr_line("RuntimeError: the code failed and left too little memory to report why")
+        status = 1
+    _report_status(status)
+    os._exit(status)
+
+
+def _write_stderr_line(line: str) -> None:
+    try:
+        os.write(2, f"\n{line}\n".encode())
+    except OSError:
+        pass
+
+
+def _report_status(status: int) -> None:
+    """Close stdout/stderr, then tell the worker the exit status before the slow part of exiting.
+
+    Tearing down a forked copy of a 100+ MB interpreter takes ~1 ms; with the status in hand and the
+    output pipes at EOF the worker can reply at once and reap this process afterwards.
+    """
+    for fd in (1, 2):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        os.write(_STATUS_FD, status.to_bytes(4, "big"))
+    except OSError:
+        pass
 
 
 def _close_fds_except(keep: list[int]) -> None:
@@ -185,9 +218,11 @@ def _run_code(code: str) -> int:
     except MemoryError:
         return _report_memory_error(main)
     except BaseException as exc:
-        # Skip our own exec frame so the traceback starts at the snippet.
-        traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
         status = 1
+        try:  # skip our own exec frame so the traceback starts at the snippet
+            traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
+        except BaseException:  # too deep or too little memory to format it: the type alone
+            _write_stderr_line(type(exc).__name__)
     if not _flush_streams() and status == 0:
         status = EXIT_FLUSH
     return status
@@ -250,39 +285,51 @@ class Worker:
                 request = read_message(self.request_fd)
                 if request is None:  # the parent closed the channel (or died)
                     return
-                reply, parent_gone = self.run_snippet(request["code"])
-                if parent_gone:
+                reply, capture = self.run_snippet(request["code"])
+                if not capture.parent_gone:
+                    write_message(self.reply_fd, reply)
+                self.finish(capture)  # after the reply: off the caller's clock, before the next snippet
+                if capture.parent_gone:
                     return
-                write_message(self.reply_fd, reply)
         finally:
             shutil.rmtree(self.tmp_root, ignore_errors=True)
 
-    def run_snippet(self, code: str) -> tuple[dict, bool]:
+    def run_snippet(self, code: str) -> tuple[dict, _Capture]:
         workdir = self._fresh_workdir()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, exit status
         start = time.monotonic()
         pid = os.fork()
         if pid == 0:
             try:
-                _child_main(code, workdir, out_w, err_w, self.cfg)
+                _child_main(code, workdir, tuple(w for _, w in pipes), self.cfg)
             finally:
                 os._exit(EXIT_SETUP)
-        os.close(out_w)
-        os.close(err_w)
-        try:
-            capture = _Capture(pid, out_r, err_r, self.request_fd, self.cfg["max_output_bytes"])
-            capture.collect(start + self.cfg["timeout_s"], on_exit=self._kill_leftovers_if_any)
-            if capture.status is None:  # timeout, output cap, or the parent went away: stop everything
-                status = self.kill_snippet_tree(pid)
-                capture.status = status if status is not None else _reap(pid)
-                capture.drain()
-        finally:
-            os.close(out_r)
-            os.close(err_r)
-            self._retire_workdir()
-        duration = time.monotonic() - start
-        return _make_reply(capture, duration, self.cfg), capture.parent_gone
+        for _, w in pipes:
+            os.close(w)
+        capture = _Capture(pid, *(r for r, _ in pipes), self.request_fd, self.cfg["max_output_bytes"])
+        capture.deadline = start + self.cfg["timeout_s"]
+        capture.collect(on_exit=self._kill_leftovers_if_any)
+        if capture.status is None and capture.reported is None:
+            # Timeout, output cap, or the parent went away: stop everything now.
+            status = self.kill_snippet_tree(pid)
+            capture.status = status if status is not None else _reap(pid)
+            capture.drain()
+        return _make_reply(capture, time.monotonic() - start, self.cfg), capture
+
+    def finish(self, capture: _Capture) -> None:
+        """Reap the snippet (it reported its status and is exiting), end leftovers, retire the workdir."""
+        if capture.status is None:
+            remaining = max(capture.deadline - time.monotonic(), 0.05)
+            with selectors.DefaultSelector() as sel:
+                sel.register(capture.pidfd, selectors.EVENT_READ)
+                exited = bool(sel.select(remaining))
+            if exited:
+                capture.status = os.waitpid(capture.pid, 0)[1]
+                self._kill_leftovers_if_any(capture.pid)
+            else:  # it reported, closed its output, and still runs: it is stopped like any overrun
+                self.kill_snippet_tree(capture.pid)
+        capture.close()
+        self._retire_workdir()
 
     def _fresh_workdir(self) -> str:
         if self.workdir is None:
@@ -341,44 +388,58 @@ class Worker:
 class _Capture:
     """Reads the snippet's stdout/stderr under the cap while watching its exit and the parent channel."""
 
-    def __init__(self, pid: int, out_r: int, err_r: int, control_fd: int, cap: int) -> None:
+    def __init__(self, pid: int, out_r: int, err_r: int, status_r: int, control_fd: int, cap: int) -> None:
         self.pid = pid
         self.cap = cap
         self.buffers = {out_r: bytearray(), err_r: bytearray()}
-        self.out_r, self.err_r = out_r, err_r
+        self.out_r, self.err_r, self.status_r = out_r, err_r, status_r
         self.total = 0
+        self.deadline = 0.0
         self.status: int | None = None  # waitpid status once the snippet exited
+        self.reported: int | None = None  # exit status the snippet reported just before exiting
         self.timed_out = self.over_cap = self.parent_gone = False
         self.pidfd = os.pidfd_open(pid)
         self.control_fd = control_fd
-        self.sel = selectors.DefaultSelector()
-        for fd in (out_r, err_r, self.pidfd, control_fd):
-            self.sel.register(fd, selectors.EVENT_READ)
 
-    def collect(self, deadline: float, on_exit) -> None:
+    def collect(self, on_exit) -> None:
+        """Until the output pipes hit EOF and the exit status is known (reported or waited for)."""
         open_pipes = {self.out_r, self.err_r}
-        try:
-            while open_pipes or self.status is None:
-                remaining = deadline - time.monotonic()
+        with selectors.DefaultSelector() as sel:
+            for fd in (self.out_r, self.err_r, self.status_r, self.pidfd, self.control_fd):
+                sel.register(fd, selectors.EVENT_READ)
+            while open_pipes or (self.status is None and self.reported is None):
+                remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
                     self.timed_out = True
                     break
-                for key, _ in self.sel.select(remaining):
+                for key, _ in sel.select(remaining):
                     fd = key.fd
                     if fd == self.pidfd:
-                        self.sel.unregister(fd)
+                        sel.unregister(fd)
                         _, self.status = os.waitpid(self.pid, 0)
                         on_exit(self.pid)  # kills leftovers so their copies of the pipes close
+                    elif fd == self.status_r:
+                        sel.unregister(fd)
+                        data = os.read(fd, 4)
+                        if len(data) == 4:
+                            self.reported = int.from_bytes(data, "big")
                     elif fd == self.control_fd:
                         self.parent_gone = True  # EOF (or a protocol breach): stop at once
                     elif not self._read(fd):
-                        self.sel.unregister(fd)
+                        sel.unregister(fd)
                         open_pipes.discard(fd)
                 if self.over_cap or self.parent_gone:
                     break
-        finally:
-            self.sel.close()
-            os.close(self.pidfd)
+
+    def exit_code(self) -> int | None:
+        """Exit code as subprocess reports it (negative: killed by that signal); None if unknown."""
+        if self.status is not None:
+            return os.waitstatus_to_exitcode(self.status)
+        return self.reported
+
+    def close(self) -> None:
+        for fd in (self.out_r, self.err_r, self.status_r, self.pidfd):
+            os.close(fd)
 
     def _read(self, fd: int) -> bool:
         data = os.read(fd, _READ_CHUNK)
@@ -407,8 +468,7 @@ class _Capture:
 
 def _make_reply(capture: _Capture, duration: float, cfg: dict) -> dict:
     stdout, stderr = capture.text(capture.out_r), capture.text(capture.err_r)
-    status = capture.status
-    code = os.waitstatus_to_exitcode(status) if status is not None else None
+    code = capture.exit_code()
     error, note = None, None
     if capture.over_cap:
         error, note = "output_limit", f"OutputLimitError: the output exceeded {cfg['max_output_bytes']} bytes"
