@@ -69,7 +69,7 @@ TOP_LEVEL_KEYS: frozenset[str] = frozenset(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_types(schema: type) -> dict[str, Any]:
     """Field name → resolved type hint (the schema module uses postponed annotations)."""
     hints = typing.get_type_hints(schema)
