@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -288,3 +289,19 @@ def test_rl_resume_through_lightning_checkpoint(tmp_path, tok):
     trainer.save_checkpoint(ckpt)
     resumed, _ = fit(5, ckpt)
     assert first.seen + resumed.seen == full.seen and len(resumed.seen) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bfcl_eval") is None, reason="bfcl-eval is not installed")
+def test_bfcl_items_are_rl_prompts(tok):
+    records = list(load_records("bfcl:simple", kind="rl"))
+    assert len(records) == 400 and all(r["task"] == "toolcall" and r["tools"] for r in records)
+    assert records[0]["messages"][0]["role"] == "system" and records[0]["messages"][-1]["role"] == "user"
+    irrelevance = list(load_records("bfcl:irrelevance", kind="rl"))
+    assert irrelevance and all(r["answer"] == [] for r in irrelevance)
+    with pytest.raises(DataError, match="multi-turn"):
+        list(load_records("bfcl:multi_turn_base"))
+    dm = RLPromptDataModule(tok, train=None, test="bfcl:simple", max_length=64)  # evaluation only
+    dm.setup("test")
+    assert len(dm.test_records) == 400 and dm.too_long == 400  # counted, never dropped from a benchmark
+    with pytest.raises(DataError, match="no training prompts"):
+        next(iter(dm.train_dataloader()))

@@ -260,6 +260,11 @@ class _SequentialPrompts:
                 return record
 
 
+class _NoTrainSource:
+    def at(self, position: int, refill: bool = False) -> dict:
+        raise DataError("This run has no training prompts; set data.train to train, or only run evaluation.")
+
+
 class _TrainPromptStream(IterableDataset):
     """Endless batches: global batch b on rank r holds positions [(b*world + r)*B, +B) of the train source."""
 
@@ -284,7 +289,8 @@ class RLPromptDataModule(LightningDataModule):
     position of the next batch the model has not trained on is ``state_dict()["next_batch"]``; Lightning saves
     it in checkpoints and a resumed run continues with the same next prompts. ``refill_prompts(n)`` (THOR's
     dynamic sampling) draws from a separate stream so it never shifts the batches. Val/test: fixed lists.
-    ``max_length``: prompts whose rendered length exceeds it are dropped (counted in ``self.too_long``).
+    ``max_length``: train prompts whose rendered length exceeds it are dropped (counted in ``self.too_long``);
+    val/test prompts are only counted.
     """
 
     def __init__(self, tokenizer=None, train: Any = None, val: Any = None, test: Any = None, batch_size: int = 4,
@@ -294,8 +300,9 @@ class RLPromptDataModule(LightningDataModule):
         super().__init__()
         _reject_unknown("RLPromptDataModule", unknown,
                         DATA_CONFIG_FIELDS + ("tokenizer", "chat_format", "enable_thinking"))
-        if train is None:
-            raise DataError("RLPromptDataModule needs data.train (a file, directory, hf: id or synthetic:math|toolcall).")
+        if train is None and test is None:
+            raise DataError("RLPromptDataModule needs data.train (a file, directory, hf: id or synthetic:math|toolcall) "
+                            "or, for evaluation only, data.test.")
         if packing:
             raise DataError("data.packing applies to SFT only; set it to false for RL prompts.")
         if batch_size < 1:
@@ -325,30 +332,32 @@ class RLPromptDataModule(LightningDataModule):
         self.too_long += 1
         return False
 
-    def _load(self, spec: Any) -> list[dict]:
+    def _load(self, spec: Any, drop_long: bool = True) -> list[dict]:
         stream = load_records(spec, self.on_bad_line, self.streaming, kind="rl")
-        records = [r for r in stream if self._fits(r)]
+        records = [r for r in stream if self._fits(r) or not drop_long]
         self.skipped += stream.skipped
         if stream.skipped:
             log.warning("Skipped %d bad records in %s.", stream.skipped, spec)
         return records
 
     def _heldout(self, spec: Any, start: int) -> list[dict]:
-        name = _synthetic_name(spec)
+        """Held-out synthetic prompts ``start .. start+val_size-1``; over-long ones are counted, not dropped."""
         options = {**_generator_options(self.synthetic), "size": start + self.val_size, "split": "heldout"}
         records = list(load_records(spec, kind="rl", seed=self.seed, synthetic=options))[start:]
-        return [r for r in records if self._fits(r)] if name else records
+        for r in records:
+            self._fits(r)
+        return records
 
     def setup(self, stage: str | None = None) -> None:
         if self._source is not None:
             return
         name = _synthetic_name(self.train_spec)
-        val = test = None
-        if name is not None:
+        val = None
+        if self.train_spec is None:  # evaluation only
+            self._source = _NoTrainSource()
+        elif name is not None:
             self._source = _SyntheticPrompts(name, self.seed, _generator_options(self.synthetic))
             self._source.at(0)  # fail now, not mid-run, on bad generator options
-            val = self._heldout(self.train_spec, 0)
-            test = self._heldout(self.train_spec, self.val_size)
         elif self.streaming:
             self._source = _SequentialPrompts(load_records(self.train_spec, self.on_bad_line, True, kind="rl"))
         else:
@@ -356,11 +365,18 @@ class RLPromptDataModule(LightningDataModule):
             if self.val_spec is None and self.val_size > 0:
                 records, val = _split_off(records, self.val_size, self.seed)
             self._source = _ShuffledPrompts(records, self.seed)
-        self.val_records = self._fixed(self.val_spec, 0) if self.val_spec is not None else (val or [])
-        self.test_records = self._fixed(self.test_spec, self.val_size) if self.test_spec is not None else (test or [])
+        # a synthetic train source brings its own held-out val/test sets
+        val_spec = self.val_spec if self.val_spec is not None else (self.train_spec if name else None)
+        test_spec = self.test_spec if self.test_spec is not None else (self.train_spec if name else None)
+        self.val_records = self._fixed(val_spec, 0) if val_spec is not None else (val or [])
+        self.test_records = self._fixed(test_spec, self.val_size) if test_spec is not None else []
+        if self.too_long:
+            log.warning("%d prompts are longer than max_length=%d: dropped from train, kept (and truncated by "
+                        "the rollout) in val/test so benchmark totals stay whole.", self.too_long, self.max_length)
 
     def _fixed(self, spec: Any, start: int) -> list[dict]:
-        return self._heldout(spec, start) if _synthetic_name(spec) else self._load(spec)
+        """A val/test set; over-long prompts are counted but kept (dropping them would change scores)."""
+        return self._heldout(spec, start) if _synthetic_name(spec) else self._load(spec, drop_long=False)
 
     # -------------------------------------------------------------- the train stream
     def _rank(self) -> tuple[int, int]:

@@ -8,7 +8,9 @@ Specs:
 - ``path/to/file.jsonl`` (also ``.json`` with one object a line), ``path/to/file.parquet``;
 - ``path/to/dir``: every .jsonl/.json/.parquet under it, sorted by path;
 - ``hf:org/name`` or ``hf:org/name:split`` (default split ``train``), through ``datasets.load_dataset``;
-- ``synthetic:math`` / ``synthetic:toolcall`` with generator options (see ``synthetic_records``).
+- ``synthetic:math`` / ``synthetic:toolcall`` with generator options (see ``synthetic_records``);
+- ``bfcl:<category>`` or ``bfcl:<category>:<dir>``: official BFCL single-turn items as RL prompts (the
+  installed bfcl-eval's files, or a directory with the same layout; see ``tirl.eval.bfcl_data``).
 """
 
 from __future__ import annotations
@@ -238,6 +240,24 @@ def synthetic_records(name: str, seed: int = 0, options: dict | None = None, san
         start += 256
 
 
+def _read_bfcl(spec: str) -> Iterator[Located]:
+    """BFCL single-turn items as RL prompts: BFCL's system prompt + question, possible answers as gold."""
+    from tirl.eval.bfcl_data import BFCLDataError, load_bfcl
+    from tirl.eval.bfcl_prompt import build_messages
+
+    category, _, source = spec.partition(":")
+    if category.startswith("multi_turn"):
+        raise DataError(f"bfcl:{category} is multi-turn and has no single RL prompt; evaluate it with tirl.eval.bfcl.")
+    try:
+        items = load_bfcl(category, source or "package")
+    except BFCLDataError as err:
+        raise DataError(str(err)) from err
+    for n, item in enumerate(items, 1):
+        record = {"id": item.id, "task": "toolcall", "messages": build_messages(item), "tools": item.functions,
+                  "answer": item.ground_truth or [], "category": item.category}
+        yield f"bfcl:{category} item {n}", record
+
+
 # ---------------------------------------------------------------- the stream
 
 
@@ -263,6 +283,8 @@ class RecordStream:
             name = self.spec.removeprefix("synthetic:")
             for n, record in enumerate(synthetic_records(name, self.seed, self.synthetic, self.sandbox), 1):
                 yield f"{self.spec} record {n}", record
+        elif self.spec.startswith("bfcl:"):
+            yield from _read_bfcl(self.spec.removeprefix("bfcl:"))
         elif self.spec.startswith("hf:"):
             yield from _read_hf(self.spec.removeprefix("hf:"), self.streaming)
         else:
