@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -97,6 +99,12 @@ def test_print_passes_and_feedback_is_stdout(sandbox):
 def test_preloaded_libraries_work(sandbox):
     result = sandbox.run("import sympy, numpy as np\nprint(sympy.factorint(360), int(np.arange(5).sum()))")
     assert result.stdout == "{2: 3, 3: 2, 5: 1} 10\n"
+
+
+def test_modules_not_preloaded_still_import(small):
+    # Even when the interpreter lives under a home the snippet's uid cannot enter (pyenv in /root).
+    result = small.run("import decimal, statistics, fractions\nprint(statistics.mean([1, 2, 3, 4]))")
+    assert result.stdout == "2.5\n"
 
 
 def test_clean_run_without_output_does_not_pass(sandbox):
@@ -247,6 +255,9 @@ def test_signalling_the_parent_does_not_break_the_pool(sandbox):
     result = sandbox.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('survived')")
     if IS_ROOT:
         assert result.error == "runtime" and "PermissionError" in result.feedback()
+        # Signal 0 only checks permission: the snippet may not signal the trainer (this process) either.
+        probe = sandbox.run(f"import os\nos.kill({os.getpid()}, 0)")
+        assert probe.error == "runtime" and "PermissionError" in probe.feedback()
     results = sandbox.run_batch(["print(7)"] * 4)
     assert all(r.passed and r.stdout == "7\n" for r in results)
 
@@ -298,6 +309,39 @@ def test_close_leaves_no_processes():
     assert _leftovers(sb) == set() and not any(os.path.exists(f"/proc/{pid}") for pid in pids)
     with pytest.raises(SandboxClosedError):
         sb.run("print(1)")
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a dead worker reparented to init may linger as one)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("ending", ["exit", "sigkill"])
+def test_workers_end_with_the_process_that_owns_them(ending):
+    # Interpreter exit without close() (the finalizer runs at exit), or a hard kill of the owner (the
+    # workers read EOF on their channel): either way no worker outlives it.
+    script = ("import sys, time\nfrom tirl.tools.sandbox import LocalSandbox\n"
+              "sb = LocalSandbox(workers=2, preload=())\nprint(*sb.worker_pids(), flush=True)\n"
+              "if sys.argv[1] == 'sigkill':\n    time.sleep(60)\n")
+    owner = subprocess.Popen([sys.executable, "-c", script, ending], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in owner.stdout.readline().split()]
+    assert len(pids) == 2 and all(_running(p) for p in pids)
+    if ending == "sigkill":
+        owner.kill()
+    owner.wait(10)
+    deadline = time.monotonic() + 5.0
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(p) for p in pids)
+
+
+def test_stdin_is_closed(sandbox):
+    result = sandbox.run("input()")
+    assert result.error == "runtime" and result.feedback().startswith("EOFError")
 
 
 def test_bad_settings_fail_with_a_clear_message():

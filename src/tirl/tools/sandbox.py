@@ -7,12 +7,17 @@ and a run costs a fork, not an interpreter start.
 What a local run is limited to, and what it is not (honest list):
 - Wall clock `timeout_s` (the worker kills the snippet's whole tree) and RLIMIT_CPU `cpu_time_s`
   (default: timeout_s + 1, rounded up) per process.
-- RLIMIT_AS = the warm worker's own address space (measured at start, ~200 MB with numpy+sympy) plus
-  `memory_mb`, so memory_mb is the headroom a snippet gets beyond the interpreter it inherits.
+- RLIMIT_AS = the warm worker's own address space (measured at start: ~135 MB with numpy+sympy here,
+  see `baseline_mb`) plus `memory_mb`, so memory_mb is the headroom a snippet gets beyond the
+  interpreter it inherits, and the floor never starves the preloaded libraries.
 - Output: stdout+stderr over `max_output_bytes` stops the run ("output_limit"); neither the worker nor
   the caller ever holds more than the cap.
-- Files: cwd, HOME and TMPDIR are a private temp dir, removed after the run; RLIMIT_FSIZE caps any one
-  file at `max_file_mb`. Writes to absolute paths elsewhere are limited only by file permissions.
+- Files: cwd, HOME and TMPDIR are a private temp dir (mode 0700), removed after the run (an untouched,
+  still-empty one is reused); RLIMIT_FSIZE caps any one file at `max_file_mb`. Writes to absolute
+  paths elsewhere are limited only by file permissions.
+- Timing of cleanup: the worker replies as soon as the snippet has reported its exit status and closed
+  its output, then reaps it, kills anything it left and retires the dir -- always before it takes the
+  next snippet, so the ~1 ms teardown of the forked interpreter is off the caller's clock.
 - Environment: empty except PATH/LANG/HOME/TMPDIR and thread counts; nothing of the caller's.
 - When the caller runs as root (as here) each worker slot gets a uid of its own (>= 1e9, no account)
   and the snippet drops to it. That is what really contains it: it cannot signal or ptrace the caller,
@@ -37,6 +42,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -252,7 +258,10 @@ class LocalSandbox:
         try:
             self._slots.extend(_WorkerProcess({**self._base_cfg, "uid": _allocate_uid()}) for _ in range(workers))
             for worker in self._slots:  # started together, waited for in turn
-                worker.wait_ready(_START_TIMEOUT_S)
+                missing = worker.wait_ready(_START_TIMEOUT_S)["missing"]
+            if missing:
+                warnings.warn(f"Sandbox preload modules not installed, snippets importing them will fail: "
+                              f"{missing}.", stacklevel=2)
         except BaseException:
             self.close()
             raise
