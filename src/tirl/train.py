@@ -56,9 +56,16 @@ def check_accelerator(trainer_cfg: Mapping) -> None:
 
 
 def build_datamodule(typed: TypedConfig, tokenizer: Any) -> Any:
-    """The datamodule named by data._target_, given every DataConfig field (schema defaults included)."""
+    """The datamodule named by data._target_, given every DataConfig field (schema defaults included) and
+    how the model renders chats: its chat format, and SFT's loss turns or RL's thinking switch."""
     kwargs = dataclasses.asdict(typed.data)
-    return get_class(kwargs.pop("_target_"))(**kwargs, tokenizer=tokenizer)
+    cls = get_class(kwargs.pop("_target_"))
+    kwargs["chat_format"] = typed.model.chat_format
+    if typed.method.kind == "sft":
+        kwargs["loss_on"] = typed.method.loss_on
+    else:
+        kwargs["enable_thinking"] = typed.model.enable_thinking
+    return cls(**kwargs, tokenizer=tokenizer)
 
 
 def build_module(typed: TypedConfig, tokenizer: Any, init_from: str | None) -> Any:

@@ -26,7 +26,9 @@ class SFTModule(PolicyModule):
     def loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if "position_ids" in batch:
-            kwargs["position_ids"] = batch["position_ids"]
+            # packed rows: restarting positions alone keep attention inside each sample, but only with no
+            # attention mask (an all-ones mask re-enables plain causal attention across samples) and no cache
+            kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         logits = self.policy(**kwargs).logits[:, :-1]                          # [B, L-1, V]
         labels = batch["labels"][:, 1:]                                          # [B, L-1]
         mask = (labels != -100).float()
