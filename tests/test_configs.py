@@ -95,10 +95,10 @@ def test_method_presets_carry_the_papers_values():
 
 
 def test_validate_returns_schema_dataclasses_with_defaults_filled_in():
-    typed = validate(compose_resolved(["method=thor", "+model.lora={r: 8}", "seed=7"]))
+    typed = validate(compose_resolved(["method=thor", "model.lora.enabled=true", "model.lora.r=8", "seed=7"]))
     assert isinstance(typed.method, MethodConfig) and isinstance(typed.method.loss, LossConfig)
     assert typed.method.loss.kl_kind == "k3"  # not in thor.yaml: the schema default
-    assert typed.model.lora == LoraConfig(r=8)
+    assert typed.model.lora == LoraConfig(enabled=True, r=8)
     assert typed.data.seed == 7  # data.seed interpolates the top-level seed
     assert typed.data.batch_size == typed.method.prompts_per_step
 
@@ -106,7 +106,7 @@ def test_validate_returns_schema_dataclasses_with_defaults_filled_in():
 @pytest.mark.parametrize("preset", group_options(CONFIG_DIR, "experiment"))
 def test_every_experiment_preset_validates(preset):
     cfg = compose(config_name="train", overrides=[f"experiment={preset}"])
-    extra = ["data.train=prompts.jsonl"] if OmegaConf.is_missing(cfg.data, "train") else []
+    extra = ["data.train=prompts.jsonl"] if cfg.data.train is None else []   # real-data presets name no file
     cfg = compose_resolved([f"experiment={preset}", *extra])
     typed = validate(cfg)
     assert cfg.task_name == preset
@@ -171,9 +171,13 @@ def test_misspelled_top_level_key_is_caught():
 
 
 def test_wrong_type_names_key_and_expected_type():
+    # the yaml extends the typed schema, so the command line is checked before Hydra composes anything
     with pytest.raises(ConfigError) as err:
-        validate(compose_resolved(["method.lr=fast"]))
+        check_overrides(["method.lr=fast"], CONFIG_DIR)
     assert_one_sentence(str(err.value), "'method.lr'", "'fast'", "float")
+    with pytest.raises(ConfigError):
+        check_overrides(["method.group_size=8,many"], CONFIG_DIR)
+    check_overrides(["method.lr=1e-5,3e-5", "model.lora.enabled=true"], CONFIG_DIR)
 
 
 @pytest.mark.parametrize("override,key,choice", [

@@ -10,6 +10,21 @@ from pathlib import Path
 from tirl.config.validate import ConfigError, TypedConfig, check_overrides, check_trainer_keys, validate
 from tirl.config.wrapper import register_loggers, task_wrapper
 
+
+def register_schemas() -> None:
+    """Each group's yaml extends its dataclass (``defaults: [_schema, _self_]``), so every schema key can be
+    overridden from the command line — ``method=dcore method.step_level.enabled=true`` — with no ``+``."""
+    from hydra.core.config_store import ConfigStore
+
+    from tirl.config.validate import SCHEMAS
+
+    store = ConfigStore.instance()
+    for group, schema in SCHEMAS.items():
+        store.store(group=group, name="_schema", node=schema)
+
+
+register_schemas()
+
 # The yaml tree lives in the source checkout next to src/ (console scripts work from an editable install).
 CONFIG_DIR: Path = Path(__file__).resolve().parents[3] / "configs"
 

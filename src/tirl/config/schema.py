@@ -13,6 +13,7 @@ from typing import Any
 
 @dataclass
 class LoraConfig:
+    enabled: bool = False               # model.lora.enabled=true: train a peft LoRA adapter, base frozen
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
@@ -30,7 +31,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     chat_format: str = "chatml"         # chatml (Qwen, tiny) | llama3
     enable_thinking: bool = True
-    lora: LoraConfig | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
     seed: int = 0                       # init seed for `tiny`
 
 

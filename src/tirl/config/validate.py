@@ -182,8 +182,12 @@ def validate(cfg: DictConfig) -> TypedConfig:
     groups = {name: _to_dataclass(name, _group_values(cfg, name), schema) for name, schema in SCHEMAS.items()}
     typed = TypedConfig(**groups)
     _check_choices(typed)
+    # yaml `???` merged onto a schema default keeps the default (None), so required values are checked here
     if typed.sandbox.kind == "fusion" and not typed.sandbox.url:
-        raise ConfigError("sandbox=fusion needs the server address; set sandbox.url=http://host:port.")
+        raise ConfigError("sandbox=fusion needs the server address: 'sandbox.url' is required; set sandbox.url=http://host:port.")
+    if cfg.get("train", False) and typed.data.train is None:   # eval.yaml has no train stage
+        raise ConfigError("Config value 'data.train' is required for training; set it on the command line, "
+                          "e.g. data.train=<value>.")
     return typed
 
 
@@ -206,6 +210,17 @@ def group_options(config_dir: Path, group: str) -> list[str]:
     """Option names of a config group directory (yaml files, nested ones as sub/path)."""
     root = config_dir / group
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def check_value_type(group: str, path: Sequence[str], value: str) -> None:
+    """A command-line value must convert to its schema field's type (Hydra merges overrides into the schema)."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), OmegaConf.from_dotlist([f"{'.'.join(path)}={value}"]))
+    except OmegaConfBaseException:
+        dotted = ".".join(path)
+        raise ConfigError(
+            f"Config key '{group}.{dotted}' got '{value}' (str) but expects {_expected_type(SCHEMAS[group], dotted)}."
+        ) from None
 
 
 def check_overrides(argv: Sequence[str], config_dir: Path) -> None:
@@ -236,3 +251,5 @@ def check_overrides(argv: Sequence[str], config_dir: Path) -> None:
         elif "." in key and key.split(".", 1)[0] in SCHEMAS:
             group, *path = key.split(".")
             check_key_path(path, SCHEMAS[group], group)
+            for item in value.split(","):
+                check_value_type(group, path, item)

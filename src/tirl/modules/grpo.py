@@ -208,19 +208,19 @@ class GRPOModule(PolicyModule):
         return out
 
     # ------------------------------------------------------------------ Lightning hooks
-    def training_step(self, batch: list[dict], batch_idx: int):
+    def collect(self, records: list[dict]) -> tuple[list[Trajectory], list[float], list[float], list[Sample], dict]:
+        """Roll out, score and turn into samples; refill dropped groups (dynamic sampling) up to the round limit."""
         m = self.method_cfg
-        G = m.group_size
-        records = list(batch)
+        G, want = m.group_size, len(records)
+        records = list(records)
         loop = self.tool_loop
         trajs = self.rollout_groups(records, G, loop)
         rewards, correct = self.score(trajs, records)
         samples, stats = self.episode_samples(trajs, rewards, G)
         rounds = 1
-        # dynamic sampling: when THOR's filter (or zero-variance groups) empties the batch, draw more prompts
         while self.episode_filter is not None and m.episode_filter.dynamic_sampling and \
-                stats["groups_kept"] < len(batch) and rounds < m.episode_filter.max_sampling_rounds:
-            extra = self.refill_prompts(len(batch) - stats["groups_kept"])
+                stats["groups_kept"] < want and rounds < m.episode_filter.max_sampling_rounds:
+            extra = self.refill_prompts(want - stats["groups_kept"])
             if not extra:
                 break
             offset = len(records)
@@ -232,14 +232,19 @@ class GRPOModule(PolicyModule):
             trajs, rewards, correct = trajs + more, rewards + r2, correct + c2
             samples, stats = self.episode_samples(trajs, rewards, G)
             rounds += 1
-        step_stats: dict = {}
+        stats = {f"filter/{k}": v for k, v in stats.items()}
+        stats["sampling_rounds"] = rounds
         if self.step_level is not None:
             step_samples, step_stats = self.step_level(trajs, loop, self.sandbox, self.tokenizer)
             samples += step_samples
+            stats.update({f"step_level/{k}": v for k, v in step_stats.items()})
+        return trajs, rewards, correct, samples, stats
+
+    def training_step(self, batch: list[dict], batch_idx: int):
+        m = self.method_cfg
+        trajs, rewards, correct, samples, stats = self.collect(list(batch))
         metrics = self.rollout_metrics(trajs, rewards, correct)
-        metrics.update({f"filter/{k}": v for k, v in stats.items()})
-        metrics.update({f"step_level/{k}": v for k, v in step_stats.items()})
-        metrics["sampling_rounds"] = rounds
+        metrics.update(stats)
         if samples:
             tb = collate_samples(samples, self.tokenizer.pad_token_id)
             if m.shaping.kind != "none":
@@ -250,12 +255,12 @@ class GRPOModule(PolicyModule):
             metrics.update(self.update(tb))
         else:   # nothing to learn from: keep step/schedule counters moving so runs stay comparable
             metrics["skipped_update"] = 1.0
-            sched = self.lr_schedulers()
-            if sched is not None:
-                sched.step()
             opt = self.optimizers()
             opt.zero_grad(set_to_none=True)
             opt.step()   # no gradients: parameters are untouched, but the step counts
+            sched = self.lr_schedulers()
+            if sched is not None:
+                sched.step()
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, prog_bar=False, on_step=True,
                       batch_size=len(batch))
         self.log("train/reward", metrics["reward_mean"], prog_bar=True, batch_size=len(batch))
@@ -315,7 +320,7 @@ class GRPOModule(PolicyModule):
     # ------------------------------------------------------------------ samples table
     def log_samples(self, split: str, trajs: list[Trajectory], rewards: list[float], correct: list[float]) -> None:
         k = self.method_cfg.log_samples
-        if not k or self.trainer is None or self.trainer.sanity_checking:
+        if not k or self._trainer is None or self.trainer.sanity_checking:
             return
         rows = [[int(self.global_step), t.meta.get("id"), self.response_text(t), r, c, t.num_calls, t.failed_calls]
                 for t, r, c in list(zip(trajs, rewards, correct))[:k]]

@@ -44,12 +44,31 @@ class PolicyModule(L.LightningModule):
             return
         m = self.model_cfg
         lora = None
-        if m.lora is not None:
+        if m.lora.enabled:
             lora = LoraSpec(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=list(m.lora.target_modules))
+        from_ckpt = bool(self.init_from) and str(self.init_from).endswith(".ckpt")
         self.policy = load_policy(
-            self.init_from or m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
-            trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing, lora=lora, seed=m.seed,
+            m.name_or_path if from_ckpt or not self.init_from else self.init_from, dtype=m.dtype,
+            attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
+            gradient_checkpointing=m.gradient_checkpointing, lora=lora, seed=m.seed,
         )
+        if from_ckpt:
+            self.load_policy_weights(self.init_from)
+
+    def load_policy_weights(self, ckpt_path: str) -> None:
+        """Start from the policy weights of a tirl Lightning checkpoint (e.g. the SFT stage), nothing else."""
+        import os
+
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"init_from='{ckpt_path}' does not exist; point it at a .ckpt file or an HF directory.")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+        weights = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+        if not weights:
+            raise ValueError(f"init_from='{ckpt_path}' holds no policy weights; is it a tirl checkpoint?")
+        if is_lora(self.policy) and not any("lora_" in k for k in weights):
+            self.policy.get_base_model().load_state_dict(weights, strict=True)   # SFT was full, RL adds an adapter
+        else:
+            self.policy.load_state_dict(weights, strict=True)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]

@@ -1,0 +1,200 @@
+"""The LightningModules on the tiny model: every preset runs, updates move what they should and nothing else,
+dynamic sampling refills, micro-batching and resuming change nothing."""
+
+import copy
+import csv
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tirl.config.schema import (
+    EpisodeFilterConfig, LoraConfig, LossConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig,
+)
+from tirl.models.tiny import load_tiny_tokenizer
+from tirl.modules.grpo import GRPOModule
+from tirl.modules.rl_batch import Sample, collate_samples
+
+TINY_RL = [
+    "model=tiny_scratch", "method.group_size=2", "method.prompts_per_step=2", "method.micro_batch_size=4",
+    "rollout.max_new_tokens=16", "rollout.max_total_tokens=32", "rollout.max_tool_rounds=1", "data.val_size=2",
+    "trainer.val_check_interval=2", "test=false", "method.lr=1e-3", "method.step_level.group_size=2",
+]
+
+
+def rows_of(out_dir):
+    return list(csv.DictReader((out_dir / "csv" / "metrics.csv").open()))
+
+
+@pytest.mark.parametrize("method,data", [
+    ("sft", "sft_synthetic_math"), ("grpo", "synthetic_math"), ("dr_grpo", "synthetic_math"),
+    ("dapo", "synthetic_math"), ("dcore", "synthetic_toolcall"), ("thor", "synthetic_math"),
+])
+def test_every_method_preset_trains_on_the_tiny_model(train_cfg, tmp_path, method, data):
+    from tirl.train import run
+
+    extra = ["data.synthetic.size=16", "data.batch_size=4", "optimized_metric=val/loss"] if method == "sft" else []
+    cfg = train_cfg(*TINY_RL, f"method={method}", f"data={data}", "trainer.max_steps=2", *extra)
+    value = run(cfg)
+    rows = rows_of(tmp_path)
+    key = "train/loss" if method == "sft" else "train/reward_mean"
+    assert [r for r in rows if r.get(key)], f"{method} logged no {key}"
+    assert value is not None and value == value        # the optimised metric exists and is not NaN
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def make_module(**method_kw):
+    tok = load_tiny_tokenizer()
+    model = method_kw.pop("model", ModelConfig(name_or_path="tiny"))
+    method = MethodConfig(**{"lr": 1e-2, "micro_batch_size": 8, **method_kw})
+    module = GRPOModule(method, model, RolloutConfig(max_new_tokens=16, max_total_tokens=32), SandboxConfig(workers=1), tok)
+    module.configure_model()
+    return module, tok
+
+
+def fixed_batch(module, tok, n=4, seed=0):
+    """n random responses after one prompt, with advantages +1/-1 and old log-probs = the current policy's."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = tok.encode("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n")
+    samples = []
+    for i in range(n):
+        resp = torch.randint(10, 500, (6 + i,), generator=g).tolist()
+        samples.append(Sample(prompt, resp, [1] * len(resp), [0.0] * len(resp), [1.0] * len(resp), 1.0 if i % 2 else -1.0))
+    tb = collate_samples(samples, tok.pad_token_id)
+    with torch.no_grad():
+        from tirl.rl import core
+
+        logits = module.policy(input_ids=tb.input_ids, attention_mask=tb.attention_mask).logits[:, :-1]
+        tb.old_logp = core.token_logprobs(logits, tb.targets) * tb.mask
+    return tb
+
+
+def sgd_steps(module, tb, steps):
+    opt = torch.optim.SGD(module.trainable_parameters(), lr=module.method_cfg.lr)
+    counts = {lv: module.global_counts(tb, lv) for lv in ("episode", "step")}
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss, metrics = module.micro_batch_loss(tb, counts)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, metrics
+
+
+def test_policy_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    module, tok = make_module(lr=0.5)
+    losses, metrics = sgd_steps(module, fixed_batch(module, tok), 8)
+    assert losses[0] == pytest.approx(0.0, abs=1e-6)          # ratio 1: the surrogate starts at -A·1 averaged to 0
+    assert losses[-1] < -0.05 and losses[-1] < min(losses[:3])
+    assert metrics["clipfrac_high"] > 0 or metrics["clipfrac_low"] > 0   # it went far enough to hit the clip
+
+
+def test_micro_batches_give_the_full_batch_gradient():
+    module, tok = make_module()
+    tb = fixed_batch(module, tok, n=4)
+    counts = {lv: module.global_counts(tb, lv) for lv in ("episode", "step")}
+
+    def grads(chunks):
+        module.policy.zero_grad()
+        for idx in chunks:
+            loss, _ = module.micro_batch_loss(tb.select(idx), counts)
+            loss.backward()
+        return [p.grad.clone() for p in module.trainable_parameters()]
+
+    full, split = grads([[0, 1, 2, 3]]), grads([[0], [1, 2], [3]])
+    for a, b in zip(full, split):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_reference_does_not_move_and_kl_appears():
+    module, tok = make_module(loss=LossConfig(kl_coef=0.1), lr=0.5)
+    module.setup("fit")
+    try:
+        assert module.frozen_ref is not None
+        before = copy.deepcopy(module.frozen_ref.state_dict())
+        policy_before = copy.deepcopy(module.policy.state_dict())
+        _, metrics = sgd_steps(module, fixed_batch(module, tok), 3)
+        assert all(torch.equal(before[k], v) for k, v in module.frozen_ref.state_dict().items())
+        assert any(not torch.equal(policy_before[k], v) for k, v in module.policy.state_dict().items())
+        assert metrics["kl"] > 0
+    finally:
+        module.teardown("fit")
+
+
+def test_lora_changes_only_adapter_weights_and_its_reference_is_the_base():
+    torch.manual_seed(0)
+    lora = LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    module, tok = make_module(model=ModelConfig(name_or_path="tiny", lora=lora), loss=LossConfig(kl_coef=0.1), lr=0.5)
+    module.setup("fit")
+    try:
+        assert module.frozen_ref is None                     # no second model
+        tb = fixed_batch(module, tok)
+        with torch.no_grad():
+            base_logits = module.policy.get_base_model()(input_ids=tb.input_ids).logits.clone()
+        before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+        _, metrics = sgd_steps(module, tb, 3)
+        after = module.policy.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed and all("lora_" in k for k in changed)
+        from tirl.models.reference import reference_model
+
+        with reference_model(module.policy, None) as ref, torch.no_grad():
+            assert torch.allclose(ref(input_ids=tb.input_ids).logits, base_logits, atol=1e-5)
+        assert metrics["kl"] > 0
+    finally:
+        module.teardown("fit")
+
+
+def test_dynamic_sampling_refills_a_batch_of_zero_variance_groups():
+    filt = EpisodeFilterConfig(enabled=True, drop_failed_calls=False, drop_no_boxed=False, min_response_tokens=0,
+                               zero_on_repetition=False, min_group_survivors=1, drop_zero_variance=True,
+                               dynamic_sampling=True, max_sampling_rounds=4)
+    module, tok = make_module(group_size=4, episode_filter=filt)
+    module.setup("fit")
+    try:
+        # reward: 1 for every sample of a "flat" prompt (zero variance), alternating 0/1 for a "mixed" prompt
+        def reward(texts, answer, **_):
+            return [1.0 if a == "flat" else float(i % 2) for i, a in enumerate(answer)]
+
+        module.reward_fn = module.accuracy_fn = reward
+        msg = [{"role": "user", "content": "hi"}]
+        refills = []
+
+        def refill(n):
+            refills.append(n)
+            return [{"id": f"m{len(refills)}-{i}", "messages": msg, "answer": "mixed"} for i in range(n)]
+
+        module.refill_prompts = refill
+        flat = [{"id": f"f{i}", "messages": msg, "answer": "flat"} for i in range(2)]
+        trajs, rewards, correct, samples, stats = module.collect(flat)
+        assert refills == [2] and stats["sampling_rounds"] == 2
+        assert stats["filter/groups_kept"] == 2 and len(samples) == 8       # the two refilled groups, G=4 each
+        assert {s.advantage > 0 for s in samples} == {True, False}
+        assert len(trajs) == 16                                          # 2 dropped + 2 refilled groups rolled out
+    finally:
+        module.teardown("fit")
+
+
+def test_resume_logs_the_same_losses_as_an_uninterrupted_run(train_cfg, tmp_path):
+    from tirl.train import run
+
+    common = [*TINY_RL, "method=dcore", "data=synthetic_toolcall", "trainer.max_steps=4",
+              "trainer.limit_val_batches=0", "optimized_metric=null", "callbacks.model_checkpoint.monitor=null",
+              "callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.model_checkpoint.save_top_k=-1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(train_cfg(*common, out=a))
+    ckpt = a / "checkpoints" / "step_000002.ckpt"
+    assert ckpt.is_file(), sorted(p.name for p in (a / "checkpoints").iterdir())
+    run(train_cfg(*common, f"ckpt_path={ckpt}", out=b))
+
+    def by_step(rows, key):
+        return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+    for key in ("train/loss", "train/entropy", "train/reward_mean"):
+        full, resumed = by_step(rows_of(a), key), by_step(rows_of(b), key)
+        assert set(resumed) == {2, 3}, resumed                      # steps after the checkpoint (0-based)
+        assert any(full[s] != 0 for s in full) or key != "train/loss"
+        for s in resumed:
+            assert resumed[s] == pytest.approx(full[s], abs=1e-6), (key, s)
