@@ -84,10 +84,14 @@ def sgd_steps(module, tb, steps):
 
 def test_policy_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
-    module, tok = make_module(lr=0.5)
-    losses, metrics = sgd_steps(module, fixed_batch(module, tok), 8)
-    assert losses[0] == pytest.approx(0.0, abs=1e-6)          # ratio 1: the surrogate starts at -A·1 averaged to 0
-    assert losses[-1] < -0.05 and losses[-1] < min(losses[:3])
+    module, tok = make_module(lr=0.05)
+    losses, metrics = sgd_steps(module, fixed_batch(module, tok), 12)
+    # ratio 1 at the start: token-mean of -A over lengths 6,7,8,9 with A = -1,+1,-1,+1 → -(−6+7−8+9)/30
+    assert losses[0] == pytest.approx(-2 / 30, abs=1e-6)
+    # the clipped surrogate cannot go below every ratio at its bound: (-1.2·(7+9) + 0.8·(6+8)) / 30 = -8/30
+    floor = -8 / 30
+    assert all(x >= floor - 1e-5 for x in losses)
+    assert losses[-1] < losses[0] - 0.1 and losses[-1] < losses[len(losses) // 2] + 1e-6
     assert metrics["clipfrac_high"] > 0 or metrics["clipfrac_low"] > 0   # it went far enough to hit the clip
 
 
@@ -192,7 +196,7 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(train_cfg, tmp_path
     def by_step(rows, key):
         return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
 
-    for key in ("train/loss", "train/entropy", "train/reward_mean"):
+    for key in ("train/entropy", "train/reward_mean", "train/response_len", "train/approx_kl", "train/kl", "train/loss"):
         full, resumed = by_step(rows_of(a), key), by_step(rows_of(b), key)
         assert set(resumed) == {2, 3}, resumed                      # steps after the checkpoint (0-based)
         assert any(full[s] != 0 for s in full) or key != "train/loss"

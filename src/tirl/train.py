@@ -60,6 +60,7 @@ def build_datamodule(typed: TypedConfig, tokenizer: Any) -> Any:
     how the model renders chats: its chat format, and SFT's loss turns or RL's thinking switch."""
     kwargs = dataclasses.asdict(typed.data)
     cls = get_class(kwargs.pop("_target_"))
+    kwargs["synthetic"] = {k: v for k, v in kwargs["synthetic"].items() if v is not None}
     kwargs["chat_format"] = typed.model.chat_format
     if typed.method.kind == "sft":
         kwargs["loss_on"] = typed.method.loss_on

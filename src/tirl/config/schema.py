@@ -155,6 +155,19 @@ class MethodConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Options of the synthetic generators (``data.train=synthetic:math`` / ``synthetic:toolcall``); unset = default."""
+
+    format: str = "rl"                  # rl (prompts) | sft (worked samples)
+    size: int | None = None             # None: unlimited prompts (rl) / 1000 samples (sft)
+    split: str = "train"
+    levels: list[int] | None = None     # math difficulty levels 1-4
+    categories: list[str] | None = None # toolcall: simple, multiple, parallel, parallel_multiple, irrelevance
+    max_tools: int | None = None        # toolcall: functions shown per prompt (>= 2)
+    max_calls: int | None = None        # toolcall: calls per parallel answer (>= 2)
+
+
+@dataclass
 class DataConfig:
     """One datamodule; ``_target_`` picks it, the rest are its arguments."""
 
@@ -167,7 +180,7 @@ class DataConfig:
     max_length: int = 512
     seed: int = 0
     on_bad_line: str = "error"          # error | skip (skipped lines are counted and logged)
-    synthetic: dict[str, Any] = field(default_factory=dict)   # generator options (difficulty, size, …)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     streaming: bool = False
     packing: bool = False
     val_size: int = 64

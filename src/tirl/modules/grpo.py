@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import os
 from collections import defaultdict
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,7 @@ class GRPOModule(PolicyModule):
                  tokenizer, init_from: str | None = None):
         super().__init__(method, model, tokenizer, init_from)
         self.rollout_cfg, self.sandbox_cfg = rollout, sandbox
+        self.hparams.update(rollout=asdict(rollout), sandbox=asdict(sandbox))
         self.automatic_optimization = False
         self.fmt = get_chat_format(model.chat_format)
         self.reward_fn = get_reward(method.reward.name, **method.reward.kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import asdict
 
 import lightning as L
 import numpy as np
@@ -30,13 +31,19 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+def _numpy_state() -> tuple:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return name, keys.tolist(), int(pos), int(has_gauss), float(cached)
+
+
 class PolicyModule(L.LightningModule):
     """Loads the policy lazily in ``configure_model`` (so FSDP can shard it) from the model config or ``init_from``."""
 
     def __init__(self, method: MethodConfig, model: ModelConfig, tokenizer, init_from: str | None = None):
         super().__init__()
         self.method_cfg, self.model_cfg, self.tokenizer, self.init_from = method, model, tokenizer, init_from
-        self.save_hyperparameters(ignore=["tokenizer"])
+        # plain dicts, so a checkpoint loads with torch.load(weights_only=True)
+        self.save_hyperparameters({"method": asdict(method), "model": asdict(model), "init_from": init_from})
         self.policy = None
 
     def configure_model(self) -> None:
@@ -84,20 +91,27 @@ class PolicyModule(L.LightningModule):
     # that drive sampling are ours to carry.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tirl_rng"] = {
-            "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
         checkpoint["tirl_lora"] = is_lora(self.policy)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
-        rng = checkpoint.get("tirl_rng")
+        # Applied just before the first training step rather than now: between loading and that step Lightning
+        # builds a new DataLoader iterator, which draws from the global torch RNG and would shift sampling.
+        self._resume_rng = checkpoint.get("tirl_rng")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        rng = getattr(self, "_resume_rng", None)
         if rng:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
             if rng.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+            self._resume_rng = None
 
     def export_hf(self, out_dir: str, merge_lora: bool = True) -> str:
         """Write an HF-format directory loadable by ``from_pretrained`` (LoRA merged, or the adapter alone)."""

@@ -57,4 +57,5 @@ class SFTModule(PolicyModule):
         self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch, batch_idx)
         self.policy.train()
