@@ -150,6 +150,8 @@ class MethodConfig:
     step_level: StepLevelConfig = field(default_factory=StepLevelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     log_samples: int = 4                # rollout samples per step in the samples table
+    val_temperature: float = 0.0        # held-out rollouts: 0 = greedy accuracy; > 0 with val_samples = Avg@k
+    val_samples: int = 1
     # SFT
     loss_on: str = "assistant"          # assistant | last_assistant
 

@@ -295,11 +295,16 @@ class GRPOModule(PolicyModule):
     def test_step(self, batch: list[dict], batch_idx: int):
         self._val_outputs += self.evaluate_records(batch)
 
-    def evaluate_records(self, records: list[dict]) -> list[dict]:
-        """Greedy tool-integrated rollout of each held-out prompt; correctness by the accuracy reward."""
-        greedy = RolloutConfig(**{**self.rollout_cfg.__dict__, "temperature": 0.0})
-        loop = ToolLoop(make_backend(greedy, self.policy, self.tokenizer), self.sandbox, self.tokenizer, greedy)
-        trajs = self.rollout_groups(records, 1, loop)
+    def evaluate_records(self, records: list[dict], temperature: float | None = None,
+                         samples: int | None = None) -> list[dict]:
+        """Tool-integrated rollouts of held-out prompts (greedy, or ``samples`` at ``temperature`` = Avg@k),
+        scored by the accuracy reward (exact answer / exact calls)."""
+        m = self.method_cfg
+        temperature = m.val_temperature if temperature is None else temperature
+        samples = (m.val_samples if samples is None else samples) if temperature > 0 else 1
+        cfg = RolloutConfig(**{**self.rollout_cfg.__dict__, "temperature": temperature})
+        loop = ToolLoop(make_backend(cfg, self.policy, self.tokenizer), self.sandbox, self.tokenizer, cfg)
+        trajs = self.rollout_groups(records, samples, loop)
         rewards, correct = self.score(trajs, records)
         self.log_samples("val", trajs, rewards, correct)
         return [{"correct": c, "reward": r, "len": len(t.response_ids)} for t, r, c in zip(trajs, rewards, correct)]
