@@ -124,8 +124,12 @@ def run(cfg: DictConfig) -> float | None:
     metrics: dict[str, Any] = {}
     ckpt_path = cfg.get("ckpt_path")
     if cfg.get("train", True):
+        if cfg.get("validate_before_fit", False) and not ckpt_path:
+            before = trainer.validate(module, datamodule=datamodule, verbose=False)
+            log.info("Before training: %s", {k: round(float(v), 4) for k, v in (before[0] if before else {}).items()})
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(trainer.callback_metrics)
+        log.info("After training: %s", {k: round(float(v), 4) for k, v in metrics.items() if k.startswith("val/")})
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         ckpt_path = best or None  # test the best checkpoint; without one, the weights as they are
     if cfg.get("test", True):

@@ -64,7 +64,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # Top-level keys of train.yaml / eval.yaml besides the schema groups; anything else is a typo.
 TOP_LEVEL_KEYS: frozenset[str] = frozenset(
-    {"task_name", "tags", "seed", "init_from", "ckpt_path", "train", "test", "optimized_metric",
+    {"task_name", "tags", "seed", "init_from", "ckpt_path", "train", "test", "optimized_metric", "validate_before_fit",
      "trainer", "callbacks", "logger", "paths", "hydra", *SCHEMAS}
 )
 
