@@ -1,0 +1,1 @@
+"""Experiment-tracking helpers beyond Lightning's loggers (the W&B workspace layout)."""
