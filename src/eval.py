@@ -1,4 +1,5 @@
-"""Evaluate: `python src/eval.py data=bfcl method=dcore init_from=...` — composes configs/eval.yaml, runs tirl.evaluate.run."""
+"""Evaluate: `python src/eval.py task=math bench=[math500,aime24] init_from=...` or `task=bfcl` — composes
+configs/eval.yaml, runs tirl.evaluate.run."""
 
 import hydra
 from omegaconf import DictConfig

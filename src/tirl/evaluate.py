@@ -1,61 +1,98 @@
-"""Evaluation run: validate → tokenizer → datamodule → module (weights from init_from/ckpt_path) → trainer.test.
+"""Evaluation run: validate → model (HF id / local dir / tirl .ckpt via init_from) → generate → score → report.
 
-The method's module owns the test step (rollouts with the configured backend, self-correction if enabled,
-benchmark metrics); this file only wires config to objects, like ``tirl.train``.
+    python src/eval.py task=bfcl model=qwen8b init_from=path/to/run.ckpt
+    python src/eval.py task=math bench=[math500,aime24] task.n_samples=16 task.pass_k=[1,16]
+
+Generation goes through the rollout backends (``rollout.backend``); math is tool-integrated with the sandbox and
+THOR self-correction when ``rollout.self_correction.enabled=true``. Results land in ``<out_dir>/<task>_results.json``
+and ``.md``, metrics go to the configured loggers (W&B: summary + per-item tables). Generations are cached per id
+under ``out_dir`` (``task.out_dir``, default this run's directory), so pointing a rerun at the same out_dir resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from tirl.config import (
-    CONFIG_DIR,
-    ConfigError,
-    check_trainer_keys,
-    exit_on_bad_overrides,
-    exit_on_config_error,
-    register_loggers,
-    task_wrapper,
-    validate,
-)
-from tirl.train import build_datamodule, build_module, check_accelerator, instantiate_group
+from tirl.config import CONFIG_DIR, ConfigError, exit_on_bad_overrides, exit_on_config_error, register_loggers, task_wrapper
+from tirl.eval.task_config import MathTaskConfig, validate_eval
 
 log = logging.getLogger(__name__)
 
 
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto.")
+    return name
+
+
 @task_wrapper
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Test the configured model on data.test; return every logged test metric as a float."""
-    typed = validate(cfg)
-    if typed.data.test is None:
-        raise ConfigError("Evaluation needs test data; set data.test (e.g. data=bfcl or data.test=path/to/test.jsonl).")
-    check_trainer_keys(cfg.trainer)
-    check_accelerator(cfg.trainer)
+    """Evaluate the configured model on the configured task; return every reported metric as a float."""
+    typed, task = validate_eval(cfg)
+    device = resolve_device(str(cfg.get("device", "auto")))
 
-    import lightning.pytorch as pl
+    import torch
 
+    from tirl.eval.generate import EvalGenerator, eval_rollout_config
+    from tirl.eval.results import flat_metrics, log_to_loggers, markdown_table, write_results
     from tirl.models.load import load_tokenizer
+    from tirl.modules.grpo import make_backend, sandbox_from_config
+    from tirl.modules.policy import PolicyModule
+    from tirl.train import instantiate_group
 
-    pl.seed_everything(cfg.seed, workers=True)
-    tokenizer = load_tokenizer(typed.model.name_or_path, trust_remote_code=typed.model.trust_remote_code)
-    datamodule = build_datamodule(typed, tokenizer)
-    module = build_module(typed, tokenizer, cfg.get("init_from"))
-
-    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    torch.manual_seed(cfg.seed)
     loggers = instantiate_group(cfg.get("logger"), "logger")
-    register_loggers(loggers)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    register_loggers(loggers)  # closed by task_wrapper even if evaluation raises
+    init_from = cfg.get("init_from")
+    tokenizer = load_tokenizer(typed.model.name_or_path, trust_remote_code=typed.model.trust_remote_code)
+    holder = PolicyModule(typed.method, typed.model, tokenizer, init_from)   # HF dir / .ckpt / LoRA, as training
+    holder.configure_model()
+    policy = holder.policy.to(device).eval()
+    rollout = eval_rollout_config(typed.rollout, task.temperature, task.top_p)
+    out_dir = Path(task.out_dir or cfg.paths.output_dir)
+    generator = EvalGenerator(make_backend(rollout, policy, tokenizer), tokenizer, rollout,
+                              typed.model.chat_format, typed.model.enable_thinking)
+    settings = {"model": typed.model.name_or_path, "init_from": init_from, "seed": cfg.seed,
+                "rollout": dataclasses.asdict(rollout), "chat_format": typed.model.chat_format,
+                "enable_thinking": typed.model.enable_thinking}
+    extra: dict[str, Any] = {}
+    if isinstance(task, MathTaskConfig):
+        from tirl.eval.math_run import evaluate_math
 
-    trainer.test(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    for name, value in sorted(metrics.items()):
-        log.info("%s = %.4f", name, value)
+        generator.sandbox = sandbox_from_config(typed.sandbox)
+        try:
+            results, tables = evaluate_math(task, generator, out_dir, settings)
+        finally:
+            generator.sandbox.close()
+        columns = [f"avg@{task.n_samples}", *[f"pass@{k}" for k in task.pass_k], "best_of_n",
+                   "mean_response_tokens", "code_pass_rate", "problems"]
+    else:
+        from tirl.eval.bfcl_run import evaluate_bfcl_task, length_fn
+
+        results, tables, extra = evaluate_bfcl_task(task, generator, out_dir / "bfcl", length_fn(tokenizer))
+        columns = ["accuracy", "correct", "total"]
+    metrics = flat_metrics(results, prefix=f"test/{task.name}")
+    table = markdown_table({k: v for k, v in results.items() if k != "summary"}, columns)
+    if "summary" in results:
+        table += "\n" + markdown_table({"summary": results["summary"]}, sorted(results["summary"]))
+    payload = {"task": dataclasses.asdict(task), "settings": settings, "results": results,
+               "truncated_prompts": generator.truncated_prompts, **({"bfcl": extra} if extra else {})}
+    json_path, md_path = write_results(out_dir, f"{task.name}_results", payload, table)
+    log_to_loggers(loggers, metrics, tables)
+    log.info("Results:\n%s\nWritten to %s and %s", table, json_path, md_path)
+    if generator.truncated_prompts:
+        log.warning("%d prompts were longer than rollout.max_prompt_tokens=%d and lost their beginning; raise it.",
+                    generator.truncated_prompts, rollout.max_prompt_tokens)
     return metrics
 
 

@@ -1,0 +1,101 @@
+"""Typed schemas of the evaluation tasks (``configs/task/{math,bfcl}.yaml``) and the check of a composed eval config.
+
+eval.yaml has a few keys train.yaml does not (``task``, ``bench``, ``device``); the shared groups (model, rollout,
+sandbox, ...) are checked by ``tirl.config.validate`` exactly as for training, the task by the dataclasses here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tirl.config import ConfigError, TypedConfig, validate
+from tirl.config.validate import _group_values, _to_dataclass, unknown_key_message
+
+MATH_BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench")
+BFCL_V3_CATEGORIES = (
+    "simple", "java", "javascript", "multiple", "parallel", "parallel_multiple", "irrelevance",
+    "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance",
+    "live_relevance", "multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context",
+)
+
+
+@dataclass
+class MathTaskConfig:
+    name: str = "math"
+    bench: list[str] = field(default_factory=lambda: list(MATH_BENCHMARKS))
+    bench_dir: str | None = None        # local files <bench_dir>/<bench>.{jsonl,json,parquet} instead of the hub
+    bench_paths: dict[str, str] = field(default_factory=dict)   # per bench: a file or an HF id (wins over bench_dir)
+    limit: int | None = None            # first N problems of each benchmark
+    n_samples: int = 1                  # samples per problem: Avg@n, pass@k for k <= n, best-of-n
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    batch_size: int = 8                 # problems per generation batch (each with n_samples rollouts)
+    temperature: float = 0.6            # overrides rollout.temperature for evaluation
+    top_p: float = 0.95
+    out_dir: str | None = None          # generations cache + results; null = this run's output dir
+
+
+@dataclass
+class BFCLTaskConfig:
+    name: str = "bfcl"
+    categories: list[str] = field(default_factory=lambda: list(BFCL_V3_CATEGORIES))
+    source: str = "package"             # "package" (installed bfcl-eval) or a directory in BFCL's file layout
+    limit: int | None = None            # first N entries of each category
+    max_steps_per_turn: int = 20        # multi-turn: bfcl-eval's MAXIMUM_STEP_LIMIT
+    batch_size: int = 8                 # single-turn prompts per generation batch
+    temperature: float = 0.0            # overrides rollout.temperature (0 = greedy)
+    top_p: float = 1.0
+    lazy_min_reasoning_tokens: int = 200
+    lazy_min_reflective: int = 3
+    out_dir: str | None = None
+
+
+TASKS: dict[str, type] = {"math": MathTaskConfig, "bfcl": BFCLTaskConfig}
+EVAL_TOP_LEVEL_KEYS = frozenset({"task_name", "tags", "seed", "init_from", "device", "bench", "task", "model",
+                                 "method", "rollout", "sandbox", "logger", "paths", "hydra"})
+SHARED_KEYS = ("task_name", "tags", "seed", "init_from", "model", "method", "rollout", "sandbox", "logger", "paths")
+
+
+def validate_eval(cfg: DictConfig) -> tuple[TypedConfig, MathTaskConfig | BFCLTaskConfig]:
+    """Check a composed eval config; return the typed shared groups and the typed task (ConfigError if not)."""
+    for key in cfg:
+        if key not in EVAL_TOP_LEVEL_KEYS:
+            raise ConfigError(unknown_key_message("", str(key), sorted(EVAL_TOP_LEVEL_KEYS)))
+    typed = validate(OmegaConf.masked_copy(cfg, [k for k in SHARED_KEYS if k in cfg]))
+    node: Any = _group_values(cfg, "task")
+    if not isinstance(node, dict) or node.get("name") not in TASKS:
+        raise ConfigError(f"Config group 'task' must be one of {', '.join(TASKS)}; set task=math or task=bfcl.")
+    if cfg.get("bench") is not None:   # `bench=[math500,aime24]` on the command line: the task's benchmarks
+        if node["name"] != "math":
+            raise ConfigError("'bench' selects math benchmarks; use it with task=math (BFCL takes task.categories).")
+        bench = cfg.bench
+        node["bench"] = [bench] if isinstance(bench, str) else list(bench)
+    task = _to_dataclass("task", node, TASKS[node["name"]])
+    _check_task(task)
+    return typed, task
+
+
+def _check_task(task: MathTaskConfig | BFCLTaskConfig) -> None:
+    if isinstance(task, MathTaskConfig):
+        for name in task.bench:
+            if name not in MATH_BENCHMARKS and name not in task.bench_paths:
+                raise ConfigError(f"Unknown math benchmark '{name}'; valid choices: {', '.join(MATH_BENCHMARKS)} "
+                                  "(or give its file with task.bench_paths.<name>=path).")
+        if task.n_samples < 1:
+            raise ConfigError(f"task.n_samples is {task.n_samples}; it must be at least 1.")
+        too_big = [k for k in task.pass_k if not 1 <= k <= task.n_samples]
+        if too_big:
+            raise ConfigError(f"task.pass_k holds {too_big} but pass@k needs 1 <= k <= task.n_samples "
+                              f"({task.n_samples}); raise task.n_samples or drop those k.")
+    else:
+        from tirl.eval.bfcl_data import BFCLDataError, canonical_category
+
+        for name in task.categories:
+            try:
+                canonical_category(name)
+            except BFCLDataError as err:
+                raise ConfigError(str(err)) from None
+    if task.batch_size < 1:
+        raise ConfigError(f"task.batch_size is {task.batch_size}; it must be at least 1.")
