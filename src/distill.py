@@ -1,4 +1,4 @@
-"""D-CORE stage 1 self-distillation: `python src/distill.py input.path=... backends/decomposer=...`."""
+"""D-CORE stage 1 self-distillation: `python src/distill.py input.path=... backend@backends.decomposer=http backends.decomposer.base_url=...`."""
 
 import hydra
 from omegaconf import DictConfig

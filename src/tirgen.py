@@ -1,4 +1,4 @@
-"""THOR TIRGen: `python src/tirgen.py input.path=... backends.critic.kind=http backends.critic.base_url=...`."""
+"""THOR TIRGen: `python src/tirgen.py input.path=... backend@backends.critic=http backends.critic.base_url=...`."""
 
 import hydra
 from omegaconf import DictConfig
