@@ -70,15 +70,23 @@ def test_every_model_method_hardware_combination_validates(model, method, hardwa
     assert Path(cfg.paths.log_dir).name == "logs"
 
 
+def test_tiny_model_scale_applies_after_the_method_and_only_to_tiny():
+    tiny = validate(compose_resolved(["method=thor", "model=tiny"])).method
+    real = validate(compose_resolved(["method=thor", "model=qwen8b"])).method
+    assert (tiny.lr, tiny.group_size) == (2e-4, 8) and (real.lr, real.group_size) == (1e-6, 16)
+    assert tiny.loss.clip_high == real.loss.clip_high == 0.28          # the algorithm is THOR's either way
+    assert validate(compose_resolved(["model=tiny", "method.lr=0.01"])).method.lr == 0.01   # the command line wins
+
+
 def test_method_presets_carry_the_papers_values():
-    dcore = validate(compose_resolved(["method=dcore"])).method
+    dcore = validate(compose_resolved(["method=dcore", "model=qwen8b"])).method
     assert dcore.module["_target_"] == "tirl.modules.dcore.DCoreModule"
     assert (dcore.shaping.kind, dcore.shaping.alpha, dcore.shaping.delta) == ("da_grpo", 0.1, 0.5)
     assert (dcore.loss.clip_low, dcore.loss.clip_high, dcore.loss.agg) == (0.2, 0.2, "token-mean")
     assert (dcore.loss.kl_kind, dcore.loss.kl_coef, dcore.group_size, dcore.lr) == ("k3", 0.001, 8, 1e-6)
     assert dcore.reward.name == "toolcall"
 
-    thor_cfg = compose_resolved(["method=thor"])
+    thor_cfg = compose_resolved(["method=thor", "model=qwen8b"])
     thor = validate(thor_cfg).method
     assert thor.module["_target_"] == "tirl.modules.thor.ThorModule"
     assert (thor.loss.clip_low, thor.loss.clip_high, thor.loss.dual_clip) == (0.2, 0.28, 3.0)
@@ -86,11 +94,11 @@ def test_method_presets_carry_the_papers_values():
     assert thor.episode_filter.enabled and thor.step_level.enabled and thor.reward.name == "math"
     assert thor_cfg.rollout.max_tool_rounds == 5 and thor_cfg.rollout.temperature == 1.0
 
-    dr = validate(compose_resolved(["method=dr_grpo"])).method
+    dr = validate(compose_resolved(["method=dr_grpo", "model=qwen8b"])).method
     assert (dr.advantage.scale, dr.loss.agg) == ("none", "seq-mean-token-sum-norm")
-    dapo = validate(compose_resolved(["method=dapo"])).method
+    dapo = validate(compose_resolved(["method=dapo", "model=qwen8b"])).method
     assert (dapo.loss.clip_high, dapo.episode_filter.dynamic_sampling) == (0.28, True)
-    sft = validate(compose_resolved(["method=sft", "data=sft_synthetic_math"])).method
+    sft = validate(compose_resolved(["method=sft", "data=sft_synthetic_math", "model=qwen8b"])).method
     assert (sft.kind, sft.module["_target_"], sft.lr) == ("sft", "tirl.modules.sft.SFTModule", 1e-5)
 
 
@@ -142,10 +150,15 @@ def test_debug_presets_compose_on_the_cpu(preset, key, value):
     assert cfg.trainer[key] == value and cfg.trainer.accelerator == "cpu" and cfg.task_name == "debug"
 
 
-def test_eval_config_validates():
-    cfg = compose_resolved(["method=dcore", "data=bfcl"], config_name="eval")
-    assert validate(cfg).data.test == "bfcl:simple"
-    assert cfg.task_name == "eval"
+@pytest.mark.parametrize("task", ["math", "bfcl"])
+def test_eval_config_validates(task):
+    from tirl.eval.task_config import validate_eval
+
+    cfg = compose_resolved([f"task={task}", "model=qwen8b", "rollout.self_correction.enabled=true"], config_name="eval")
+    typed, typed_task = validate_eval(cfg)
+    assert typed.model.name_or_path == "Qwen/Qwen3-8B" and typed.rollout.self_correction.enabled
+    assert typed_task.name == task and cfg.task_name == f"eval_{task}"
+    assert typed.rollout.max_new_tokens == 1024   # eval.yaml's budgets win over the rollout group's
 
 
 # ------------------------------------------------------------------ user mistakes → one sentence

@@ -1,0 +1,137 @@
+"""Does RL learn? THOR vs plain GRPO on math and D-CORE (DA-GRPO) vs plain GRPO on function calling, on the warm
+tiny model, same budget, several seeds. Every run is the real entry point (``python src/train.py …``); held-out
+accuracy (``val/acc``, greedy, on held-out synthetic problems) is read back from each run's metrics CSV.
+
+Writes ``<out>/curves.csv`` (task, method, seed, step, val_acc), ``<out>/curves.png`` and prints, per task and
+method, the mean held-out accuracy before and after RL and the gain.
+
+    python scripts/learning_curves.py [--seeds 0 1 2] [--steps 40] [--tasks math toolcall] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Same budget within a task: the baseline is the method's own preset with only the method swapped for GRPO.
+RUNS = {
+    "math": {
+        "thor": ["experiment=thor_tiny"],
+        "grpo": ["experiment=thor_tiny", "method=grpo"],
+    },
+    "toolcall": {
+        "dcore": ["experiment=dcore_tiny"],
+        "grpo": ["experiment=dcore_tiny", "method=grpo", "method.reward.name=toolcall"],
+    },
+}
+
+
+def run_one(task: str, method: str, seed: int, args, out: Path) -> Path:
+    run_dir = out / task / method / f"seed{seed}"
+    metrics = run_dir / "csv" / "metrics.csv"
+    if metrics.exists() and not args.force:
+        return run_dir
+    shared = [f"seed={seed}", f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.val_every}",
+              f"data.val_size={args.val_size}", "test=false", "logger=csv", "callbacks=none",
+              "method.log_samples=0", f"method.lr={args.lr}", f"hydra.run.dir={run_dir}", f"paths.output_dir={run_dir}"]
+    # the group keys that must match across the two methods of a task (the baseline inherits the preset's)
+    match = ["method.group_size={}".format(args.group_size), "method.prompts_per_step={}".format(args.prompts)]
+    cmd = [sys.executable, str(ROOT / "src/train.py"), *RUNS[task][method], *match, *shared]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{task}/{method}/seed{seed} failed:\n{proc.stderr[-3000:]}")
+    print(f"  {task:8s} {method:6s} seed {seed}: {time.time() - t0:5.0f}s", flush=True)
+    return run_dir
+
+
+def read_curve(run_dir: Path) -> list[tuple[int, float]]:
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    points = {}
+    for r in rows:
+        if r.get("val/acc"):
+            points[int(r["step"])] = float(r["val/acc"])
+    return sorted(points.items())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["math", "toolcall"], choices=list(RUNS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--val-every", type=int, default=10)
+    p.add_argument("--val-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
+    p.add_argument("--out", type=Path, default=ROOT / "logs/learning_curves")
+    p.add_argument("--force", action="store_true", help="rerun runs whose metrics already exist")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    jobs = [(t, m, s) for t in args.tasks for m, s in itertools.product(RUNS[t], args.seeds)]
+    print(f"{len(jobs)} runs, {args.steps} RL steps each, {args.jobs} at a time", flush=True)
+    t0 = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        dirs = list(pool.map(lambda j: run_one(*j, args, args.out), jobs))
+    print(f"all runs: {time.time() - t0:.0f}s")
+
+    table = []
+    for (task, method, seed), d in zip(jobs, dirs):
+        table += [(task, method, seed, step, acc) for step, acc in read_curve(d)]
+    with (args.out / "curves.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "method", "seed", "step", "val_acc"])
+        w.writerows(table)
+
+    print(f"\n{'task':9s} {'method':7s} {'before':>7s} {'after':>7s} {'gain':>7s}   (held-out greedy accuracy, mean of {len(args.seeds)} seeds)")
+    summary = {}
+    for task in args.tasks:
+        for method in RUNS[task]:
+            curves = [[a for (t, m, s, _, a) in table if (t, m, s) == (task, method, seed)] for seed in args.seeds]
+            before = sum(c[0] for c in curves) / len(curves)
+            after = sum(c[-1] for c in curves) / len(curves)
+            summary[(task, method)] = (before, after)
+            print(f"{task:9s} {method:7s} {before:7.3f} {after:7.3f} {after - before:+7.3f}")
+    plot(table, args)
+    print(f"\nwrote {args.out / 'curves.csv'} and {args.out / 'curves.png'}")
+
+
+def plot(table, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.tasks), figsize=(6 * len(args.tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], args.tasks):
+        for color, method in zip(("tab:red", "tab:blue"), RUNS[task]):
+            steps = sorted({st for (t, m, _, st, _) in table if (t, m) == (task, method)})
+            for seed in args.seeds:
+                pts = [(st, a) for (t, m, s, st, a) in table if (t, m, s) == (task, method, seed)]
+                ax.plot(*zip(*pts), color=color, alpha=0.25, lw=1)
+            mean = [sum(a for (t, m, _, st, a) in table if (t, m, st) == (task, method, x)) / len(args.seeds) for x in steps]
+            ax.plot(steps, mean, color=color, lw=2.5, label=f"{method} (mean of {len(args.seeds)})")
+        ax.set_title(f"{task}: held-out accuracy (tiny model, CPU)")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("val/acc (greedy)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "curves.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
