@@ -52,9 +52,14 @@ def test_cfg_job_prints_the_resolved_groups_without_loading_torch():
 
 
 def test_eval_entry_point_composes():
-    proc = run_cli("src/eval.py", "data=bfcl", "method=dcore", "--cfg", "job")
+    proc = run_cli("src/eval.py", "task=math", "bench=[math500,aime24]", "task.n_samples=4", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
-    assert "test: bfcl:simple" in proc.stdout and "DCoreModule" in proc.stdout
+    assert "name: math" in proc.stdout and "- math500" in proc.stdout and "n_samples: 4" in proc.stdout
+    proc = run_cli("src/eval.py", "task=bfcl", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "multi_turn_long_context" in proc.stdout and "source: package" in proc.stdout
+    proc = run_cli("src/eval.py", "task=bfcll")
+    assert proc.returncode == 2 and "did you mean 'bfcl'?" in proc.stderr
 
 
 def test_console_script_finds_the_checkout_configs():

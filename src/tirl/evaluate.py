@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tirl.config import CONFIG_DIR, ConfigError, exit_on_bad_overrides, exit_on_config_error, register_loggers, task_wrapper
 from tirl.eval.task_config import MathTaskConfig, validate_eval
@@ -53,6 +53,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     loggers = instantiate_group(cfg.get("logger"), "logger")
     register_loggers(loggers)  # closed by task_wrapper even if evaluation raises
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     init_from = cfg.get("init_from")
     tokenizer = load_tokenizer(typed.model.name_or_path, trust_remote_code=typed.model.trust_remote_code)
     holder = PolicyModule(typed.method, typed.model, tokenizer, init_from)   # HF dir / .ckpt / LoRA, as training
@@ -86,7 +88,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if "summary" in results:
         table += "\n" + markdown_table({"summary": results["summary"]}, sorted(results["summary"]))
     payload = {"task": dataclasses.asdict(task), "settings": settings, "results": results,
-               "truncated_prompts": generator.truncated_prompts, **({"bfcl": extra} if extra else {})}
+               "truncated_prompts": generator.truncated_prompts,
+               "generated_tokens": generator.generated_tokens, **({"bfcl": extra} if extra else {})}
     json_path, md_path = write_results(out_dir, f"{task.name}_results", payload, table)
     log_to_loggers(loggers, metrics, tables)
     log.info("Results:\n%s\nWritten to %s and %s", table, json_path, md_path)

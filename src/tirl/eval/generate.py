@@ -29,6 +29,7 @@ class EvalGenerator:
     enable_thinking: bool = True
     sandbox: Any = None                 # needed only by solve()
     truncated_prompts: int = 0
+    generated_tokens: int = 0           # model-written tokens over the run (throughput figures)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         text = render_prompt(messages, get_chat_format(self.chat_format), enable_thinking=self.enable_thinking)
@@ -49,6 +50,7 @@ class EvalGenerator:
         params = SamplingParams(max_new_tokens=self.rollout.max_new_tokens, temperature=self.rollout.temperature,
                                 top_p=self.rollout.top_p, top_k=self.rollout.top_k, stop_at_code=False)
         gens = self.backend.generate([self.encode_chat(m) for m in conversations], params)
+        self.generated_tokens += sum(len(g.ids) for g in gens)
         return [(self.decode(g.ids), len(g.ids)) for g in gens]
 
     def solve(self, conversations: list[list[dict[str, Any]]], n_samples: int) -> list[list[MathSample]]:
@@ -59,6 +61,7 @@ class EvalGenerator:
         prompts = [self.encode_chat(m) for m in conversations for _ in range(n_samples)]
         trajs = loop.run(prompts)
         samples = [self._sample(t) for t in trajs]
+        self.generated_tokens += sum(s.model_tokens for s in samples)
         return [samples[i * n_samples:(i + 1) * n_samples] for i in range(len(conversations))]
 
     def _sample(self, t: Trajectory) -> MathSample:
