@@ -181,33 +181,53 @@ class GRPOModule(PolicyModule):
                                            num_seqs=n_seq, norm_len=loss_cfg.norm_len or self.rollout_cfg.max_total_tokens)
         return total, metrics
 
+    def _all_reduce(self, value: float, op: str = "sum") -> float:
+        if not (dist.is_available() and dist.is_initialized()):
+            return value
+        t = torch.tensor([float(value)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.item()
+
     def update(self, batch: TensorBatch) -> dict:
         m = self.method_cfg
         opt = self.optimizers()
         counts = {lv: self.global_counts(batch, lv) for lv in ("episode", "step")}
         logs: dict[str, list[float]] = defaultdict(list)
         order = list(range(len(batch)))
+        chunks = [order[s:s + m.micro_batch_size] for s in range(0, len(order), m.micro_batch_size)]
+        # every rank must run as many backward passes as the busiest one (DDP syncs gradients in each), so
+        # ranks with fewer samples add zero-weighted passes
+        n_passes = int(self._all_reduce(len(chunks), "max"))
         for _ in range(m.ppo_epochs):
             opt.zero_grad(set_to_none=True)
-            for s in range(0, len(order), m.micro_batch_size):
-                mb = batch.select(order[s:s + m.micro_batch_size]).to(self.device)
+            for k in range(n_passes):
+                idx, weight = (chunks[k], 1.0) if k < len(chunks) else (chunks[0], 0.0)
+                mb = batch.select(idx).to(self.device)
                 loss, metrics = self.micro_batch_loss(mb, counts)
-                self.manual_backward(loss)
-                logs["loss"].append(loss.item())
-                w = mb.mask.sum().item()
-                for k, v in metrics.items():
-                    logs[k].append(float(v) * w)
-                logs["_w"].append(w)
+                # each rank's loss is already divided by the token count of ALL ranks; DDP/FSDP then average
+                # gradients over ranks, so scale back up to make the result the global token-mean's gradient
+                self.manual_backward(loss * (weight * self.trainer.world_size))
+                if weight:
+                    logs["loss"].append(loss.item())
+                    w = mb.mask.sum().item()
+                    for key, v in metrics.items():
+                        logs[key].append(float(v) * w)
+                    logs["_w"].append(w)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), m.max_grad_norm)
             logs["grad_norm"].append(float(grad_norm))
             opt.step()
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
-        wsum = max(sum(logs.pop("_w")), 1.0)
-        out = {"loss": sum(logs.pop("loss")) / m.ppo_epochs, "grad_norm": sum(logs.pop("grad_norm")) / m.ppo_epochs}
+        wsum = max(sum(logs.pop("_w", [])), 1.0)
+        out = {"loss": sum(logs.pop("loss", [])) / m.ppo_epochs, "grad_norm": sum(logs.pop("grad_norm")) / m.ppo_epochs}
         out.update({k: sum(v) / wsum / m.ppo_epochs for k, v in logs.items()})
         return out
+
+    def empty_batch(self) -> TensorBatch:
+        """One all-padding sequence with no loss tokens: lets a rank with nothing to learn join the collectives."""
+        pad = self.tokenizer.pad_token_id
+        return collate_samples([Sample([pad, pad], [pad], [0], [0.0], [0.0], 0.0)], pad)
 
     # ------------------------------------------------------------------ Lightning hooks
     def collect(self, records: list[dict]) -> tuple[list[Trajectory], list[float], list[float], list[Sample], dict]:
@@ -247,8 +267,8 @@ class GRPOModule(PolicyModule):
         trajs, rewards, correct, samples, stats = self.collect(list(batch))
         metrics = self.rollout_metrics(trajs, rewards, correct)
         metrics.update(stats)
-        if samples:
-            tb = collate_samples(samples, self.tokenizer.pad_token_id)
+        if self._all_reduce(len(samples)) > 0:   # decided on the global count so every rank agrees
+            tb = collate_samples(samples, self.tokenizer.pad_token_id) if samples else self.empty_batch()
             if m.shaping.kind != "none":
                 from tirl.modules.dcore import shape_advantages
 
