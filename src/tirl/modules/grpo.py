@@ -157,14 +157,17 @@ class GRPOModule(PolicyModule):
 
     def micro_batch_loss(self, mb: TensorBatch, counts: dict[str, tuple[float, float]]) -> tuple[torch.Tensor, dict]:
         loss_cfg = self.method_cfg.loss
-        out = self.policy(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
-        logits = out.logits[:, :-1]                                                       # [B, L-1, V]
+        mb = mb.response_window()         # logits only where some row has a loss token (prompts cost no lm_head)
+        keep = mb.mask.shape[1] + 1
+        out = self.policy(input_ids=mb.input_ids, attention_mask=mb.attention_mask, logits_to_keep=keep)
+        logits = out.logits[:, :-1]                                                       # [B, W, V]
         logp = core.token_logprobs(logits, mb.targets, temperature=self.rollout_cfg.temperature or 1.0)
         loss_tok, metrics = core.policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, loss_cfg.clip_low,
                                              loss_cfg.clip_high, loss_cfg.dual_clip)
         if loss_cfg.kl_coef > 0:
             with reference_model(self.policy, self.frozen_ref) as ref, torch.no_grad():
-                ref_logits = ref(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+                ref_logits = ref(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                 logits_to_keep=keep).logits[:, :-1]
                 ref_logp = core.token_logprobs(ref_logits, mb.targets, temperature=self.rollout_cfg.temperature or 1.0)
             kl = core.kl_penalty(logp, ref_logp, loss_cfg.kl_kind)
             loss_tok = loss_tok + loss_cfg.kl_coef * kl

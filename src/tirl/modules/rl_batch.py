@@ -44,6 +44,19 @@ class TensorBatch:
             self.advantages[ix, : width - 1], [self.level[i] for i in idx],
         )
 
+    def response_window(self) -> TensorBatch:
+        """The same rows with the per-token tensors cut to start at the first column any row has a loss token in.
+
+        ``input_ids`` keep their full width (the model must read the prompt); callers ask the model for the last
+        ``mask.shape[1] + 1`` positions' logits only (``logits_to_keep``), which line up with the cut tensors.
+        """
+        cols = self.mask.sum(0).nonzero()
+        start = int(cols[0]) if len(cols) else self.mask.shape[1] - 1
+        if start == 0:
+            return self
+        return TensorBatch(self.input_ids, self.attention_mask, self.targets[:, start:], self.mask[:, start:],
+                           self.old_logp[:, start:], self.entropy[:, start:], self.advantages[:, start:], self.level)
+
     def to(self, device) -> TensorBatch:
         return TensorBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.targets, self.mask,
                                                    self.old_logp, self.entropy, self.advantages)), self.level)

@@ -38,24 +38,40 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-class FenceWatcher:
-    """Per-sample incremental check for a closed ```python block in the generated text."""
+def backtick_tokens(tokenizer) -> frozenset[int]:
+    """Ids whose text contains a backtick: only around those can a code fence open or close."""
+    cached = getattr(tokenizer, "_tirl_backtick_ids", None)
+    if cached is None:
+        vocab = tokenizer.get_vocab()
+        cached = frozenset(i for i in vocab.values() if "`" in tokenizer.decode([i]))
+        tokenizer._tirl_backtick_ids = cached
+    return cached
 
-    def __init__(self, tokenizer):
+
+class FenceWatcher:
+    """Per-sample check for a closed ```python block, decoding text only near tokens that hold a backtick."""
+
+    WINDOW = 8  # tokens after a backtick token in which "python" / the closing newline may still arrive
+
+    def __init__(self, tokenizer, backticks: frozenset[int]):
         self.tokenizer = tokenizer
-        self.text = ""
-        self.open_at: int | None = None   # char offset just past "```python"
+        self.backticks = backticks
+        self.ids: list[int] = []
+        self.since_tick = self.WINDOW + 1
+        self.opened = False
 
     def push(self, token_id: int) -> bool:
         """Add a token; True when it closes an open code block."""
-        before = len(self.text)
-        self.text += self.tokenizer.decode([token_id])
-        if self.open_at is None:
-            i = self.text.find(OPEN_FENCE, max(0, before - len(OPEN_FENCE)))
-            if i < 0:
-                return False
-            self.open_at = i + len(OPEN_FENCE)
-        return self.text.find(CLOSE_FENCE, self.open_at) >= 0
+        self.ids.append(token_id)
+        self.since_tick = 0 if token_id in self.backticks else self.since_tick + 1
+        if self.since_tick > self.WINDOW:
+            return False
+        text = self.tokenizer.decode(self.ids)
+        start = text.find(OPEN_FENCE)
+        if start < 0:
+            return False
+        self.opened = True
+        return text.find(CLOSE_FENCE, start + len(OPEN_FENCE)) >= 0
 
 
 class HFBackend:
@@ -99,7 +115,8 @@ class HFBackend:
         ents = [[] for _ in range(B)]
         reasons = ["length"] * B
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        watchers = [FenceWatcher(self.tokenizer) for _ in range(B)] if params.stop_at_code else None
+        backticks = backtick_tokens(self.tokenizer) if params.stop_at_code else frozenset()
+        watchers = [FenceWatcher(self.tokenizer, backticks) for _ in range(B)] if params.stop_at_code else None
         code_starts: list[int | None] = [None] * B
 
         out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True)

@@ -60,7 +60,8 @@ class ToolLoop:
         while active:
             gens = self.backend.generate(
                 [t.prompt_ids + t.response_ids for t in active],
-                self.params(min(self.cfg.max_total_tokens - len(t.response_ids) for t in active)),
+                self.params(min(self.cfg.max_total_tokens - len(t.response_ids) for t in active),
+                            stop_at_code=self.cfg.max_tool_rounds > 0),
             )
             paused: list[tuple[Trajectory, int]] = []
             for t, g in zip(active, gens):
