@@ -263,7 +263,7 @@ def test_run_wires_typed_groups_into_the_module_and_returns_the_metric(tmp_path)
 
     RECEIVED.clear()
     value = run(stub_cfg(tmp_path))
-    assert isinstance(RECEIVED["method"], MethodConfig) and RECEIVED["method"].group_size == 16
+    assert isinstance(RECEIVED["method"], MethodConfig) and RECEIVED["method"].group_size == 8   # tiny scale
     assert isinstance(RECEIVED["model"], ModelConfig) and RECEIVED["model"].name_or_path == "tiny-warm"
     assert isinstance(RECEIVED["rollout"], RolloutConfig) and isinstance(RECEIVED["sandbox"], SandboxConfig)
     assert RECEIVED["init_from"] == "/ckpt/sft" and RECEIVED["data"].batch_size == 4
