@@ -44,7 +44,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "src/tirl/assets/tiny_warm")
     p.add_argument("--eval", type=int, default=64, help="held-out problems per task for the accuracy printout")
+    p.add_argument("--eval-only", action="store_true", help="only print the accuracy of the checkpoint in --out")
     args = p.parse_args()
+    if args.eval_only:
+        return report(args)
     torch.set_num_threads(2)
     pl.seed_everything(args.seed)
     t0 = time.time()
@@ -70,13 +73,16 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     module.policy.generation_config.pad_token_id = tok.pad_token_id
-    module.export_hf(str(args.out))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        (args.out / name).unlink(missing_ok=True)   # the tokenizer ships once, in assets/tiny
-    (args.out / "tirl_warm.json").write_text(json.dumps(vars(args) | {"out": str(args.out)}, indent=2) + "\n")
+    module.export_hf(str(args.out))   # weights + tokenizer: a checkpoint that loads on its own
+    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "eval_only")}
+    (args.out / "tirl_warm.json").write_text(json.dumps(recipe, indent=2) + "\n")
     size = sum(f.stat().st_size for f in args.out.iterdir()) / 2**20
     print(f"wrote {args.out} ({size:.1f} MB)")
 
+    report(args)
+
+
+def report(args) -> None:
     from tirl.eval.heldout import heldout_accuracy
 
     for task in ("math", "toolcall"):

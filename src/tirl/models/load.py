@@ -56,6 +56,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
                                             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _not_found(name_or_path, err) from err
+    if len(tok) <= 1 or not tok.encode("a", add_special_tokens=False):
+        raise ModelNotFoundError(
+            f"'{name_or_path}' has no usable tokenizer files (tokenizer.json / vocab); save the tokenizer next to the weights."
+        )
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
