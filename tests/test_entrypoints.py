@@ -271,7 +271,7 @@ def test_run_wires_typed_groups_into_the_module_and_returns_the_metric(tmp_path)
     # the returned value is the last logged val/acc (the test stage logs test/acc, which must not replace it)
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
     val_accs = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
-    assert len(val_accs) == 2 and value == pytest.approx(val_accs[-1])
+    assert len(val_accs) == 3 and value == pytest.approx(val_accs[-1])   # before fit, then every 3 steps
     assert any(r.get("train/loss") for r in rows) and any(r.get("test/acc") for r in rows)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
