@@ -73,7 +73,7 @@ def test_every_model_method_hardware_combination_validates(model, method, hardwa
 def test_tiny_model_scale_applies_after_the_method_and_only_to_tiny():
     tiny = validate(compose_resolved(["method=thor", "model=tiny"])).method
     real = validate(compose_resolved(["method=thor", "model=qwen8b"])).method
-    assert (tiny.lr, tiny.group_size) == (2e-4, 8) and (real.lr, real.group_size) == (1e-6, 16)
+    assert (tiny.lr, tiny.group_size) == (5e-5, 8) and (real.lr, real.group_size) == (1e-6, 16)
     assert tiny.loss.clip_high == real.loss.clip_high == 0.28          # the algorithm is THOR's either way
     assert validate(compose_resolved(["model=tiny", "method.lr=0.01"])).method.lr == 0.01   # the command line wins
 
