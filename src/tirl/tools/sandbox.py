@@ -36,8 +36,10 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -123,6 +125,9 @@ class _WorkerProcess:
 
     def __init__(self, cfg: dict) -> None:
         self.uid: int | None = cfg.get("uid")
+        # The parent owns the worker's temp root, so it is removed however the worker ends (even SIGKILL).
+        self.tmp_root = tempfile.mkdtemp(prefix="tirl-sandbox-")
+        cfg = {**cfg, "tmp_root": self.tmp_root}
         self.proc = subprocess.Popen(
             [sys.executable, "-I", sandbox_worker.__file__, json.dumps(cfg)],
             stdin=subprocess.PIPE,
@@ -186,6 +191,7 @@ class _WorkerProcess:
                 pass
         if forced and self.uid is not None:
             _kill_all_of_uid_from_parent(self.uid)
+        shutil.rmtree(self.tmp_root, ignore_errors=True)
 
 
 def _worker_env() -> dict[str, str]:

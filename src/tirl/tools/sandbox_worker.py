@@ -275,7 +275,7 @@ class Worker:
         self.reply_fd = reply_fd
         self.request_fd = request_fd
         self.uid: int | None = cfg.get("uid")
-        self.tmp_root = tempfile.mkdtemp(prefix="tirl-sandbox-")
+        self.tmp_root = cfg.get("tmp_root") or tempfile.mkdtemp(prefix="tirl-sandbox-")   # made by the parent
         os.chmod(self.tmp_root, 0o711)  # the snippet's uid may enter its own subdir, not list others
         self.workdir: str | None = None
 
