@@ -333,6 +333,7 @@ class Worker:
 
     def _fresh_workdir(self) -> str:
         if self.workdir is None:
+            os.makedirs(self.tmp_root, mode=0o711, exist_ok=True)   # a tmp cleaner may have removed it
             self.workdir = tempfile.mkdtemp(dir=self.tmp_root)
             if self.uid is not None:
                 os.chown(self.workdir, self.uid, self.uid)
