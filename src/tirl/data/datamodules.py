@@ -52,9 +52,14 @@ def _synthetic_name(spec: Any) -> str | None:
     return None
 
 
-def _generator_options(options: dict | None) -> dict:
-    """The synthetic options a generator takes (size/format/split are decided by the datamodule)."""
-    return {k: v for k, v in dict(options or {}).items() if k not in ("size", "format", "split")}
+GENERATOR_KEYS = {"math": ("levels",), "toolcall": ("categories", "max_tools", "max_calls")}
+
+
+def _generator_options(options: dict | None, name: str | None = None) -> dict:
+    """The synthetic options a generator takes (size/format/split are decided by the datamodule). data.synthetic is
+    one typed schema for both tasks, so a given task ignores the other task's options (names are checked there)."""
+    kept = {k: v for k, v in dict(options or {}).items() if k not in ("size", "format", "split")}
+    return kept if name not in GENERATOR_KEYS else {k: v for k, v in kept.items() if k in GENERATOR_KEYS[name]}
 
 
 def _split_off(records: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -120,7 +125,7 @@ class SFTDataModule(LightningDataModule):
         # held-out sets: the first val_size distinct held-out samples are val, the next val_size are test
         size = int(self.synthetic.get("size", 1000)) if split == "train" else 2 * self.val_size
         gen_split = "train" if split == "train" else "heldout"
-        options = {**_generator_options(self.synthetic), "format": "sft", "size": size, "split": gen_split}
+        options = {**_generator_options(self.synthetic, name), "format": "sft", "size": size, "split": gen_split}
         if name == "math" and self.sandbox is None:
             from tirl.tools.sandbox import LocalSandbox
 
@@ -342,7 +347,8 @@ class RLPromptDataModule(LightningDataModule):
 
     def _heldout(self, spec: Any, start: int) -> list[dict]:
         """Held-out synthetic prompts ``start .. start+val_size-1``; over-long ones are counted, not dropped."""
-        options = {**_generator_options(self.synthetic), "size": start + self.val_size, "split": "heldout"}
+        options = {**_generator_options(self.synthetic, _synthetic_name(spec)), "size": start + self.val_size,
+                   "split": "heldout"}
         records = list(load_records(spec, kind="rl", seed=self.seed, synthetic=options))[start:]
         for r in records:
             self._fits(r)
@@ -356,7 +362,7 @@ class RLPromptDataModule(LightningDataModule):
         if self.train_spec is None:  # evaluation only
             self._source = _NoTrainSource()
         elif name is not None:
-            self._source = _SyntheticPrompts(name, self.seed, _generator_options(self.synthetic))
+            self._source = _SyntheticPrompts(name, self.seed, _generator_options(self.synthetic, name))
             self._source.at(0)  # fail now, not mid-run, on bad generator options
         elif self.streaming:
             self._source = _SequentialPrompts(load_records(self.train_spec, self.on_bad_line, True, kind="rl"))
