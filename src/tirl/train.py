@@ -126,7 +126,9 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.get("train", True):
         if cfg.get("validate_before_fit", False) and not ckpt_path:
             before = trainer.validate(module, datamodule=datamodule, verbose=False)
-            log.info("Before training: %s", {k: round(float(v), 4) for k, v in (before[0] if before else {}).items()})
+            before = before[0] if before else {}
+            log.info("Before training: %s", {k: round(float(v), 4) for k, v in before.items()})
+            metrics.update(before)   # the optimised metric still exists if fit ends before its first validation
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(trainer.callback_metrics)
         log.info("After training: %s", {k: round(float(v), 4) for k, v in metrics.items() if k.startswith("val/")})
