@@ -130,8 +130,9 @@ def run(cfg: DictConfig) -> float | None:
             log.info("Before training: %s", {k: round(float(v), 4) for k, v in before.items()})
             metrics.update(before)   # the optimised metric still exists if fit ends before its first validation
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        after = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        log.info("After training: %s", after or "no validation ran during training (see trainer.val_check_interval)")
         metrics.update(trainer.callback_metrics)
-        log.info("After training: %s", {k: round(float(v), 4) for k, v in metrics.items() if k.startswith("val/")})
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         ckpt_path = best or None  # test the best checkpoint; without one, the weights as they are
     if cfg.get("test", True):
