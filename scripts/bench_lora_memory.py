@@ -21,7 +21,14 @@ import sys
 def case(args) -> dict:
     import torch
 
-    from tirl.config.schema import LoraConfig, LossConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+    from tirl.config.schema import (
+        LoraConfig,
+        LossConfig,
+        MethodConfig,
+        ModelConfig,
+        RolloutConfig,
+        SandboxConfig,
+    )
     from tirl.models.tiny import build_tiny
     from tirl.modules.grpo import GRPOModule
     from tirl.modules.rl_batch import Sample, collate_samples

@@ -52,7 +52,14 @@ def run_tirl(args) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from tirl.config.schema import LoraConfig, LossConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+    from tirl.config.schema import (
+        LoraConfig,
+        LossConfig,
+        MethodConfig,
+        ModelConfig,
+        RolloutConfig,
+        SandboxConfig,
+    )
     from tirl.models.tiny import load_tiny_tokenizer
     from tirl.modules.grpo import GRPOModule
 

@@ -46,7 +46,7 @@ def run_one(task: str, method: str, seed: int, args, out: Path) -> Path:
     if args.lr is not None:
         shared.append(f"method.lr={args.lr}")
     # the group keys that must match across the two methods of a task (the baseline inherits the preset's)
-    match = ["method.group_size={}".format(args.group_size), "method.prompts_per_step={}".format(args.prompts)]
+    match = [f"method.group_size={args.group_size}", f"method.prompts_per_step={args.prompts}"]
     cmd = [sys.executable, str(ROOT / "src/train.py"), *RUNS[task][method], *match, *shared]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", WANDB_MODE="offline")

@@ -3,13 +3,18 @@ dynamic sampling refills, micro-batching and resuming change nothing."""
 
 import copy
 import csv
-from dataclasses import replace
 
 import pytest
 import torch
 
 from tirl.config.schema import (
-    EpisodeFilterConfig, LoraConfig, LossConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig,
+    EpisodeFilterConfig,
+    LoraConfig,
+    LossConfig,
+    MethodConfig,
+    ModelConfig,
+    RolloutConfig,
+    SandboxConfig,
 )
 from tirl.models.tiny import load_tiny_tokenizer
 from tirl.modules.grpo import GRPOModule

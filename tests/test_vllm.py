@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import types
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 import torch

@@ -19,7 +19,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tirl.config import CONFIG_DIR, ConfigError, exit_on_bad_overrides, exit_on_config_error, register_loggers, task_wrapper
+from tirl.config import (
+    CONFIG_DIR,
+    ConfigError,
+    exit_on_bad_overrides,
+    exit_on_config_error,
+    register_loggers,
+    task_wrapper,
+)
 from tirl.eval.task_config import MathTaskConfig, validate_eval
 
 log = logging.getLogger(__name__)

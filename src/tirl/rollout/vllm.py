@@ -207,7 +207,7 @@ class VLLMBackend:
         self.stop_token_ids = sorted(t for t in stops if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id)
 
     @classmethod
-    def colocated(cls, policy, tokenizer, cfg: RolloutConfig, dtype: str = "bfloat16") -> "VLLMBackend":
+    def colocated(cls, policy, tokenizer, cfg: RolloutConfig, dtype: str = "bfloat16") -> VLLMBackend:
         """The backend for ``policy``: one engine per policy, built on first use and reused every step."""
         check_vllm_available()
         key = id(policy)
