@@ -207,3 +207,25 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(train_cfg, tmp_path
         assert any(full[s] != 0 for s in full) or key != "train/loss"
         for s in resumed:
             assert resumed[s] == pytest.approx(full[s], abs=1e-6), (key, s)
+
+
+def test_all_zero_advantage_step_leaves_the_weights_alone(train_cfg, tmp_path):
+    """Random tiny model + math: every reward is 0, so every advantage is 0. The update must be skipped (asserted
+    through skipped_update: on a fresh optimizer Adam's momentum is still zero, so the weights alone could not tell),
+    the step still counts, and the weights are the initial ones."""
+    from tirl.train import run
+
+    cfg = train_cfg(*TINY_RL, "method=grpo", "data=synthetic_math", "trainer.max_steps=3", "validate_before_fit=false",
+                    "trainer.limit_val_batches=0", "optimized_metric=null", "callbacks.model_checkpoint.monitor=null")
+    run(cfg)
+    rows = [r for r in rows_of(tmp_path) if r.get("train/reward_mean")]
+    assert len(rows) == 3 and all(float(r["train/reward_mean"]) == 0 for r in rows)
+    assert all(float(r["train/skipped_update"]) == 1.0 for r in rows)
+    import torch as _torch
+
+    from tirl.models.tiny import build_tiny
+
+    state = _torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    fresh = build_tiny(0)[0].state_dict()
+    assert all(_torch.equal(state[f"policy.{k}"], v) for k, v in fresh.items())
+    assert state and _torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -270,6 +270,7 @@ class GRPOModule(PolicyModule):
         trajs, rewards, correct, samples, stats = self.collect(list(batch))
         metrics = self.rollout_metrics(trajs, rewards, correct)
         metrics.update(stats)
+        tb = None
         if self._all_reduce(len(samples)) > 0:   # decided on the global count so every rank agrees
             tb = collate_samples(samples, self.tokenizer.pad_token_id) if samples else self.empty_batch()
             if m.shaping.kind != "none":
@@ -277,6 +278,9 @@ class GRPOModule(PolicyModule):
 
                 tb.advantages, shaped = shape_advantages(tb.advantages, tb.entropy, tb.mask, m.shaping)
                 metrics["shaping/shaped_token_frac"] = shaped
+        # With every advantage exactly 0 and no KL term the gradient is exactly 0, but an Adam step would still move
+        # the weights along its momentum; such a step is counted without touching the optimizer.
+        if tb is not None and (m.loss.kl_coef > 0 or self._all_reduce(float(tb.advantages.abs().sum() > 0)) > 0):
             metrics.update(self.update(tb))
         else:   # nothing to learn from: keep step/schedule counters moving so runs stay comparable
             metrics["skipped_update"] = 1.0
