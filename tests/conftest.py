@@ -21,6 +21,13 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 
+# Import wandb before any test runs. Its first import has pydantic ast.parse a large class body, and by late in the
+# suite something earlier (a dependency compiling ASTs during math parsing, not yet pinned down) has left CPython
+# 3.11's AST recursion counter off, so that parse raised SystemError. Training builds its loggers before any reward
+# code runs, so real runs import wandb in this order too.
+import wandb  # noqa: E402,F401
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:

@@ -68,7 +68,25 @@ def _parse_hermes(text: str) -> list[dict[str, Any]] | ParseError:
     return calls
 
 
+MAX_NESTING = 64   # no real call list nests deeper; deeper input never reaches the parser
+
+
+def _nesting_depth(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
 def _parse_python(text: str) -> list[dict[str, Any]] | ParseError:
+    # A RecursionError inside ast.parse can leave CPython 3.11's AST recursion counter corrupted, after which any
+    # later ast use in the process raises SystemError; model text nested that deep is refused before parsing.
+    if _nesting_depth(text) > MAX_NESTING:
+        return ParseError(f"nested deeper than {MAX_NESTING} brackets")
     try:
         tree = ast.parse(text, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
