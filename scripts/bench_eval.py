@@ -20,20 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import OmegaConf, open_dict  # noqa: E402
 
-from tirl.config import CONFIG_DIR  # noqa: E402
+from tirl.config import CONFIG_DIR, runnable  # noqa: E402
 
 
 def compose_eval(overrides: list[str], out_dir: Path):
     cfg = compose("eval", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-        del cfg["hydra"]
-    OmegaConf.resolve(cfg)
-    return cfg
+    return runnable(cfg, str(out_dir))
 
 
 def math_file(directory: Path, n: int) -> Path:

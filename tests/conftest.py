@@ -46,21 +46,14 @@ def train_cfg(tmp_path):
     """Compose configs/train.yaml with overrides, outputs under tmp_path, ready for ``tirl.train.run``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict
 
-    from tirl.config import CONFIG_DIR
+    from tirl.config import CONFIG_DIR, runnable
 
     def make(*overrides: str, out=None):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("train", return_hydra_config=True, overrides=[
                 "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false", *overrides])
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(out or tmp_path)
-            del cfg["hydra"]
-        OmegaConf.resolve(cfg)
-        return cfg
+        return runnable(cfg, str(out or tmp_path))
 
     return make

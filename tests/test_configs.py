@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
-from tirl.config import CONFIG_DIR, ConfigError, check_overrides, check_trainer_keys, validate
+from tirl.config import CONFIG_DIR, ConfigError, check_overrides, check_trainer_keys, runnable, validate
 from tirl.config.schema import LoraConfig, LossConfig, MethodConfig
 from tirl.config.validate import SCHEMAS, check_key_path, group_options
 
@@ -39,12 +38,7 @@ def hydra_configs():
 def compose_resolved(overrides: list[str], config_name: str = "train", output_dir: str = "/tmp/tirl-test-out") -> DictConfig:
     """Compose like `python src/{config_name}.py <overrides>` and resolve every interpolation."""
     cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.cwd} in paths reads it
-    with open_dict(cfg):
-        cfg.paths.output_dir = output_dir  # set by Hydra only when a job actually starts
-        del cfg["hydra"]
-    OmegaConf.resolve(cfg)
-    return cfg
+    return runnable(cfg, output_dir)
 
 
 def test_config_groups_hold_the_options_the_readme_names():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tirl.config import CONFIG_DIR, ConfigError, register_loggers, task_wrapper
+from tirl.config import CONFIG_DIR, ConfigError, register_loggers, runnable, task_wrapper
 from tirl.config.schema import DataConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
 from tirl.config.wrapper import _open_loggers
 
@@ -239,8 +239,6 @@ class StubModule(pl.LightningModule):
 def stub_cfg(tmp_path: Path, *extra: str):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -250,12 +248,7 @@ def stub_cfg(tmp_path: Path, *extra: str):
             "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false", "init_from=/ckpt/sft",
             *extra,
         ])
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        del cfg["hydra"]
-    OmegaConf.resolve(cfg)
-    return cfg
+    return runnable(cfg, str(tmp_path))
 
 
 def test_run_wires_typed_groups_into_the_module_and_returns_the_metric(tmp_path):

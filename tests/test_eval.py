@@ -10,10 +10,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
 
-from tirl.config import CONFIG_DIR, ConfigError
+from tirl.config import CONFIG_DIR, ConfigError, runnable
 from tirl.eval.bfcl_run import lazy_by_group
 from tirl.eval.bfcl_score import CategoryResult, ItemResult, bfcl_available
 from tirl.eval.math_bench import BenchmarkError, load_benchmark
@@ -144,12 +142,7 @@ def hydra_configs():
 
 def eval_config(overrides: list[str], out_dir: Path):
     cfg = compose("eval", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-        del cfg["hydra"]
-    OmegaConf.resolve(cfg)
-    return cfg
+    return runnable(cfg, str(out_dir))
 
 
 def test_bench_override_and_mistakes_end_in_one_sentence(hydra_configs, tmp_path):

@@ -11,6 +11,21 @@ from tirl.config.validate import ConfigError, TypedConfig, check_overrides, chec
 from tirl.config.wrapper import register_loggers, task_wrapper
 
 
+def runnable(cfg, output_dir) -> DictConfig:
+    """A config composed with ``hydra.compose(..., return_hydra_config=True)`` made ready for ``tirl.train.run`` /
+    ``tirl.evaluate.run`` outside ``@hydra.main`` (scripts, tests, notebooks): Hydra's runtime config is
+    registered (``${hydra:...}`` in paths reads it), outputs go to ``output_dir``, every interpolation is resolved."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)   # Hydra sets it only when a job really starts
+        del cfg["hydra"]
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
 def register_schemas() -> None:
     """Each group's yaml extends its dataclass (``defaults: [_schema, _self_]``), so every schema key can be
     overridden from the command line — ``method=dcore method.step_level.enabled=true`` — with no ``+``."""
