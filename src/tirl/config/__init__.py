@@ -6,9 +6,13 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tirl.config.validate import ConfigError, TypedConfig, check_overrides, check_trainer_keys, validate
 from tirl.config.wrapper import register_loggers, task_wrapper
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def runnable(cfg, output_dir) -> DictConfig:
