@@ -7,6 +7,11 @@ Equal settings: the same tiny Qwen3 weights (seed 0), the same rendered prompts,
 max completion length and temperature 1, one optimiser step per rollout batch with the whole batch in one
 micro-batch, the same β (β = 0: no reference model in either), LoRA or not, no vLLM, no gradient checkpointing,
 and the same reward callable. The first step is a warm-up and is not timed.
+
+Per-step phases, measured the same way on both sides: ``rollout`` = sampling the completions (tirl:
+``rollout_groups``; TRL: ``_generate``, which also decodes them), ``scoring`` = the reward call (tirl: ``score``,
+which decodes; TRL: ``_calculate_rewards``), ``update+other`` = the rest of the step (reference pass, training
+forward/backward, optimiser, bookkeeping).
 """
 
 from __future__ import annotations
@@ -72,9 +77,11 @@ def run_tirl(args) -> dict:
                             max_prompt_tokens=128)
     module = GRPOModule(method, model, rollout, SandboxConfig(workers=1), tok)
     module.reward_fn = module.accuracy_fn = length_reward
-    gen_t, upd_t = Timer(), Timer()
+    gen_t, upd_t, sample_t, score_t = Timer(), Timer(), Timer(), Timer()
     counts = {"rollout_tokens": 0, "train_tokens": 0}
     collect = module.collect
+    module.rollout_groups = sample_t.wrap(module.rollout_groups)
+    module.score = score_t.wrap(module.score)
 
     def counted_collect(records):
         out = collect(records)
@@ -94,7 +101,7 @@ def run_tirl(args) -> dict:
         def on_train_batch_end(self, *a):
             step_times.append(time.perf_counter() - self.t0)
             if len(step_times) == 1:        # warm-up step: reset the phase clocks
-                gen_t.total = upd_t.total = 0.0
+                gen_t.total = upd_t.total = sample_t.total = score_t.total = 0.0
                 counts.update(rollout_tokens=0, train_tokens=0)
 
     data = DataLoader(prompts(args.N) * (args.steps + 1), batch_size=args.N, collate_fn=list)
@@ -102,7 +109,7 @@ def run_tirl(args) -> dict:
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[StepClock()])
     trainer.fit(module, train_dataloaders=data)
-    return summarize("tirl", step_times[1:], gen_t.total, upd_t.total, counts)
+    return summarize("tirl", step_times[1:], gen_t.total, upd_t.total, counts, sample_t.total, score_t.total)
 
 
 def run_trl(args) -> dict:
@@ -153,6 +160,9 @@ def run_trl(args) -> dict:
         return out
 
     trainer._generate_and_score_completions = gen_t.wrap(counted_gen)
+    sample_t, score_t = Timer(), Timer()
+    trainer._generate = sample_t.wrap(trainer._generate)
+    trainer._calculate_rewards = score_t.wrap(trainer._calculate_rewards)
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -161,18 +171,22 @@ def run_trl(args) -> dict:
         def on_step_end(self, *a, **k):
             step_times.append(time.perf_counter() - self.t0)
             if len(step_times) == 1:
-                gen_t.total = 0.0
+                gen_t.total = sample_t.total = score_t.total = 0.0
                 counts.update(rollout_tokens=0, train_tokens=0)
 
     trainer.add_callback(StepClock())
     trainer.train()
     total = sum(step_times[1:])
-    return summarize("trl", step_times[1:], gen_t.total, total - gen_t.total, counts)
+    return summarize("trl", step_times[1:], gen_t.total, total - gen_t.total, counts, sample_t.total, score_t.total)
 
 
-def summarize(name: str, steps: list[float], gen_s: float, upd_s: float, counts: dict) -> dict:
+def summarize(name: str, steps: list[float], gen_s: float, upd_s: float, counts: dict, sample_s: float,
+              score_s: float) -> dict:
     total = sum(steps)
+    n = len(steps)
     return {
+        "phase_s_per_step": {"rollout": sample_s / n, "scoring": score_s / n,
+                             "update+other": (total - sample_s - score_s) / n},
         "impl": name, "steps": len(steps), "s_per_step": total / len(steps), "steps_per_s": len(steps) / total,
         "rollout_tokens_per_s": counts["rollout_tokens"] / max(gen_s, 1e-9),
         "train_tokens_per_s": counts["train_tokens"] / max(upd_s, 1e-9),
@@ -216,6 +230,10 @@ def main() -> int:
     for r in results.values():
         print(f"{r['impl']:6} {r['s_per_step']:8.3f} {r['steps_per_s']:8.3f} {r['rollout_tokens_per_s']:14.0f} "
               f"{r['train_tokens_per_s']:12.0f} {r['peak_rss_mb']:12.0f}")
+    print(f"per step (s): {'impl':6} {'rollout':>8} {'scoring':>8} {'update+other':>13}")
+    for r in results.values():
+        ph = r["phase_s_per_step"]
+        print(f"              {r['impl']:6} {ph['rollout']:8.3f} {ph['scoring']:8.3f} {ph['update+other']:13.3f}")
     if "trl" in results:
         print(f"tirl / TRL steps/s: {results['tirl']['steps_per_s'] / results['trl']['steps_per_s']:.2f}x")
     return 0
