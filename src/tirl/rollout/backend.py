@@ -48,30 +48,43 @@ def backtick_tokens(tokenizer) -> frozenset[int]:
     return cached
 
 
+def sample_tokens(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row from ``probs`` [B, V] (rows need not sum to 1) by inverting the CDF: [B].
+
+    Draws B uniforms where ``torch.multinomial`` draws B×V exponentials (on a CPU that RNG work costs more than
+    the rest of a small model's decode step). The CDF is float64 so large vocabularies keep their small masses.
+    """
+    cdf = probs.double().cumsum(-1)                                                    # [B, V]
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    # the first index whose CDF exceeds u: a zero-probability token (flat CDF step) is never chosen
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
 class FenceWatcher:
-    """Per-sample check for a closed ```python block, decoding text only near tokens that hold a backtick."""
+    """Batch-wide check for a closed ```python block, decoding a row's text only near tokens that hold a backtick."""
 
     WINDOW = 8  # tokens after a backtick token in which "python" / the closing newline may still arrive
 
-    def __init__(self, tokenizer, backticks: frozenset[int]):
+    def __init__(self, tokenizer, backticks: frozenset[int], batch_size: int, vocab_size: int, device):
         self.tokenizer = tokenizer
-        self.backticks = backticks
-        self.ids: list[int] = []
-        self.since_tick = self.WINDOW + 1
-        self.opened = False
+        self.is_tick = torch.zeros(max(vocab_size, max(backticks, default=0) + 1), dtype=torch.bool, device=device)
+        if backticks:
+            self.is_tick[torch.tensor(sorted(backticks), device=device)] = True
+        self.since_tick = torch.full((batch_size,), self.WINDOW + 1, dtype=torch.long, device=device)   # [B]
 
-    def push(self, token_id: int) -> bool:
-        """Add a token; True when it closes an open code block."""
-        self.ids.append(token_id)
-        self.since_tick = 0 if token_id in self.backticks else self.since_tick + 1
-        if self.since_tick > self.WINDOW:
-            return False
-        text = self.tokenizer.decode(self.ids)
+    def closed(self, tokens: torch.Tensor, step: int, active: torch.Tensor) -> list[int]:
+        """Rows (among ``active``) whose code block the token at ``step`` closed. tokens: [B, >step]."""
+        tick = self.is_tick[tokens[:, step]]
+        self.since_tick = torch.where(tick, torch.zeros_like(self.since_tick), self.since_tick + 1)
+        near = active & (self.since_tick <= self.WINDOW)
+        if not bool(near.any()):
+            return []
+        return [b for b in near.nonzero().flatten().tolist() if self.closes_block(tokens[b, :step + 1].tolist())]
+
+    def closes_block(self, ids: list[int]) -> bool:
+        text = self.tokenizer.decode(ids)
         start = text.find(OPEN_FENCE)
-        if start < 0:
-            return False
-        self.opened = True
-        return text.find(CLOSE_FENCE, start + len(OPEN_FENCE)) >= 0
+        return start >= 0 and text.find(CLOSE_FENCE, start + len(OPEN_FENCE)) >= 0
 
 
 class HFBackend:
@@ -101,60 +114,67 @@ class HFBackend:
         model.eval()
         device = next(model.parameters()).device
         pad = self.tokenizer.pad_token_id
-        B, L = len(prompts), max(len(p) for p in prompts)
+        B, L, T = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
         input_ids = torch.full((B, L), pad, dtype=torch.long, device=device)
-        attn = torch.zeros((B, L), dtype=torch.long, device=device)
+        # the whole run's mask at once; step t reads its first L + t columns (no per-step concatenation)
+        attn = torch.zeros((B, L + T), dtype=torch.long, device=device)
+        attn[:, L:] = 1
         for b, p in enumerate(prompts):
             input_ids[b, L - len(p):] = torch.tensor(p, device=device)
-            attn[b, L - len(p):] = 1
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+            attn[b, L - len(p):L] = 1
+        position_ids = (attn[:, :L].cumsum(-1) - 1).clamp(min=0)
         stop_ids = torch.tensor(self.stop_token_ids, device=device)
+        temp = params.temperature if params.temperature > 0 else 1.0
+        filtering = params.temperature > 0 and (params.top_k > 0 or params.top_p < 1.0)
 
-        ids = [[] for _ in range(B)]
-        logps = [[] for _ in range(B)]
-        ents = [[] for _ in range(B)]
-        reasons = ["length"] * B
+        # Everything per token stays in tensors; Python sees the results once, at the end.
+        tokens = torch.full((B, T), pad, dtype=torch.long, device=device)      # [B, T]
+        logps = torch.zeros((B, T), device=device)                             # [B, T]
+        ents = torch.zeros((B, T), device=device)                              # [B, T]
+        lengths = torch.zeros(B, dtype=torch.long, device=device)              # tokens each row wrote
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        backticks = backtick_tokens(self.tokenizer) if params.stop_at_code else frozenset()
-        watchers = [FenceWatcher(self.tokenizer, backticks) for _ in range(B)] if params.stop_at_code else None
-        code_starts: list[int | None] = [None] * B
+        ended = torch.zeros(B, dtype=torch.bool, device=device)                # stopped on an end-of-turn token
+        fenced: dict[int, int] = {}                                            # row → its fence token index
+        watcher = None
 
-        out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True)
+        out = model(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=position_ids, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1, :].float()
         next_pos = position_ids[:, -1:] + 1
-        for _ in range(params.max_new_tokens):
-            temp = params.temperature if params.temperature > 0 else 1.0
+        for t in range(T):
             logp_all = F.log_softmax(logits / temp, dim=-1)                       # [B, V]
-            entropy = -(logp_all.exp() * logp_all).sum(-1)                        # [B]
-            if params.temperature > 0:
-                sample_logits = filter_logits(logits / temp, params.top_k, params.top_p)
-                token = torch.multinomial(sample_logits.softmax(-1), 1).squeeze(-1)
-            else:
+            probs = logp_all.exp()
+            entropy = -(probs * logp_all).sum(-1)                                 # [B]
+            if params.temperature <= 0:
                 token = logits.argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad), token)
-            token_logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
-            tok_list, lp_list, ent_list = token.tolist(), token_logp.tolist(), entropy.tolist()
-            is_stop = torch.isin(token, stop_ids)
-            for b in range(B):
-                if done[b]:
-                    continue
-                ids[b].append(tok_list[b])
-                logps[b].append(lp_list[b])
-                ents[b].append(ent_list[b])
-                if is_stop[b]:
-                    reasons[b], done[b] = "eos", True
-                elif watchers is not None and watchers[b].push(tok_list[b]):
-                    reasons[b], done[b] = "tool", True
-                    code_starts[b] = self._fence_token(ids[b])
-            if bool(done.all()):
+            elif filtering:
+                token = sample_tokens(filter_logits(logits / temp, params.top_k, params.top_p).softmax(-1))
+            else:
+                token = sample_tokens(probs)
+            live = ~done                                                          # rows that write this token
+            token = token.masked_fill(done, pad)
+            tokens[:, t], logps[:, t], ents[:, t] = token, logp_all.gather(-1, token[:, None]).squeeze(-1), entropy
+            lengths += live
+            stopped = live & torch.isin(token, stop_ids)
+            ended |= stopped
+            done |= stopped
+            if params.stop_at_code:
+                if watcher is None:
+                    watcher = FenceWatcher(self.tokenizer, backtick_tokens(self.tokenizer), B, logits.shape[-1], device)
+                for b in watcher.closed(tokens, t, live & ~stopped):
+                    fenced[b] = self._fence_token(tokens[b, :t + 1].tolist())
+                    done[b] = True
+            if t == T - 1 or bool(done.all()):
                 break
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=-1)
-            out = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos,
+            out = model(input_ids=token[:, None], attention_mask=attn[:, :L + t + 1], position_ids=next_pos,
                         past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1, :].float()
             next_pos = next_pos + 1
         model.train(was_training)
-        return [Generation(ids[b], logps[b], ents[b], reasons[b], code_starts[b]) for b in range(B)]
+        ids, lps, hs = tokens.tolist(), logps.tolist(), ents.tolist()
+        n, eos = lengths.tolist(), ended.tolist()
+        return [Generation(ids[b][:n[b]], lps[b][:n[b]], hs[b][:n[b]],
+                           "eos" if eos[b] else "tool" if b in fenced else "length", fenced.get(b))
+                for b in range(B)]
 
     def _fence_token(self, ids: list[int]) -> int:
         """Index of the token in which the last ```python fence starts (exact, by decoding prefixes)."""
