@@ -32,11 +32,12 @@ REPO = CONFIG_DIR.parent
 WORLD = 2
 LR = 1e-3
 RESPONSE_LENGTHS = (3, 5, 4, 7)     # two groups of G=2: samples 0,1 and 2,3; 19 loss tokens in all
+STEP_LENGTH = 6                     # sample 4: one THOR step-level continuation, its own 6-token normaliser
 # Which samples each rank holds, one split per training step (micro_batch_size=1, so one pass per sample):
 SPLITS = [
-    ([0, 1], [2, 3]),     # a whole group per rank, 8 vs 11 tokens: a rank-local token-mean would differ
-    ([0, 1, 2], [3]),     # rank 1: 1 real pass + 2 zero-weighted ones to join rank 0's 3 gradient syncs
-    ([0, 1, 2, 3], []),   # rank 1 rolled out nothing it keeps: it trains on the empty batch, 4 passes
+    ([0, 1], [2, 3, 4]),     # a whole group per rank, 8 vs 11 episode tokens: a rank-local token-mean would differ
+    ([0, 1, 2, 4], [3]),     # rank 1: 1 real pass + 3 zero-weighted ones to join rank 0's 4 gradient syncs
+    ([0, 1, 2, 3, 4], []),   # rank 1 rolled out nothing it keeps: it trains on the empty batch, 5 passes
 ]
 
 
@@ -92,19 +93,21 @@ def module_kwargs() -> dict:
 
 
 def fixed_samples(module: GRPOModule) -> list[Sample]:
-    """Four responses after one prompt, advantages -1/+1 per group, old log-probs = the starting policy's."""
+    """Four episode responses after one prompt, advantages -1/+1 per group, then one step-level response (-1);
+    old log-probs = the starting policy's."""
     tok = module.tokenizer
     g = torch.Generator().manual_seed(0)
     prompt = tok.encode("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n")
     temperature = module.rollout_cfg.temperature or 1.0
     samples = []
-    for i, n in enumerate(RESPONSE_LENGTHS):
+    for i, n in enumerate((*RESPONSE_LENGTHS, STEP_LENGTH)):
         resp = torch.randint(10, 500, (n,), generator=g).tolist()
         with torch.no_grad():
             ids = torch.tensor([prompt + resp])                                   # [1, P+n]
             logits = module.policy(input_ids=ids).logits[0, len(prompt) - 1:-1]    # [n, V]
             old = core.token_logprobs(logits, torch.tensor(resp), temperature=temperature)
-        samples.append(Sample(prompt, resp, [1] * n, old.tolist(), [0.0] * n, 1.0 if i % 2 else -1.0))
+        level = "episode" if i < len(RESPONSE_LENGTHS) else "step"
+        samples.append(Sample(prompt, resp, [1] * n, old.tolist(), [0.0] * n, 1.0 if i % 2 else -1.0, level))
     return samples
 
 
@@ -170,9 +173,9 @@ def test_split_batch_under_ddp_gives_the_one_process_gradient_even_when_ranks_ar
     for step, split in enumerate(SPLITS):
         seen = [torch.load(tmp_path / f"step{step}_rank{r}.pt") for r in range(WORLD)]
         for rank, rec in enumerate(seen):
-            # the token-mean's denominator is both ranks' tokens (19), not this rank's own
+            # each level's token-mean denominator counts both ranks' tokens (19 and 6), not this rank's own
             assert rec["counts"]["episode"] == (n_tokens, 4.0), (step, rank)
-            assert rec["counts"]["step"] == (1.0, 1.0)     # no step-level samples: the floor of 1
+            assert rec["counts"]["step"] == (float(STEP_LENGTH), 1.0), (step, rank)
             # every rank joins as many gradient syncs as the busiest rank has micro-batches
             assert rec["passes"] == max(len(s) for s in split), (step, rank)
             assert rec["grads"].keys() == ref_grads[step].keys()
