@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow   # each test starts real processes: ~20 s apiece 
 REPO = CONFIG_DIR.parent
 WORLD = 2
 LR = 1e-3
+PPO_EPOCHS = 2                      # two optimiser steps per update: gradients restart from zero for the second
 RESPONSE_LENGTHS = (3, 5, 4, 7)     # two groups of G=2: samples 0,1 and 2,3; 19 loss tokens in all
 STEP_LENGTH = 6                     # sample 4: one THOR step-level continuation, its own 6-token normaliser
 # Which samples each rank holds, one split per training step (micro_batch_size=1, so one pass per sample):
@@ -43,7 +44,7 @@ SPLITS = [
 
 def method_config() -> MethodConfig:
     # max_grad_norm huge: clipping would rescale a wrongly scaled gradient to the same norm and hide the error
-    return MethodConfig(lr=LR, micro_batch_size=1, max_grad_norm=1e6, group_size=2)
+    return MethodConfig(lr=LR, micro_batch_size=1, max_grad_norm=1e6, group_size=2, ppo_epochs=PPO_EPOCHS)
 
 
 class FixedRolloutGRPO(GRPOModule):
@@ -54,13 +55,15 @@ class FixedRolloutGRPO(GRPOModule):
         self.fixed_samples, self.out_dir = samples, out_dir
         self.seen_counts: dict[str, tuple[float, float]] = {}
         self.passes = 0
+        self.updates = 0
 
     def setup(self, stage: str) -> None:
         torch.set_num_threads(1)
         super().setup(stage)
 
     def collect(self, records: list[dict]):
-        mine = [self.fixed_samples[i] for i in SPLITS[self.global_step][self.global_rank]]
+        mine = [self.fixed_samples[i] for i in SPLITS[self.updates][self.global_rank]]
+        self.updates += 1
         trajs = [Trajectory(s.context, s.response, s.loss_mask, s.old_logprobs, s.entropies, meta={"group": i // 2})
                  for i, s in enumerate(mine)]
         rewards = [s.advantage for s in mine]
@@ -76,6 +79,7 @@ class FixedRolloutGRPO(GRPOModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # after the last backward and the clip, before the step: the gradient the optimiser is about to apply
+        # (global_step counts optimiser steps: PPO_EPOCHS per update)
         grads = {n: p.grad.detach().clone() for n, p in self.policy.named_parameters() if p.grad is not None}
         record = {"grads": grads, "counts": dict(self.seen_counts), "passes": self.passes}
         torch.save(record, os.path.join(self.out_dir, f"step{self.global_step}_rank{self.global_rank}.pt"))
@@ -112,15 +116,15 @@ def fixed_samples(module: GRPOModule) -> list[Sample]:
 
 
 def one_process_reference(samples: list[Sample]) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Per step, the full-batch gradient in one process (no process group), then the same AdamW step."""
+    """Per optimiser step, the full-batch gradient in one process (no process group), then the same AdamW step."""
     ref = GRPOModule(**module_kwargs())
     ref.configure_model()
     m = ref.method_cfg
     opt = torch.optim.AdamW(ref.trainable_parameters(), lr=m.lr, weight_decay=m.weight_decay, betas=tuple(m.betas))
     batch = collate_samples(samples, ref.tokenizer.pad_token_id)
     grads = []
-    for _ in SPLITS:
-        counts = {lv: ref.global_counts(batch, lv) for lv in ("episode", "step")}
+    counts = {lv: ref.global_counts(batch, lv) for lv in ("episode", "step")}
+    for _ in range(len(SPLITS) * PPO_EPOCHS):
         opt.zero_grad(set_to_none=True)
         loss, _ = ref.micro_batch_loss(batch, counts)
         loss.backward()
@@ -163,14 +167,16 @@ def test_split_batch_under_ddp_gives_the_one_process_gradient_even_when_ranks_ar
     # a rank that skipped a gradient sync would leave the other blocked in a collective: gloo gives up after
     # the timeout, the rank raises, and fit raises here instead of hanging the suite
     strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=90))
-    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=len(SPLITS), logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0)
+    # Lightning counts optimiser steps (PPO_EPOCHS per update) in max_steps under manual optimisation
+    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=len(SPLITS) * PPO_EPOCHS,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, train_dataloaders=prompts)
 
     ref_grads, ref_final = one_process_reference(samples)
     n_tokens = float(sum(RESPONSE_LENGTHS))
-    for step, split in enumerate(SPLITS):
+    for step in range(len(SPLITS) * PPO_EPOCHS):
+        split = SPLITS[step // PPO_EPOCHS]
         seen = [torch.load(tmp_path / f"step{step}_rank{r}.pt") for r in range(WORLD)]
         for rank, rec in enumerate(seen):
             # each level's token-mean denominator counts both ranks' tokens (19 and 6), not this rank's own
@@ -192,7 +198,7 @@ def test_split_batch_under_ddp_gives_the_one_process_gradient_even_when_ranks_ar
     for rank in range(WORLD):
         final = torch.load(tmp_path / f"final_rank{rank}.pt")
         for name, w in final.items():
-            # compare what the three steps moved (the weights themselves dwarf a 1e-3 step)
+            # compare what the six steps moved (the weights themselves dwarf a 1e-3 step)
             assert relative_error(w - start[name].detach(), ref_final[name] - start[name].detach()) < 1e-2, name
 
 
