@@ -6,7 +6,7 @@ import torch
 from tirl.config.schema import RolloutConfig, SelfCorrectionConfig
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 from tirl.rl.core import token_entropy, token_logprobs
-from tirl.rollout.backend import HFBackend, filter_logits
+from tirl.rollout.backend import HFBackend, filter_logits, merged_lora, sample_tokens
 from tirl.rollout.scripted import ScriptedBackend
 from tirl.rollout.tool_loop import ToolLoop, last_code_block
 from tirl.rollout.types import SamplingParams
@@ -146,3 +146,63 @@ def test_hf_backend_pauses_at_closing_fence():
     assert gen.stop_reason == "tool"
     assert tok.decode(gen.ids).endswith("print(1)\n```")
     assert tok.decode(gen.ids[gen.code_start:]).startswith("```python")
+
+
+def test_sample_tokens_follows_the_probabilities_and_never_picks_a_zero():
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 2.0]]).repeat(20000, 1)   # rows need not sum to 1
+    draws = sample_tokens(probs).view(20000, 2)
+    freq = torch.bincount(draws[:, 0], minlength=4).double() / 20000
+    assert torch.allclose(freq, torch.tensor([0.1, 0.0, 0.6, 0.3], dtype=torch.float64), atol=0.01)
+    assert freq[1] == 0 and (draws[:, 1] == 3).all()
+
+
+def tiny_lora(init_b: bool = True, **peft_kw):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = build_tiny(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                             **peft_kw))
+    if init_b:   # peft starts B at 0 (ΔW = 0); a trained adapter does not
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    return model, tok
+
+
+def test_merged_lora_matches_the_adapter_and_puts_everything_back():
+    model, _ = tiny_lora()
+    ids = torch.randint(5, 500, (2, 12))
+    wrappers = {n: m for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(ids).logits
+        with merged_lora(model):
+            assert not any("lora" in n for n, _ in model.named_modules())   # plain Linear layers inside
+            merged = model(ids).logits
+    assert (merged - ref).abs().max() < 1e-5 and (merged - ref).abs().max() > 0   # ΔW is really applied
+    assert {n: m for n, m in model.named_modules()} == wrappers                  # the same module objects
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # base and adapter bit-exact
+
+
+def test_merged_lora_leaves_dora_and_plain_models_alone():
+    dora, _ = tiny_lora(use_dora=True)
+    plain, _ = build_tiny(0)
+    for model in (dora, plain):
+        before = {n: m for n, m in model.named_modules()}
+        with merged_lora(model):
+            assert {n: m for n, m in model.named_modules()} == before
+
+
+def test_lora_rollout_logprobs_match_a_forward_through_the_adapter():
+    torch.manual_seed(0)
+    model, tok = tiny_lora()
+    prompts = [tok.encode("<|im_start|>user\nhi<|im_end|>\n"), tok.encode("a much longer prompt with more tokens")]
+    gens = HFBackend(model, tok).generate(prompts, SamplingParams(max_new_tokens=16, temperature=0.7))
+    for p, g in zip(prompts, gens):
+        ids = torch.tensor([p + g.ids])
+        with torch.no_grad():
+            logits = model(ids).logits[:, len(p) - 1:-1]
+        assert torch.allclose(token_logprobs(logits, ids[:, len(p):], temperature=0.7)[0], torch.tensor(g.logprobs),
+                              atol=1e-4)

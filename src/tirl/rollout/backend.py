@@ -4,14 +4,20 @@
 ``model.generate``: the loop records the rollout policy's log-prob and entropy of every sampled token at the
 rollout temperature as it goes (``generate`` would have to keep B×T×V scores for that) and pauses each sample the
 moment its ```python block closes, while the rest of the batch continues.
+
+A LoRA policy on the CPU samples through plain ``Linear`` layers holding W + ΔW (``merged_lora``): a decode step
+of a small model is Python overhead, and peft's wrappers add three modules per targeted layer to every one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tirl.rollout.types import Generation, SamplingParams
 
@@ -21,6 +27,53 @@ CLOSE_FENCE = "\n```"
 
 class GenerationBackend(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]: ...
+
+
+def _merged_linear_swaps(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
+    """(parent, name, LoRA wrapper, plain Linear with W + ΔW) for every LoRA layer, or [] when any one cannot be
+    merged exactly like peft's forward computes it (not a plain Linear base, DoRA or another variant, a LoRA bias,
+    adapters switched off, already merged) or the weights are not ordinary CPU tensors (sharded, on a GPU)."""
+    if not hasattr(model, "peft_config"):
+        return []
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if not isinstance(child, LoraLayer):
+                continue
+            base = child.get_base_layer()
+            adapters = [a for a in child.active_adapters if a in child.lora_A]
+            if (not isinstance(child, LoraLinear) or type(base) is not nn.Linear or child.disable_adapters
+                    or child.merged or type(base.weight) is not nn.Parameter or base.weight.device.type != "cpu"
+                    or any(a in child.lora_variant or child.lora_bias.get(a) for a in adapters)):
+                return []
+            plain = nn.utils.skip_init(nn.Linear, base.in_features, base.out_features, bias=False,
+                                       device=base.weight.device, dtype=base.weight.dtype)
+            with torch.no_grad():
+                weight = base.weight.detach().clone()
+                for a in adapters:
+                    weight += child.get_delta_weight(a).to(weight.dtype)
+            plain.weight = nn.Parameter(weight, requires_grad=False)
+            plain.bias = base.bias
+            swaps.append((parent, name, child, plain))
+    return swaps
+
+
+@contextmanager
+def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside: each LoRA layer of a CPU peft model is a plain Linear with W + ΔW (one transient copy of the targeted
+    weights). Outside again: the very same wrapper modules and base tensors as before, so training and the
+    reference (the base) are untouched bit for bit. Any other model passes through unchanged."""
+    swaps = _merged_linear_swaps(model)
+    for parent, name, _, plain in swaps:
+        setattr(parent, name, plain)
+    try:
+        yield model
+    finally:
+        for parent, name, wrapper, _ in reversed(swaps):
+            setattr(parent, name, wrapper)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -103,8 +156,9 @@ class HFBackend:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         out: list[Generation] = []
-        for i in range(0, len(prompts), self.max_batch_size):
-            out += self._generate(prompts[i:i + self.max_batch_size], params)
+        with merged_lora(self.model):
+            for i in range(0, len(prompts), self.max_batch_size):
+                out += self._generate(prompts[i:i + self.max_batch_size], params)
         return out
 
     @torch.no_grad()
