@@ -6,7 +6,7 @@ import torch
 from tirl.config.schema import RolloutConfig, SelfCorrectionConfig
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 from tirl.rl.core import token_entropy, token_logprobs
-from tirl.rollout.backend import HFBackend, filter_logits, merged_lora, sample_tokens
+from tirl.rollout.backend import HFBackend, filter_logits, growing_cache, merged_lora, sample_tokens
 from tirl.rollout.scripted import ScriptedBackend
 from tirl.rollout.tool_loop import ToolLoop, last_code_block
 from tirl.rollout.types import SamplingParams
@@ -206,3 +206,30 @@ def test_lora_rollout_logprobs_match_a_forward_through_the_adapter():
             logits = model(ids).logits[:, len(p) - 1:-1]
         assert torch.allclose(token_logprobs(logits, ids[:, len(p):], temperature=0.7)[0], torch.tensor(g.logprobs),
                               atol=1e-4)
+
+
+def test_growing_cache_decodes_like_the_default_cache_across_regrowth():
+    model, _ = build_tiny(0)
+    ids = torch.randint(5, 500, (3, 7))
+    steps = torch.randint(5, 500, (3, 6))
+    cache = growing_cache(model, room=2)   # room for 2 tokens: the buffer has to grow twice on the way
+    assert cache is not None
+    with torch.no_grad():
+        ours = [model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+        plain = model(input_ids=ids, use_cache=True)
+        theirs, past = [plain.logits[:, -1]], plain.past_key_values
+        for k in range(steps.shape[1]):
+            ours.append(model(input_ids=steps[:, k:k + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+            out = model(input_ids=steps[:, k:k + 1], past_key_values=past, use_cache=True)
+            theirs.append(out.logits[:, -1])
+            past = out.past_key_values
+    assert cache.get_seq_length() == 13 and cache.layers[0].buf_k.shape[-2] >= 13
+    assert torch.allclose(torch.stack(ours), torch.stack(theirs), atol=1e-5)
+
+
+def test_growing_cache_leaves_sliding_window_models_to_their_own_cache():
+    from tirl.models.tiny import tiny_config
+    from transformers import Qwen3ForCausalLM
+
+    sliding = Qwen3ForCausalLM(tiny_config(use_sliding_window=True, sliding_window=4, max_window_layers=0))
+    assert growing_cache(sliding, room=8) is None

@@ -11,6 +11,7 @@ of a small model is Python overhead, and peft's wrappers add three modules per t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -113,6 +114,55 @@ def sample_tokens(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+@functools.cache
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A DynamicLayer whose keys/values live in a buffer with room to grow; it hands out views of the filled
+        part, so a decode step writes one position instead of concatenating (copying) the whole cache. The buffer
+        doubles when full, so it never holds more than twice what the plain layer holds after its concatenation."""
+
+        def __init__(self, room: int):
+            super().__init__()
+            self.room = room
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            n, q = (self.keys.shape[-2] if self.is_initialized else 0), key_states.shape[-2]
+            if not self.is_initialized or n + q > self.buf_k.shape[-2]:
+                cap = max(2 * (n + q), n + q + self.room)
+                buf_k = key_states.new_empty(*key_states.shape[:-2], cap, key_states.shape[-1])
+                buf_v = value_states.new_empty(*value_states.shape[:-2], cap, value_states.shape[-1])
+                if n:
+                    buf_k[..., :n, :], buf_v[..., :n, :] = self.keys, self.values
+                self.buf_k, self.buf_v = buf_k, buf_v
+                self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            self.buf_k[..., n:n + q, :], self.buf_v[..., n:n + q, :] = key_states, value_states
+            self.keys, self.values = self.buf_k[..., :n + q, :], self.buf_v[..., :n + q, :]
+            return self.keys, self.values
+
+    return DynamicLayer, GrowingLayer
+
+
+def growing_cache(model: nn.Module, room: int):
+    """A transformers DynamicCache for ``model`` whose layers grow in place (room for ``room`` tokens after the
+    prompt), or None (the model makes its own) unless every layer is a plain full-attention DynamicLayer."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=config)
+    except Exception:   # not a transformers config the cache can read: leave the cache to the model
+        return None
+    plain, growing = _growing_layer_class()
+    if not cache.layers or any(type(layer) is not plain for layer in cache.layers):
+        return None     # sliding-window, indexed, quantised … layers keep their own update rules
+    cache.layers = [growing(room) for _ in cache.layers]
+    return cache
+
+
 class FenceWatcher:
     """Batch-wide check for a closed ```python block, decoding a row's text only near tokens that hold a backtick."""
 
@@ -191,7 +241,9 @@ class HFBackend:
         fenced: dict[int, int] = {}                                            # row → its fence token index
         watcher = None
 
-        out = model(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=position_ids, use_cache=True)
+        past = growing_cache(model, T)
+        out = model(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=position_ids, use_cache=True,
+                    **({"past_key_values": past} if past is not None else {}))
         past, logits = out.past_key_values, out.logits[:, -1, :].float()
         next_pos = position_ids[:, -1:] + 1
         for t in range(T):
