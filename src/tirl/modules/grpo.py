@@ -354,7 +354,9 @@ class GRPOModule(PolicyModule):
     # ------------------------------------------------------------------ samples table
     def log_samples(self, split: str, trajs: list[Trajectory], rewards: list[float], correct: list[float]) -> None:
         k = self.method_cfg.log_samples
-        if not k or self._trainer is None or self.trainer.sanity_checking:
+        # rank 0 only, as W&B's log_table and the CSV metrics are: under DDP every rank appending to one CSV raced
+        # on its header and doubled the rows
+        if not k or self._trainer is None or self.trainer.sanity_checking or self.global_rank != 0:
             return
         rows = [[int(self.global_step), t.meta.get("id"), self.response_text(t), r, c, t.num_calls, t.failed_calls]
                 for t, r, c in list(zip(trajs, rewards, correct))[:k]]
