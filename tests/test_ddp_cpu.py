@@ -225,4 +225,7 @@ def test_tiny_dcore_run_under_two_process_ddp_trains_and_logs(tmp_path):
         assert float(r.get("train/skipped_update") or 0.0) == 0.0
         assert float(r["train/grad_norm"]) > 0 and float(r["train/kl"]) >= 0
     assert [r for r in rows if r.get("val/acc")], "validation under DDP logged no val/acc"
+    # the samples table is rank 0's (method.log_samples=4 rows a step, one header), not every rank's appended
+    samples = list(csv.reader((run_dir / "csv" / "train_samples.csv").open()))
+    assert samples[0][0] == "step" and [row[0] for row in samples[1:]] == ["1"] * 4 + ["2"] * 4
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
