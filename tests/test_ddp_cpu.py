@@ -4,7 +4,8 @@ zero-weighted padding passes on a rank with fewer micro-batches (or none) — an
 trains end to end.
 
 The first test drives the real ``GRPOModule.training_step``/``update`` under Lightning's DDP (spawned ranks); only
-``collect`` is replaced, so each rank "rolls out" a fixed share of four known samples.
+``collect`` is replaced, so each rank "rolls out" a fixed share of five known samples (four episode-level, one
+THOR step-level), and two PPO epochs run per update.
 """
 
 from __future__ import annotations
