@@ -229,3 +229,53 @@ def test_all_zero_advantage_step_leaves_the_weights_alone(train_cfg, tmp_path):
     fresh = build_tiny(0)[0].state_dict()
     assert all(_torch.equal(state[f"policy.{k}"], v) for k, v in fresh.items())
     assert state and _torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_shared_contexts_give_the_same_loss_and_gradient_as_whole_sequences():
+    """Two prompts of different lengths, three samples each, one with tool tokens (no loss) inside its response:
+    reading each prompt once and continuing every row from its cache changes nothing but the work."""
+    module, tok = make_module(loss=LossConfig(kl_coef=0.1, nll_coef=0.5))
+    module.setup("fit")
+    try:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():   # move the policy off its frozen reference so the KL term is not 0
+            for p in module.policy.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        prompts = [tok.encode("<|im_start|>user\nq<|im_end|>\n"), tok.encode("a longer prompt than the other")]
+        samples = []
+        for i in range(6):
+            resp = torch.randint(10, 500, (5 + 2 * i,), generator=g).tolist()
+            mask = [1] * len(resp)
+            if i == 4:
+                mask[2:5] = [0, 0, 0]   # an environment's output
+            old = (torch.randn(len(resp), generator=g) * 0.1 - 6).tolist()
+            samples.append(Sample(prompts[i % 2], resp, mask, old, [1.0] * len(resp), float(i % 3 - 1)))
+        tb = collate_samples(samples, tok.pad_token_id)
+        shared = tb.shared_contexts()
+        assert shared is not None and shared.ctx_ids.shape[0] == 2 and shared.row_ctx.tolist() == [0, 1] * 3
+        assert int(shared.tokens.mask.sum()) == int(tb.mask.sum()) == sum(sum(s.loss_mask) for s in samples)
+        counts = {lv: module.global_counts(tb, lv) for lv in ("episode", "step")}
+
+        def loss_and_grads(share: bool):
+            module.share_contexts = share
+            module.policy.zero_grad()
+            loss, metrics = module.micro_batch_loss(tb, counts)
+            loss.backward()
+            return loss.item(), metrics["kl"].item(), [p.grad.clone() for p in module.trainable_parameters()]
+
+        (l1, kl1, g1), (l2, kl2, g2) = loss_and_grads(True), loss_and_grads(False)
+        assert l1 == pytest.approx(l2, abs=1e-6) and kl1 == pytest.approx(kl2, abs=1e-7) and kl1 > 0
+        for a, b in zip(g1, g2):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    finally:
+        module.teardown("fit")
+
+
+def test_rows_without_a_shared_context_or_a_loss_token_stay_whole():
+    _, tok = make_module()
+    a = Sample([5, 6], [7, 8], [1, 1], [0.0, 0.0], [0.0, 0.0], 1.0)
+    b = Sample([5, 9], [7, 8], [1, 1], [0.0, 0.0], [0.0, 0.0], 1.0)
+    assert collate_samples([a, b], tok.pad_token_id).shared_contexts() is None           # different prompts
+    silent = Sample([5, 6], [7, 8], [0, 0], [0.0, 0.0], [0.0, 0.0], 0.0)
+    assert collate_samples([a, a, silent], tok.pad_token_id).shared_contexts() is None   # a row with no loss
+    assert collate_samples([a, a], tok.pad_token_id).shared_contexts().ctx_ids.tolist() == [[5, 6]]

@@ -23,7 +23,7 @@ from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, Sandbox
 from tirl.data.chat import get_chat_format, render_prompt
 from tirl.models.reference import make_frozen_reference, reference_model
 from tirl.modules.policy import PolicyModule
-from tirl.modules.rl_batch import Sample, TensorBatch, collate_samples
+from tirl.modules.rl_batch import Sample, SharedContextBatch, TensorBatch, collate_samples
 from tirl.rewards import get_reward
 from tirl.rl import core
 from tirl.rollout.backend import HFBackend
@@ -67,6 +67,7 @@ class GRPOModule(PolicyModule):
         self.episode_filter = EpisodeFilter(method.episode_filter) if method.episode_filter.enabled else None
         self.step_level = StepLevel(method.step_level) if method.step_level.enabled else None
         self.frozen_ref = None
+        self.share_contexts = True   # read a context shared by several samples once per micro-batch
         self.sandbox = None
         self._val_outputs: list[dict] = []
 
@@ -155,32 +156,57 @@ class GRPOModule(PolicyModule):
             dist.all_reduce(counts)
         return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
 
+    @staticmethod
+    def sequence_logits(model, tok: TensorBatch, shared: SharedContextBatch | None) -> torch.Tensor:
+        """Next-token logits lined up with the per-token tensors of ``tok`` (``shared.tokens`` when contexts are
+        shared; else a response window, whose input ids are the whole sequences)."""
+        if shared is None:
+            keep = tok.mask.shape[1] + 1
+            return model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, logits_to_keep=keep).logits[:, :-1]
+        ctx = model(input_ids=shared.ctx_ids, attention_mask=shared.ctx_attn, position_ids=shared.ctx_pos,
+                    use_cache=True, logits_to_keep=1)
+        cache = ctx.past_key_values
+        cache.batch_select_indices(shared.row_ctx)      # indexing, so gradients from every row add up in the context
+        out = model(input_ids=shared.tokens.input_ids, attention_mask=shared.attention_mask,
+                    position_ids=shared.position_ids, past_key_values=cache, use_cache=True)
+        return torch.cat([ctx.logits[shared.row_ctx], out.logits[:, :-1]], dim=1)              # [N, R, V]
+
+    def can_share_contexts(self) -> bool:
+        """Reading a shared context once needs a transformers cache the gradient can flow through (not with
+        gradient checkpointing, which drops the cache in training)."""
+        policy = self.policy
+        checkpointing = getattr(policy, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(policy, "is_gradient_checkpointing", False)
+        return self.share_contexts and getattr(policy, "config", None) is not None and not checkpointing
+
     def micro_batch_loss(self, mb: TensorBatch, counts: dict[str, tuple[float, float]]) -> tuple[torch.Tensor, dict]:
         loss_cfg = self.method_cfg.loss
-        mb = mb.response_window()         # logits only where some row has a loss token (prompts cost no lm_head)
-        keep = mb.mask.shape[1] + 1
-        out = self.policy(input_ids=mb.input_ids, attention_mask=mb.attention_mask, logits_to_keep=keep)
-        logits = out.logits[:, :-1]                                                       # [B, W, V]
-        logp = core.token_logprobs(logits, mb.targets, temperature=self.rollout_cfg.temperature or 1.0)
-        loss_tok, metrics = core.policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, loss_cfg.clip_low,
+        shared = mb.shared_contexts() if self.can_share_contexts() else None
+        # per-token tensors: the continuations' (shared contexts), or from the first column any row has a loss
+        # token in (prompts cost no lm_head either way)
+        tok = shared.tokens if shared is not None else mb.response_window()
+        temperature = self.rollout_cfg.temperature or 1.0
+        logits = self.sequence_logits(self.policy, tok, shared)                                 # [B, W, V]
+        logp = core.token_logprobs(logits, tok.targets, temperature=temperature)
+        loss_tok, metrics = core.policy_loss(logp, tok.old_logp, tok.advantages, tok.mask, loss_cfg.clip_low,
                                              loss_cfg.clip_high, loss_cfg.dual_clip)
         if loss_cfg.kl_coef > 0:
             with reference_model(self.policy, self.frozen_ref) as ref, torch.no_grad():
-                ref_logits = ref(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                 logits_to_keep=keep).logits[:, :-1]
-                ref_logp = core.token_logprobs(ref_logits, mb.targets, temperature=self.rollout_cfg.temperature or 1.0)
+                ref_logits = self.sequence_logits(ref, tok, shared)
+                ref_logp = core.token_logprobs(ref_logits, tok.targets, temperature=temperature)
             kl = core.kl_penalty(logp, ref_logp, loss_cfg.kl_kind)
             loss_tok = loss_tok + loss_cfg.kl_coef * kl
-            metrics["kl"] = core.masked_mean(kl.detach(), mb.mask)
+            metrics["kl"] = core.masked_mean(kl.detach(), tok.mask)
         if loss_cfg.nll_coef > 0:
-            loss_tok = loss_tok + loss_cfg.nll_coef * core.nll_on_positive(logp, mb.advantages, mb.mask)
+            loss_tok = loss_tok + loss_cfg.nll_coef * core.nll_on_positive(logp, tok.advantages, tok.mask)
         total = logp.new_zeros(())
         for level in ("episode", "step"):   # L = L_episode + L_step, each normalised over its own tokens
-            rows = torch.tensor([lv == level for lv in mb.level], device=mb.mask.device)
+            rows = torch.tensor([lv == level for lv in tok.level], device=tok.mask.device)
             if not rows.any():
                 continue
             n_tok, n_seq = counts[level]
-            total = total + core.aggregate(loss_tok[rows], mb.mask[rows], loss_cfg.agg, num_tokens=n_tok,
+            total = total + core.aggregate(loss_tok[rows], tok.mask[rows], loss_cfg.agg, num_tokens=n_tok,
                                            num_seqs=n_seq, norm_len=loss_cfg.norm_len or self.rollout_cfg.max_total_tokens)
         return total, metrics
 

@@ -61,6 +61,64 @@ class TensorBatch:
         return TensorBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.targets, self.mask,
                                                    self.old_logp, self.entropy, self.advantages)), self.level)
 
+    def shared_contexts(self) -> SharedContextBatch | None:
+        """The rows split into distinct contexts and their continuations, or None when no two rows share one.
+
+        A row's context is everything up to its first loss token (for an episode sample: the prompt), so the G
+        samples of a group share one. The model can then read each context once and continue every row from the
+        context's KV cache: the same log-probs and, as the cache is expanded by indexing, the same gradient, for
+        (G-1)/G less work on the context tokens. A row with no loss token at all leaves the batch unsplit.
+        """
+        has_loss = self.mask.bool()                                                       # [N, L-1]
+        if not bool(has_loss.any(-1).all()):
+            return None
+        ctx_len = has_loss.float().argmax(-1) + 1                # tokens before the first loss target, per row [N]
+        lengths = self.attention_mask.sum(-1)                                             # [N]
+        keys = [tuple(row[:c].tolist()) for row, c in zip(self.input_ids, ctx_len.tolist())]
+        distinct = list(dict.fromkeys(keys))
+        if len(distinct) == len(keys):
+            return None
+        row_ctx = torch.tensor([distinct.index(k) for k in keys], device=self.input_ids.device)
+        n, u = len(keys), len(distinct)
+        width_c = max(len(k) for k in distinct)
+        ctx_ids = self.input_ids.new_zeros((u, width_c))
+        ctx_attn = self.attention_mask.new_zeros((u, width_c))
+        for j, k in enumerate(distinct):    # left-padded, so every context ends where its continuations start
+            ctx_ids[j, width_c - len(k):] = torch.tensor(k, dtype=ctx_ids.dtype)
+            ctx_attn[j, width_c - len(k):] = 1
+        n_resp = lengths - ctx_len                                     # continuation tokens per row [N]
+        width_r = int(n_resp.max())
+        k = torch.arange(width_r, device=self.input_ids.device)
+        valid = k[None, :] < n_resp[:, None]                                              # [N, R]
+        # continuation token k of row i is input column ctx_len_i + k and target column ctx_len_i - 1 + k
+        col = (ctx_len[:, None] - 1 + k[None, :]).clamp(max=self.targets.shape[1] - 1)    # [N, R]
+        resp_ids = torch.where(valid, self.input_ids.gather(1, col + 1), torch.zeros_like(col))
+
+        def per_token(t: torch.Tensor) -> torch.Tensor:
+            return torch.where(valid, t.gather(1, col), torch.zeros((), dtype=t.dtype, device=t.device))
+
+        tokens = TensorBatch(resp_ids, valid.long(), resp_ids, per_token(self.mask), per_token(self.old_logp),
+                             per_token(self.entropy), per_token(self.advantages), self.level)
+        return SharedContextBatch(
+            ctx_ids, ctx_attn, (ctx_attn.cumsum(-1) - 1).clamp(min=0), row_ctx,
+            torch.cat([ctx_attn[row_ctx], valid.long()], dim=-1), ctx_len[:, None] + k[None, :], tokens,
+        )
+
+
+@dataclass
+class SharedContextBatch:
+    """A micro-batch as distinct contexts plus continuations: the model reads ``ctx_ids`` once (use_cache), the
+    cache is indexed by ``row_ctx`` to one entry per row, and ``tokens.input_ids`` continue from it. The
+    context's last logit predicts continuation token 0; the continuation's logit k predicts token k + 1."""
+
+    ctx_ids: torch.Tensor         # [U, C] distinct contexts, left-padded
+    ctx_attn: torch.Tensor        # [U, C]
+    ctx_pos: torch.Tensor         # [U, C] position ids
+    row_ctx: torch.Tensor         # [N] which context each row continues
+    attention_mask: torch.Tensor  # [N, C + R] the row's context mask, then its continuation's
+    position_ids: torch.Tensor    # [N, R] continuation positions (right after the context)
+    tokens: TensorBatch           # [N, R] continuation ids as input and targets, per-token tensors re-indexed
+
 
 def collate_samples(samples: list[Sample], pad_id: int) -> TensorBatch:
     n = len(samples)
