@@ -6,7 +6,14 @@ import torch
 from tirl.config.schema import RolloutConfig, SelfCorrectionConfig
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 from tirl.rl.core import token_entropy, token_logprobs
-from tirl.rollout.backend import HFBackend, filter_logits, growing_cache, merged_lora, sample_tokens
+from tirl.rollout.backend import (
+    HFBackend,
+    filter_logits,
+    growing_cache,
+    has_plain_kv_cache,
+    merged_lora,
+    sample_tokens,
+)
 from tirl.rollout.scripted import ScriptedBackend
 from tirl.rollout.tool_loop import ToolLoop, last_code_block
 from tirl.rollout.types import SamplingParams
@@ -228,8 +235,10 @@ def test_growing_cache_decodes_like_the_default_cache_across_regrowth():
 
 
 def test_growing_cache_leaves_sliding_window_models_to_their_own_cache():
-    from tirl.models.tiny import tiny_config
     from transformers import Qwen3ForCausalLM
 
+    from tirl.models.tiny import tiny_config
+
     sliding = Qwen3ForCausalLM(tiny_config(use_sliding_window=True, sliding_window=4, max_window_layers=0))
-    assert growing_cache(sliding, room=8) is None
+    assert growing_cache(sliding, room=8) is None and not has_plain_kv_cache(sliding)
+    assert has_plain_kv_cache(build_tiny(0)[0])   # GRPO's update shares contexts only through a plain cache

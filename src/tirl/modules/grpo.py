@@ -26,7 +26,7 @@ from tirl.modules.policy import PolicyModule
 from tirl.modules.rl_batch import Sample, SharedContextBatch, TensorBatch, collate_samples
 from tirl.rewards import get_reward
 from tirl.rl import core
-from tirl.rollout.backend import HFBackend
+from tirl.rollout.backend import HFBackend, has_plain_kv_cache
 from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import Trajectory
 from tirl.tools.sandbox import build_sandbox
@@ -172,13 +172,17 @@ class GRPOModule(PolicyModule):
         return torch.cat([ctx.logits[shared.row_ctx], out.logits[:, :-1]], dim=1)              # [N, R, V]
 
     def can_share_contexts(self) -> bool:
-        """Reading a shared context once needs a transformers cache the gradient can flow through (not with
-        gradient checkpointing, which drops the cache in training)."""
+        """Reading a shared context once needs a plain full-attention transformers cache the gradient can flow
+        through (not with gradient checkpointing, which drops the cache in training)."""
+        if not self.share_contexts:
+            return False
         policy = self.policy
         checkpointing = getattr(policy, "is_activation_checkpointing", None)
         if checkpointing is None:
             checkpointing = getattr(policy, "is_gradient_checkpointing", False)
-        return self.share_contexts and getattr(policy, "config", None) is not None and not checkpointing
+        if getattr(self, "_plain_cache", None) is None:
+            self._plain_cache = has_plain_kv_cache(policy)
+        return self._plain_cache and not checkpointing
 
     def micro_batch_loss(self, mb: TensorBatch, counts: dict[str, tuple[float, float]]) -> tuple[torch.Tensor, dict]:
         loss_cfg = self.method_cfg.loss

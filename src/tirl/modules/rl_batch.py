@@ -75,11 +75,12 @@ class TensorBatch:
         ctx_len = has_loss.float().argmax(-1) + 1                # tokens before the first loss target, per row [N]
         lengths = self.attention_mask.sum(-1)                                             # [N]
         keys = [tuple(row[:c].tolist()) for row, c in zip(self.input_ids, ctx_len.tolist())]
-        distinct = list(dict.fromkeys(keys))
-        if len(distinct) == len(keys):
+        index = {k: j for j, k in enumerate(dict.fromkeys(keys))}
+        if len(index) == len(keys):
             return None
-        row_ctx = torch.tensor([distinct.index(k) for k in keys], device=self.input_ids.device)
-        n, u = len(keys), len(distinct)
+        distinct = list(index)
+        row_ctx = torch.tensor([index[k] for k in keys], device=self.input_ids.device)
+        u = len(distinct)
         width_c = max(len(k) for k in distinct)
         ctx_ids = self.input_ids.new_zeros((u, width_c))
         ctx_attn = self.attention_mask.new_zeros((u, width_c))

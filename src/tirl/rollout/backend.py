@@ -144,9 +144,9 @@ def _growing_layer_class():
     return DynamicLayer, GrowingLayer
 
 
-def growing_cache(model: nn.Module, room: int):
-    """A transformers DynamicCache for ``model`` whose layers grow in place (room for ``room`` tokens after the
-    prompt), or None (the model makes its own) unless every layer is a plain full-attention DynamicLayer."""
+def _plain_dynamic_cache(model: nn.Module):
+    """An empty transformers DynamicCache for ``model`` when every layer of it is a plain full-attention
+    DynamicLayer (no sliding window, indexer, quantisation …), else None."""
     config = getattr(model, "config", None)
     if config is None:
         return None
@@ -156,10 +156,25 @@ def growing_cache(model: nn.Module, room: int):
         cache = DynamicCache(config=config)
     except Exception:   # not a transformers config the cache can read: leave the cache to the model
         return None
-    plain, growing = _growing_layer_class()
+    plain, _ = _growing_layer_class()
     if not cache.layers or any(type(layer) is not plain for layer in cache.layers):
-        return None     # sliding-window, indexed, quantised … layers keep their own update rules
-    cache.layers = [growing(room) for _ in cache.layers]
+        return None
+    return cache
+
+
+def has_plain_kv_cache(model: nn.Module) -> bool:
+    """Whether ``model``'s KV cache is plain full attention: then a cache filled with a context and indexed per row
+    continues any number of sequences exactly as reading them whole would."""
+    return _plain_dynamic_cache(model) is not None
+
+
+def growing_cache(model: nn.Module, room: int):
+    """A transformers DynamicCache for ``model`` whose layers grow in place (room for ``room`` tokens after the
+    prompt), or None (the model makes its own) unless its cache is plain full attention."""
+    cache = _plain_dynamic_cache(model)
+    if cache is not None:
+        _, growing = _growing_layer_class()
+        cache.layers = [growing(room) for _ in cache.layers]
     return cache
 
 
