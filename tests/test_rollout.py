@@ -242,3 +242,17 @@ def test_growing_cache_leaves_sliding_window_models_to_their_own_cache():
     sliding = Qwen3ForCausalLM(tiny_config(use_sliding_window=True, sliding_window=4, max_window_layers=0))
     assert growing_cache(sliding, room=8) is None and not has_plain_kv_cache(sliding)
     assert has_plain_kv_cache(build_tiny(0)[0])   # GRPO's update shares contexts only through a plain cache
+
+
+def test_repeated_prompts_are_read_once_and_sampled_independently():
+    torch.manual_seed(0)
+    model, tok = build_tiny(0)
+    a, b = tok.encode("<|im_start|>user\nhi<|im_end|>\n"), tok.encode("a much longer prompt with more tokens")
+    prompts = [a, b, a, a]
+    gens = HFBackend(model, tok).generate(prompts, SamplingParams(max_new_tokens=16, temperature=1.0, stop_at_code=False))
+    assert gens[0].ids != gens[2].ids and gens[2].ids != gens[3].ids    # one cache row per sample, not per prompt
+    for p, g in zip(prompts, gens):
+        ids = torch.tensor([p + g.ids])
+        with torch.no_grad():
+            logits = model(ids).logits[:, len(p) - 1:-1]
+        assert torch.allclose(token_logprobs(logits, ids[:, len(p):])[0], torch.tensor(g.logprobs), atol=1e-4)

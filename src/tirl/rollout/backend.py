@@ -141,6 +141,13 @@ def _growing_layer_class():
             self.keys, self.values = self.buf_k[..., :n + q, :], self.buf_v[..., :n + q, :]
             return self.keys, self.values
 
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """Rows ``indices`` of the cache (repeats allowed: one prompt read once, continued by many samples)."""
+            if self.is_initialized:
+                n = self.keys.shape[-2]
+                self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
+                self.keys, self.values = self.buf_k[..., :n, :], self.buf_v[..., :n, :]
+
     return DynamicLayer, GrowingLayer
 
 
@@ -259,9 +266,21 @@ class HFBackend:
         watcher = None
 
         past = growing_cache(model, T)
-        out = model(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=position_ids, use_cache=True,
-                    **({"past_key_values": past} if past is not None else {}))
-        past, logits = out.past_key_values, out.logits[:, -1, :].float()
+        if past is None:
+            out = model(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=position_ids, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1, :].float()
+        else:   # the G samples of a group share a prompt: read each distinct prompt once, then copy its cache rows
+            slot: dict[tuple[int, ...], int] = {}
+            firsts: list[int] = []                     # the first row holding each distinct prompt
+            for b, p in enumerate(prompts):
+                if slot.setdefault(tuple(p), len(firsts)) == len(firsts):
+                    firsts.append(b)
+            uniq = torch.tensor(firsts, device=device)                                           # [U]
+            row_of = torch.tensor([slot[tuple(p)] for p in prompts], device=device)             # [B] → [0, U)
+            out = model(input_ids=input_ids[uniq], attention_mask=attn[uniq, :L], position_ids=position_ids[uniq],
+                        past_key_values=past, use_cache=True)
+            past.batch_select_indices(row_of)
+            logits = out.logits[row_of, -1, :].float()
         next_pos = position_ids[:, -1:] + 1
         for t in range(T):
             logp_all = F.log_softmax(logits / temp, dim=-1)                       # [B, V]
