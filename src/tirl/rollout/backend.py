@@ -5,8 +5,11 @@
 rollout temperature as it goes (``generate`` would have to keep B×T×V scores for that) and pauses each sample the
 moment its ```python block closes, while the rest of the batch continues.
 
-A LoRA policy on the CPU samples through plain ``Linear`` layers holding W + ΔW (``merged_lora``): a decode step
-of a small model is Python overhead, and peft's wrappers add three modules per targeted layer to every one.
+Where a small model's time goes here is per-op overhead, so the loop does few ops: per-token results stay in
+tensors until the end, tokens are drawn by inverting the CDF (``sample_tokens``), a prompt shared by a group's
+samples is read once, the KV cache grows in place (``growing_cache``) and everything runs under inference mode.
+A LoRA policy on the CPU samples through plain ``Linear`` layers holding W + ΔW (``merged_lora``): peft's wrappers
+add three modules per targeted layer to every decode step.
 """
 
 from __future__ import annotations
