@@ -279,3 +279,21 @@ def test_rows_without_a_shared_context_or_a_loss_token_stay_whole():
     silent = Sample([5, 6], [7, 8], [0, 0], [0.0, 0.0], [0.0, 0.0], 0.0)
     assert collate_samples([a, a, silent], tok.pad_token_id).shared_contexts() is None   # a row with no loss
     assert collate_samples([a, a], tok.pad_token_id).shared_contexts().ctx_ids.tolist() == [[5, 6]]
+
+
+@pytest.mark.parametrize("method", ["dcore", "grpo"])   # dcore updates (KL term); grpo on a random model skips
+def test_ppo_epochs_count_as_optimizer_steps_for_max_steps_and_the_schedule(train_cfg, tmp_path, method):
+    """With ppo_epochs=2 one batch of prompts is two optimizer steps, updated or skipped alike: max_steps=4 is two
+    rollout batches, and the LR schedule has advanced exactly as far as global_step."""
+    from tirl.train import run
+
+    data = "data=synthetic_math" if method == "grpo" else "data=synthetic_toolcall"
+    run(train_cfg(*TINY_RL, f"method={method}", data, "method.ppo_epochs=2", "trainer.max_steps=4",
+                  "validate_before_fit=false", "trainer.limit_val_batches=0", "optimized_metric=null",
+                  "callbacks.model_checkpoint.monitor=null", out=tmp_path))
+    rows = [r for r in rows_of(tmp_path) if r.get("train/reward_mean")]
+    assert len(rows) == 2
+    assert {float(r.get("train/skipped_update") or 0.0) for r in rows} == {1.0 if method == "grpo" else 0.0}
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 4

@@ -141,7 +141,7 @@ class MethodConfig:
     # RL
     group_size: int = 8                 # G samples per prompt
     prompts_per_step: int = 4
-    ppo_epochs: int = 1
+    ppo_epochs: int = 1                 # optimizer steps per rollout batch (each counts toward trainer.max_steps)
     micro_batch_size: int = 8           # sequences per forward/backward
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -248,14 +248,19 @@ class GRPOModule(PolicyModule):
                     logs["_w"].append(w)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), m.max_grad_norm)
             logs["grad_norm"].append(float(grad_norm))
-            opt.step()
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
+            self.optimizer_step_and_schedule(opt)
         wsum = max(sum(logs.pop("_w", [])), 1.0)
         out = {"loss": sum(logs.pop("loss", [])) / m.ppo_epochs, "grad_norm": sum(logs.pop("grad_norm")) / m.ppo_epochs}
         out.update({k: sum(v) / wsum / m.ppo_epochs for k, v in logs.items()})
         return out
+
+    def optimizer_step_and_schedule(self, opt) -> None:
+        """One optimizer step and one schedule step. Lightning's ``global_step`` (hence ``trainer.max_steps`` and the
+        schedule's length) counts optimizer steps, so an RL step with ``ppo_epochs`` = k is k of them, skipped or not."""
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
 
     def empty_batch(self) -> TensorBatch:
         """One all-padding sequence with no loss tokens: lets a rank with nothing to learn join the collectives."""
@@ -316,10 +321,8 @@ class GRPOModule(PolicyModule):
             metrics["skipped_update"] = 1.0
             opt = self.optimizers()
             opt.zero_grad(set_to_none=True)
-            opt.step()   # no gradients: parameters are untouched, but the step counts
-            sched = self.lr_schedulers()
-            if sched is not None:
-                sched.step()
+            for _ in range(m.ppo_epochs):   # no gradients: parameters are untouched, but the steps count
+                self.optimizer_step_and_schedule(opt)
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, prog_bar=False, on_step=True,
                       batch_size=len(batch))
         self.log("train/reward", metrics["reward_mean"], prog_bar=True, batch_size=len(batch))
