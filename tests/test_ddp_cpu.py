@@ -68,7 +68,14 @@ class FixedRolloutGRPO(GRPOModule):
         trajs = [Trajectory(s.context, s.response, s.loss_mask, s.old_logprobs, s.entropies, meta={"group": i // 2})
                  for i, s in enumerate(mine)]
         rewards = [s.advantage for s in mine]
-        return trajs, rewards, [0.0] * len(mine), mine, {}
+        # a metric both ranks report with different values, and one only rank 1 reports
+        stats = {"probe": float(self.global_rank), **({"only_rank1": 4.0} if self.global_rank == 1 else {})}
+        return trajs, rewards, [0.0] * len(mine), mine, stats
+
+    def mean_over_ranks(self, metrics):
+        out = super().mean_over_ranks(metrics)
+        torch.save(out, os.path.join(self.out_dir, f"metrics{self.updates - 1}_rank{self.global_rank}.pt"))
+        return out
 
     def global_counts(self, batch, level):
         self.seen_counts[level] = super().global_counts(batch, level)
@@ -196,6 +203,12 @@ def test_split_batch_under_ddp_gives_the_one_process_gradient_even_when_ranks_ar
     names = [n for n, _ in probe.policy.named_parameters()]
     assert relative_error(rank_local_token_mean_gradient(samples, SPLITS[0]),
                           torch.cat([step0[n].flatten() for n in names])) > 0.1
+    # train/* metrics describe both ranks: averaged, with a key one rank lacks counted as 0 there
+    for update in range(len(SPLITS)):
+        logged = [torch.load(tmp_path / f"metrics{update}_rank{r}.pt") for r in range(WORLD)]
+        # (rank 1 rolled out nothing in the last split, so its reward mean is NaN there: compare the rest)
+        assert {k: v for k, v in logged[0].items() if v == v} == {k: v for k, v in logged[1].items() if v == v}
+        assert logged[0]["probe"] == 0.5 and logged[0]["only_rank1"] == 2.0
     start = dict(probe.policy.named_parameters())
     for rank in range(WORLD):
         final = torch.load(tmp_path / f"final_rank{rank}.pt")

@@ -221,6 +221,19 @@ class GRPOModule(PolicyModule):
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.item()
 
+    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each rank saw its own share of the prompts: average every metric over ranks so ``train/*`` describes
+        the whole batch. Ranks may hold different keys (a filter reason seen on one rank only), so the key set is
+        agreed first and a missing key counts as 0 on that rank."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return metrics
+        key_sets: list = [None] * dist.get_world_size()
+        dist.all_gather_object(key_sets, sorted(metrics))
+        keys = sorted(set().union(*key_sets))
+        t = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
     def update(self, batch: TensorBatch) -> dict:
         m = self.method_cfg
         opt = self.optimizers()
@@ -323,6 +336,7 @@ class GRPOModule(PolicyModule):
             opt.zero_grad(set_to_none=True)
             for _ in range(m.ppo_epochs):   # no gradients: parameters are untouched, but the steps count
                 self.optimizer_step_and_schedule(opt)
+        metrics = self.mean_over_ranks(metrics)
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, prog_bar=False, on_step=True,
                       batch_size=len(batch))
         self.log("train/reward", metrics["reward_mean"], prog_bar=True, batch_size=len(batch))
