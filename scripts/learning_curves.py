@@ -1,11 +1,12 @@
 """Does RL learn? THOR vs plain GRPO on math and D-CORE (DA-GRPO) vs plain GRPO on function calling, on the warm
 tiny model, same budget, several seeds. Every run is the real entry point (``python src/train.py …``); held-out
-accuracy (``val/acc``, greedy, on held-out synthetic problems) is read back from each run's metrics CSV.
+accuracy (``val/acc``: Avg@k at the rollout temperature, T=1, on held-out synthetic problems) is read back from each
+run's metrics CSV.
 
 Writes ``<out>/curves.csv`` (task, method, seed, step, val_acc), ``<out>/curves.png`` and prints, per task and
 method, the mean held-out accuracy before and after RL and the gain.
 
-    python scripts/learning_curves.py [--seeds 0 1 2] [--steps 40] [--tasks math toolcall] [--jobs 2]
+    python scripts/learning_curves.py [--seeds 0 1 2] [--steps 60] [--tasks math toolcall] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def run_one(task: str, method: str, seed: int, args, out: Path) -> Path:
     if metrics.exists() and not args.force:
         return run_dir
     shared = [f"seed={seed}", f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.val_every}",
-              f"data.val_size={args.val_size}", "test=false", "logger=csv", "callbacks=none",
+              f"data.val_size={args.val_size}", f"method.val_samples={args.val_samples}", "test=false", "logger=csv", "callbacks=none",
               "method.log_samples=0", f"hydra.run.dir={run_dir}", f"paths.output_dir={run_dir}"]
     if args.lr is not None:
         shared.append(f"method.lr={args.lr}")
@@ -71,12 +72,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["math", "toolcall"], choices=list(RUNS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--val-every", type=int, default=10)
-    p.add_argument("--val-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--val-every", type=int, default=20)
+    p.add_argument("--val-size", type=int, default=128, help="held-out prompts")
+    p.add_argument("--val-samples", type=int, default=8, help="samples per held-out prompt (Avg@k)")
     p.add_argument("--lr", type=float, default=None, help="override both methods' lr (default: the presets')")
     p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
     p.add_argument("--out", type=Path, default=ROOT / "logs/learning_curves")
     p.add_argument("--force", action="store_true", help="rerun runs whose metrics already exist")
@@ -98,7 +100,7 @@ def main() -> None:
         w.writerow(["task", "method", "seed", "step", "val_acc"])
         w.writerows(table)
 
-    print(f"\n{'task':9s} {'method':7s} {'before':>7s} {'after':>7s} {'gain':>7s}   (held-out Avg@4 accuracy, mean of {len(args.seeds)} seeds)")
+    print(f"\n{'task':9s} {'method':7s} {'before':>7s} {'after':>7s} {'gain':>7s}   (held-out Avg@{args.val_samples} accuracy, mean of {len(args.seeds)} seeds)")
     summary = {}
     for task in args.tasks:
         for method in RUNS[task]:
@@ -128,7 +130,7 @@ def plot(table, args) -> None:
             ax.plot(steps, mean, color=color, lw=2.5, label=f"{method} (mean of {len(args.seeds)})")
         ax.set_title(f"{task}: held-out accuracy (tiny model, CPU)")
         ax.set_xlabel("RL step")
-        ax.set_ylabel("val/acc (Avg@4, rollout temperature)")
+        ax.set_ylabel(f"val/acc (Avg@{args.val_samples}, rollout temperature)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

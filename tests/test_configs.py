@@ -67,11 +67,11 @@ def test_every_model_method_hardware_combination_validates(model, method, hardwa
 def test_tiny_model_scale_applies_after_the_method_and_only_to_tiny():
     tiny = validate(compose_resolved(["method=thor", "model=tiny"])).method
     real = validate(compose_resolved(["method=thor", "model=qwen8b"])).method
-    assert (tiny.lr, tiny.group_size) == (5e-5, 8) and (real.lr, real.group_size) == (1e-6, 16)
+    assert (tiny.lr, tiny.group_size, tiny.prompts_per_step) == (1e-4, 8, 8) and (real.lr, real.group_size) == (1e-6, 16)
     assert tiny.loss.clip_high == real.loss.clip_high == 0.28          # the algorithm is THOR's either way
     # model-scale values win over the rollout/data group yamls too (they come after every group)
     cfg = validate(compose_resolved(["experiment=thor_tiny"]))
-    assert (cfg.rollout.temperature, cfg.data.val_size, cfg.rollout.max_total_tokens) == (0.3, 64, 256)
+    assert (cfg.method.lr_schedule, cfg.data.val_size, cfg.rollout.max_total_tokens) == ("cosine", 64, 256)
     assert validate(compose_resolved(["model=tiny", "method.lr=0.01"])).method.lr == 0.01   # the command line wins
 
 
