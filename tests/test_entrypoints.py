@@ -259,7 +259,7 @@ def test_run_wires_typed_groups_into_the_module_and_returns_the_metric(tmp_path)
     assert isinstance(RECEIVED["method"], MethodConfig) and RECEIVED["method"].group_size == 8   # tiny scale
     assert isinstance(RECEIVED["model"], ModelConfig) and RECEIVED["model"].name_or_path == "tiny-warm"
     assert isinstance(RECEIVED["rollout"], RolloutConfig) and isinstance(RECEIVED["sandbox"], SandboxConfig)
-    assert RECEIVED["init_from"] == "/ckpt/sft" and RECEIVED["data"].batch_size == 4
+    assert RECEIVED["init_from"] == "/ckpt/sft" and RECEIVED["data"].batch_size == 8   # = method.prompts_per_step (tiny scale)
     assert RECEIVED["tokenizer"].padding_side == "left" and RECEIVED["chat_format"] == "chatml"
     # the returned value is the last logged val/acc (the test stage logs test/acc, which must not replace it)
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
