@@ -15,6 +15,7 @@ from tirl.config.schema import (
     ModelConfig,
     RolloutConfig,
     SandboxConfig,
+    StepLevelConfig,
 )
 from tirl.models.tiny import load_tiny_tokenizer
 from tirl.modules.grpo import GRPOModule
@@ -297,3 +298,20 @@ def test_ppo_epochs_count_as_optimizer_steps_for_max_steps_and_the_schedule(trai
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 4
+
+
+def test_step_level_weight_scales_only_the_step_level_term():
+    """L = L_episode + w * L_step: w = 0 leaves exactly the episode rows' loss, and the loss is linear in w."""
+    losses = {}
+    for w in (0.0, 0.5, 1.0):
+        module, tok = make_module(step_level=StepLevelConfig(weight=w))
+        tb = fixed_batch(module, tok, n=4)
+        tb.level = ["episode", "episode", "step", "step"]
+        counts = {lv: module.global_counts(tb, lv) for lv in ("episode", "step")}
+        losses[w] = module.micro_batch_loss(tb, counts)[0].item()
+        if w == 0.0:
+            episode_only = tb.select([0, 1])
+            alone = module.micro_batch_loss(episode_only, {"episode": counts["episode"], "step": (1.0, 1.0)})[0].item()
+    assert losses[0.0] == pytest.approx(alone, abs=1e-6)
+    assert losses[1.0] != pytest.approx(losses[0.0], abs=1e-4)       # the step rows do carry loss
+    assert losses[0.5] == pytest.approx((losses[0.0] + losses[1.0]) / 2, abs=1e-6)

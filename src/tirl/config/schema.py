@@ -119,6 +119,7 @@ class StepLevelConfig:
     group_size: int = 8                 # continuations per failing prefix
     max_new_tokens: int = 128
     max_prefixes: int = 8               # failing prefixes per step
+    weight: float = 1.0                 # L = L_episode + weight * L_step (THOR: 1; each level is its own token-mean)
 
 
 @dataclass

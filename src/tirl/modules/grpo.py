@@ -205,12 +205,14 @@ class GRPOModule(PolicyModule):
         if loss_cfg.nll_coef > 0:
             loss_tok = loss_tok + loss_cfg.nll_coef * core.nll_on_positive(logp, tok.advantages, tok.mask)
         total = logp.new_zeros(())
-        for level in ("episode", "step"):   # L = L_episode + L_step, each normalised over its own tokens
+        # L = L_episode + w * L_step, each normalised over its own tokens (THOR: w = 1)
+        weights = {"episode": 1.0, "step": self.method_cfg.step_level.weight}
+        for level in ("episode", "step"):
             rows = torch.tensor([lv == level for lv in tok.level], device=tok.mask.device)
             if not rows.any():
                 continue
             n_tok, n_seq = counts[level]
-            total = total + core.aggregate(loss_tok[rows], tok.mask[rows], loss_cfg.agg, num_tokens=n_tok,
+            total = total + weights[level] * core.aggregate(loss_tok[rows], tok.mask[rows], loss_cfg.agg, num_tokens=n_tok,
                                            num_seqs=n_seq, norm_len=loss_cfg.norm_len or self.rollout_cfg.max_total_tokens)
         return total, metrics
 
