@@ -69,6 +69,7 @@ def test_tiny_model_scale_applies_after_the_method_and_only_to_tiny():
     real = validate(compose_resolved(["method=thor", "model=qwen8b"])).method
     assert (tiny.lr, tiny.group_size, tiny.prompts_per_step) == (1e-4, 8, 8) and (real.lr, real.group_size) == (1e-6, 16)
     assert tiny.loss.clip_high == real.loss.clip_high == 0.28          # the algorithm is THOR's either way
+    assert (tiny.step_level.weight, real.step_level.weight) == (0.1, 1.0)   # L_step weighed by its token share at tiny scale
     # model-scale values win over the rollout/data group yamls too (they come after every group)
     cfg = validate(compose_resolved(["experiment=thor_tiny"]))
     assert (cfg.method.lr_schedule, cfg.data.val_size, cfg.rollout.max_total_tokens) == ("cosine", 64, 256)
