@@ -315,3 +315,17 @@ def test_step_level_weight_scales_only_the_step_level_term():
     assert losses[0.0] == pytest.approx(alone, abs=1e-6)
     assert losses[1.0] != pytest.approx(losses[0.0], abs=1e-4)       # the step rows do carry loss
     assert losses[0.5] == pytest.approx((losses[0.0] + losses[1.0]) / 2, abs=1e-6)
+
+
+def test_a_prompt_over_the_budget_keeps_its_end_and_is_reported_once(caplog):
+    module, _ = make_module()
+    record = {"id": "long-1", "messages": [{"role": "user", "content": "word " * 200}]}
+    module.rollout_cfg.max_prompt_tokens = 10_000
+    full = module.encode_prompt(record)
+    module.rollout_cfg.max_prompt_tokens = 50
+    with caplog.at_level("WARNING", logger="tirl.modules.grpo"):
+        cut = module.encode_prompt(record)
+        module.encode_prompt(record)
+    assert len(full) > 50 and cut == full[-50:]  # the assistant header at the end survives
+    warnings = [r.getMessage() for r in caplog.records if "max_prompt_tokens" in r.getMessage()]
+    assert len(warnings) == 1 and "long-1" in warnings[0]

@@ -12,6 +12,7 @@ combination — DA-GRPO shaping with THOR's step level, say — is a config chan
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections import defaultdict
 from dataclasses import asdict
@@ -30,6 +31,8 @@ from tirl.rollout.backend import HFBackend, has_plain_kv_cache
 from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import Trajectory
 from tirl.tools.sandbox import build_sandbox
+
+log = logging.getLogger(__name__)
 
 ACCURACY_REWARDS = {"math": "math", "toolcall": "toolcall_exact", "toolcall_exact": "toolcall_exact"}
 
@@ -94,7 +97,16 @@ class GRPOModule(PolicyModule):
         text = render_prompt(record["messages"], self.fmt, add_generation_prompt=True,
                              enable_thinking=self.model_cfg.enable_thinking)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return ids[-self.rollout_cfg.max_prompt_tokens:]
+        limit = self.rollout_cfg.max_prompt_tokens
+        if len(ids) > limit:
+            # keep the end (the question and the assistant header); say so once, since the lost beginning is often
+            # the system prompt with the tools, without which the task cannot be solved
+            if not getattr(self, "_warned_truncation", False):
+                log.warning("A %d-token prompt (id %s) is longer than rollout.max_prompt_tokens=%d and loses its "
+                            "beginning; raise rollout.max_prompt_tokens.", len(ids), record.get("id"), limit)
+                self._warned_truncation = True
+            ids = ids[-limit:]
+        return ids
 
     def response_text(self, t: Trajectory) -> str:
         """The response as the reward sees it: special tokens kept (<think>), the closing end-of-turn dropped."""
