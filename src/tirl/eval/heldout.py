@@ -10,6 +10,11 @@ from tirl.config.schema import MethodConfig, ModelConfig, RewardConfig, RolloutC
 
 HELDOUT_SEED = 7
 ACCURACY = {"math": "math", "toolcall": "toolcall_exact"}
+# the rollout budgets of experiment=thor_tiny / dcore_tiny (model_defaults/tiny.yaml and the preset's overrides)
+ROLLOUT = {
+    "math": dict(max_new_tokens=128, max_total_tokens=256, max_tool_rounds=2),
+    "toolcall": dict(max_new_tokens=160, max_total_tokens=160, max_tool_rounds=0),
+}
 
 
 def heldout_records(task: str, n: int, seed: int = HELDOUT_SEED) -> list[dict]:
@@ -30,7 +35,9 @@ def heldout_accuracy(model: str, task: str, n: int = 64, temperature: float = 0.
     from tirl.models.load import load_tokenizer
     from tirl.modules.grpo import GRPOModule
 
-    rollout = rollout or RolloutConfig(max_new_tokens=96, max_total_tokens=256, max_tool_rounds=2)
+    if task not in ROLLOUT:
+        raise ValueError(f"task='{task}' must be 'math' or 'toolcall'.")
+    rollout = rollout or RolloutConfig(**ROLLOUT[task])
     method = MethodConfig(reward=RewardConfig(name=ACCURACY[task]))
     module = GRPOModule(method, ModelConfig(name_or_path=model), rollout, SandboxConfig(workers=2), load_tokenizer(model))
     module.setup("validate")
