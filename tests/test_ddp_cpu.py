@@ -21,6 +21,7 @@ import torch
 
 from tirl.config import CONFIG_DIR
 from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+from tirl.data.synthetic_toolcall import CATEGORIES
 from tirl.models.tiny import load_tiny_tokenizer
 from tirl.modules.grpo import GRPOModule
 from tirl.modules.rl_batch import Sample, collate_samples
@@ -239,6 +240,10 @@ def test_tiny_dcore_run_under_two_process_ddp_trains_and_logs(tmp_path):
         assert float(r.get("train/skipped_update") or 0.0) == 0.0
         assert float(r["train/grad_norm"]) > 0 and float(r["train/kl"]) >= 0
     assert [r for r in rows if r.get("val/acc")], "validation under DDP logged no val/acc"
+    # per-category accuracy goes through the rank agreement too: present, and each value a fraction
+    by_kind = {k: float(r[k]) for r in rows for k in r if k.startswith("val/acc/") and r[k]}
+    assert by_kind and set(by_kind) <= {f"val/acc/{c}" for c in CATEGORIES}
+    assert all(0.0 <= v <= 1.0 for v in by_kind.values())
     # the samples table is rank 0's (method.log_samples=4 rows a step, one header), not every rank's appended
     samples = list(csv.reader((run_dir / "csv" / "train_samples.csv").open()))
     assert samples[0][0] == "step" and [row[0] for row in samples[1:]] == ["1"] * 4 + ["2"] * 4

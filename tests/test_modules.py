@@ -329,3 +329,14 @@ def test_a_prompt_over_the_budget_keeps_its_end_and_is_reported_once(caplog):
     assert len(full) > 50 and cut == full[-50:]  # the assistant header at the end survives
     warnings = [r.getMessage() for r in caplog.records if "max_prompt_tokens" in r.getMessage()]
     assert len(warnings) == 1 and "long-1" in warnings[0]
+
+
+def test_held_out_accuracy_is_broken_down_by_category_and_level():
+    from tirl.modules.grpo import record_kind
+
+    assert record_kind({"category": "parallel"}) == "parallel" and record_kind({"level": 3}) == "level3"
+    assert record_kind({"messages": []}) is None
+    module, _ = make_module()
+    outs = [{"correct": 1.0, "kind": "simple"}, {"correct": 0.0, "kind": "simple"}, {"correct": 0.0, "kind": "simple"},
+            {"correct": 1.0, "kind": "irrelevance"}, {"correct": 1.0, "kind": None}]
+    assert module.accuracy_by_kind(outs) == {"irrelevance": 1.0, "simple": 1 / 3}

@@ -34,6 +34,15 @@ from tirl.tools.sandbox import build_sandbox
 
 log = logging.getLogger(__name__)
 
+
+def record_kind(record: dict) -> str | None:
+    """What a held-out prompt's accuracy is broken down by: its BFCL category, else its math level."""
+    if record.get("category"):
+        return str(record["category"])
+    if record.get("level") is not None:
+        return f"level{record['level']}"
+    return None
+
 ACCURACY_REWARDS = {"math": "math", "toolcall": "toolcall_exact", "toolcall_exact": "toolcall_exact"}
 
 
@@ -395,7 +404,8 @@ class GRPOModule(PolicyModule):
         trajs = self.rollout_groups(records, samples, loop)
         rewards, correct = self.score(trajs, records)
         self.log_samples("val", trajs, rewards, correct)
-        return [{"correct": c, "reward": r, "len": len(t.response_ids)} for t, r, c in zip(trajs, rewards, correct)]
+        return [{"correct": c, "reward": r, "len": len(t.response_ids), "kind": record_kind(records[t.meta["group"]])}
+                for t, r, c in zip(trajs, rewards, correct)]
 
     def _epoch_end(self, prefix: str) -> None:
         outs, self._val_outputs = self._val_outputs, []
@@ -405,6 +415,21 @@ class GRPOModule(PolicyModule):
         self.log(f"{prefix}/acc", sum(o["correct"] for o in outs) / n, prog_bar=True, sync_dist=True)
         self.log(f"{prefix}/reward", sum(o["reward"] for o in outs) / n, sync_dist=True)
         self.log(f"{prefix}/response_len", sum(o["len"] for o in outs) / n, sync_dist=True)
+        for kind, acc in self.accuracy_by_kind(outs).items():
+            self.log(f"{prefix}/acc/{kind}", acc)   # already the same on every rank
+
+    def accuracy_by_kind(self, outs: list[dict]) -> dict[str, float]:
+        """Accuracy per BFCL category or math level, over all ranks: a single number can hide a trade, e.g. RL
+        that learns to call functions more often wins on `simple` what it loses on `irrelevance`. Ranks may hold
+        different kinds, so sums and counts go through `mean_over_ranks` (its key agreement) and are divided after."""
+        stats: dict[str, float] = defaultdict(float)
+        for o in outs:
+            if o.get("kind") is not None:
+                stats[f"correct/{o['kind']}"] += o["correct"]
+                stats[f"n/{o['kind']}"] += 1
+        stats = self.mean_over_ranks(dict(stats))
+        kinds = sorted(k.split("/", 1)[1] for k in stats if k.startswith("n/") and stats[k] > 0)
+        return {kind: stats[f"correct/{kind}"] / stats[f"n/{kind}"] for kind in kinds}
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")
