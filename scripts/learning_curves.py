@@ -3,8 +3,9 @@ tiny model, same budget, several seeds. Every run is the real entry point (``pyt
 accuracy (``val/acc``: Avg@k at the rollout temperature, T=1, on held-out synthetic problems) is read back from each
 run's metrics CSV.
 
-Writes ``<out>/curves.csv`` (task, method, seed, step, val_acc), ``<out>/curves.png`` and prints, per task and
-method, the mean held-out accuracy before and after RL and the gain.
+Writes ``<out>/curves.csv`` (task, method, seed, step, val_acc), ``<out>/curves_by_kind.csv`` (the same per BFCL
+category or math level), ``<out>/curves.png`` and prints, per task and method, the mean held-out accuracy before and
+after RL, the gain, and before/after per category or level.
 
     python scripts/learning_curves.py [--seeds 0 1 2] [--steps 60] [--tasks math toolcall] [--jobs 2]
 """
@@ -59,6 +60,14 @@ def run_one(task: str, method: str, seed: int, args, out: Path) -> Path:
     return run_dir
 
 
+def read_kinds(run_dir: Path) -> list[tuple[int, str, float]]:
+    """(step, kind, accuracy) from the run's ``val/acc/<category or level>`` columns."""
+    points = {}   # as read_curve: a later validation logged at the same step replaces an earlier one
+    for r in csv.DictReader((run_dir / "csv" / "metrics.csv").open()):
+        points.update({(int(r["step"]), k.split("/", 2)[2]): float(v) for k, v in r.items() if k.startswith("val/acc/") and v})
+    return sorted((step, kind, acc) for (step, kind), acc in points.items())
+
+
 def read_curve(run_dir: Path) -> list[tuple[int, float]]:
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     points = {}
@@ -92,13 +101,18 @@ def main() -> None:
         dirs = list(pool.map(lambda j: run_one(*j, args, args.out), jobs))
     print(f"all runs: {time.time() - t0:.0f}s")
 
-    table = []
+    table, kinds = [], []
     for (task, method, seed), d in zip(jobs, dirs):
         table += [(task, method, seed, step, acc) for step, acc in read_curve(d)]
+        kinds += [(task, method, seed, step, kind, acc) for step, kind, acc in read_kinds(d)]
     with (args.out / "curves.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["task", "method", "seed", "step", "val_acc"])
         w.writerows(table)
+    with (args.out / "curves_by_kind.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "method", "seed", "step", "kind", "val_acc"])
+        w.writerows(kinds)
 
     print(f"\n{'task':9s} {'method':7s} {'before':>7s} {'after':>7s} {'gain':>7s}   (held-out Avg@{args.val_samples} accuracy, mean of {len(args.seeds)} seeds)")
     summary = {}
@@ -109,8 +123,26 @@ def main() -> None:
             after = sum(c[-1] for c in curves) / len(curves)
             summary[(task, method)] = (before, after)
             print(f"{task:9s} {method:7s} {before:7.3f} {after:7.3f} {after - before:+7.3f}")
+    print_by_kind(kinds, args)
     plot(table, args)
-    print(f"\nwrote {args.out / 'curves.csv'} and {args.out / 'curves.png'}")
+    print(f"\nwrote {args.out / 'curves.csv'}, {args.out / 'curves_by_kind.csv'} and {args.out / 'curves.png'}")
+
+
+def print_by_kind(kinds, args) -> None:
+    """Before/after per BFCL category or math level (mean of seeds): where the overall gain comes from."""
+    if not kinds:
+        return
+    print(f"\nper category / level (mean of {len(args.seeds)} seeds):")
+    for task in args.tasks:
+        for method in RUNS[task]:
+            rows = [(s, st, k, a) for (t, m, s, st, k, a) in kinds if (t, m) == (task, method)]
+            first, last = min(st for _, st, _, _ in rows), max(st for _, st, _, _ in rows)
+            cells = []
+            for kind in sorted({k for _, _, k, _ in rows}):
+                b = [a for (_, st, k, a) in rows if k == kind and st == first]
+                e = [a for (_, st, k, a) in rows if k == kind and st == last]
+                cells.append(f"{kind} {sum(b) / len(b):.2f}->{sum(e) / len(e):.2f}")
+            print(f"  {task:9s} {method:7s} " + ", ".join(cells))
 
 
 def plot(table, args) -> None:
