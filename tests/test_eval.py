@@ -213,3 +213,35 @@ def test_bfcl_end_to_end_ast_categories_and_resume(hydra_configs, tmp_path):
     assert again["test/bfcl/summary/generated"] == 0
     assert again["test/bfcl/summary/overall"] == metrics["test/bfcl/summary/overall"]
     assert len((out / "bfcl" / "result" / "BFCL_v4_simple_python_result.json").read_text().splitlines()) == 3
+
+
+def test_toolcall_error_kinds_by_hand():
+    from tirl.eval.toolcall_errors import KINDS, prompt_group, think_restates_request, toolcall_error
+
+    gold = [{"get_weather": {"city": ["Paris"], "units": ["", "celsius"]}}]
+    request = "Get the weather in Paris."
+    think = "<think>\nThe request has 1 sub-task.\n1. Get the weather in Paris.\n</think>\n\n"
+    bad_think = "<think>\nThe request has 1 sub-task.\n1. Get the weather in Rome.\n</think>\n\n"
+    cases = {
+        think + '[get_weather(city="Paris")]': "ok",
+        think + '[get_weather(city="Rome")]': "values_think_ok",        # the copy into the call went wrong
+        bad_think + '[get_weather(city="Rome")]': "values_think_bad",   # already wrong in the reasoning
+        think + '[get_time(tz="CET")]': "names",
+        think + '[get_weather(city="Paris"), get_weather(city="Rome")]': "n_calls",
+        think + '[get_weather(city="Par': "unparsable",
+        think + "None of the given functions can help with this request.": "declined",
+        "<think>\nThe request has 1 sub": "no_answer",
+    }
+    for response, kind in cases.items():
+        assert toolcall_error(response, gold, request) == kind, response
+    assert set(cases.values()) | {"called_irrelevant"} == set(KINDS)
+    # no call expected: a refusal is right, any call attempt is not
+    assert toolcall_error(think + "I cannot do that.", [], "Tell me a joke.") == "ok"
+    assert toolcall_error(think + '[get_weather(city="Paris")]', [], "Tell me a joke.") == "called_irrelevant"
+    assert toolcall_error(think + "[get_weather(", [], "Tell me a joke.") == "called_irrelevant"
+    assert not think_restates_request("no numbered lines here", request)
+    record = {"category": "irrelevance", "tools": [{"name": "get_time"}],
+              "messages": [{"role": "user", "content": "Get the weather in Paris."}]}
+    assert prompt_group(record) == "irrelevance/missing_function (1 offered)"
+    record["messages"][-1]["content"] = "Tell me a joke."
+    assert prompt_group(record) == "irrelevance/small_talk (1 offered)"
