@@ -43,6 +43,7 @@ def record_kind(record: dict) -> str | None:
         return f"level{record['level']}"
     return None
 
+
 ACCURACY_REWARDS = {"math": "math", "toolcall": "toolcall_exact", "toolcall_exact": "toolcall_exact"}
 
 
