@@ -63,7 +63,8 @@ def main() -> None:
     tok = load_tiny_tokenizer()
     with LocalSandbox(workers=2) as sandbox, tempfile.TemporaryDirectory() as tmp:
         samples = make_math_sft_samples(args.math, seed=args.seed + 1, sandbox=sandbox)
-        samples += make_toolcall_sft_samples(args.toolcall, seed=args.seed + 1, max_tools=2)
+        # distinct=True reproduces the shipped checkpoint; its skewed category mix is measured in the README
+        samples += make_toolcall_sft_samples(args.toolcall, seed=args.seed + 1, max_tools=2, distinct=True)
         data = Path(tmp) / "sft.jsonl"
         write_records(data, samples)
         print(f"{len(samples)} SFT samples ({args.math} math, {args.toolcall} tool-call) in {time.time() - t0:.0f}s")

@@ -267,3 +267,19 @@ def test_toolcall_lengths(tok):
         ids, _ = tokenize_conversation(s["messages"], tok, CHATML)
         assert len(ids) <= 640
         assert n_tokens(tok, s["messages"][-1]["content"]) <= 160
+
+
+def test_toolcall_sft_samples_keep_the_stream_mix():
+    # sample i is the task of RL prompt i, so SFT sees the categories in the shares RL and evaluation do
+    sft = make_toolcall_sft_samples(600, seed=3)
+    rl = make_toolcall_rl_prompts(600, seed=3)
+    assert [s["messages"][:-1] for s in sft] == [r["messages"] for r in rl]
+    simple = sum(r["category"] == "simple" for r in rl) / len(rl)
+    assert 0.15 < simple < 0.25
+    # distinct=True (how the shipped warm checkpoint was built) drops repeats, and with them most `simple` tasks
+    distinct = make_toolcall_sft_samples(3000, seed=3, distinct=True)
+    keys = [(s["messages"][0]["content"], s["messages"][1]["content"]) for s in distinct]
+    assert len(set(keys)) == len(keys)
+    one_call = sum(s["messages"][-1]["content"].startswith("<think>\nThe request has 1 sub-task.") and
+                   len(s["tools"]) == 1 for s in distinct)
+    assert one_call / len(distinct) < 0.1

@@ -317,7 +317,17 @@ def make_toolcall_rl_prompts(n: int, seed: int, categories: Sequence[str] = CATE
 
 
 def make_toolcall_sft_samples(n: int, seed: int, categories: Sequence[str] = CATEGORIES, split: str = "train",
-                              max_tools: int = 2, max_calls: int = 2) -> list[dict]:
-    """``n`` distinct SFT samples with decomposition reasoning and the gold call list."""
-    tasks = unique_tasks(n, seed, categories, split, max_tools=max_tools, max_calls=max_calls)
-    return [toolcall_sft_sample(t) for t in tasks]
+                              max_tools: int = 2, max_calls: int = 2, distinct: bool = False) -> list[dict]:
+    """The first ``n`` tasks of the stream as SFT samples, with decomposition reasoning and the gold call list.
+
+    By default they are drawn like the RL prompts, repeats included, so the categories keep their shares.
+    ``distinct=True`` keeps only distinct tasks, which skews the mix towards the categories with the most distinct
+    tasks: ``simple`` has about 300, ``parallel_multiple`` tens of thousands. Of 8,500 distinct samples, 282 are
+    ``simple`` and 594 ask for a missing function with one function offered, so a model that cannot tell the two
+    apart learns to decline two single requests in three. The shipped warm checkpoint was built that way
+    (``scripts/make_tiny_warm.py``; see the README's account of tool-call RL).
+    """
+    limits = {"max_tools": max_tools, "max_calls": max_calls}
+    if distinct:
+        return [toolcall_sft_sample(t) for t in unique_tasks(n, seed, categories, split, **limits)]
+    return [toolcall_sft_sample(task_at(seed, i, categories, split, **limits)) for i in range(n)]
