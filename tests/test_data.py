@@ -226,6 +226,22 @@ def test_rl_stream_is_seeded_resumable_and_refills_do_not_shift_it(tok):
     assert [r["answer"] for r in next(module().iter_train())] != [r["answer"] for r in next(module(seed=1).iter_train())]
 
 
+def test_rl_synthetic_size_cycles_a_finite_prompt_set(tok):
+    dm = RLPromptDataModule(tok, train="synthetic:toolcall", batch_size=3, val_size=2, synthetic={"size": 4})
+    dm.setup("fit")
+    stream = dm.iter_train()
+    seen = [i for _ in range(4) for i in ids(next(stream))]
+    assert seen == [f"toolcall-train-0-{i % 4}" for i in range(12)]   # 12 draws = the first 4 prompts, 3 times
+    endless = RLPromptDataModule(tok, train="synthetic:toolcall", batch_size=3, val_size=2)
+    endless.setup("fit")
+    first = next(endless.iter_train())
+    assert [r["answer"] for r in first] == [r["answer"] for r in next(dm.iter_train())]   # the same prompts
+    refills = dm.refill_prompts(5)   # refills come from the same 4 prompts
+    assert ids(refills) == [f"toolcall-train-0-{i}" for i in (3, 2, 1, 0, 3)]
+    with pytest.raises(DataError, match="synthetic.size must be at least 1"):
+        RLPromptDataModule(tok, train="synthetic:math", synthetic={"size": 0}).setup()
+
+
 def test_rl_prefetched_batches_are_not_counted_as_consumed(tok):
     dm = RLPromptDataModule(tok, train="synthetic:math", batch_size=2, val_size=2)
     loader = iter(dm.train_dataloader())

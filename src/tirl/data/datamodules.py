@@ -199,15 +199,24 @@ class PromptBatch(list):
 
 
 class _SyntheticPrompts:
-    """Random access into an endless synthetic stream: position -> prompt (pure, so resumable)."""
+    """Random access into a synthetic stream: position -> prompt (pure, so resumable). Endless by default; with
+    ``size`` (``data.synthetic.size``) the first ``size`` prompts, cycled."""
 
-    def __init__(self, name: str, seed: int, options: dict) -> None:
-        self.name, self.seed, self.options = name, seed, options
+    def __init__(self, name: str, seed: int, options: dict, size: int | None = None) -> None:
+        if size is not None and size < 1:
+            raise DataError(f"data.synthetic.size must be at least 1 (or null for an endless stream), got {size}.")
+        self.name, self.seed, self.options, self.size = name, seed, options, size
 
     def at(self, position: int, refill: bool = False) -> dict:
-        # refills draw from negative indices: a stream of their own that never meets the batches'
-        index = -(position + 1) if refill else position
-        tag = f"r{position}" if refill else str(position)
+        if self.size is not None:
+            # a finite set: batches cycle through it forwards, refills backwards, so a refill is rarely the prompt
+            # it replaces
+            index = (self.size - 1 - position % self.size) if refill else position % self.size
+            tag = str(index)   # one prompt, one id, however it was drawn
+        else:
+            # refills draw from negative indices: a stream of their own that never meets the batches'
+            index = -(position + 1) if refill else position
+            tag = f"r{position}" if refill else str(position)
         if self.name == "math":
             return math_rl_prompt(problem_at(self.seed, index, split="train", **self.options),
                                   f"math-train-{self.seed}-{tag}")
@@ -362,7 +371,8 @@ class RLPromptDataModule(LightningDataModule):
         if self.train_spec is None:  # evaluation only
             self._source = _NoTrainSource()
         elif name is not None:
-            self._source = _SyntheticPrompts(name, self.seed, _generator_options(self.synthetic, name))
+            self._source = _SyntheticPrompts(name, self.seed, _generator_options(self.synthetic, name),
+                                             self.synthetic.get("size"))
             self._source.at(0)  # fail now, not mid-run, on bad generator options
         elif self.streaming:
             self._source = _SequentialPrompts(load_records(self.train_spec, self.on_bad_line, True, kind="rl"))
