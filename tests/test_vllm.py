@@ -60,7 +60,14 @@ def test_code_start_matches_hf_backend():
     tok = load_tiny_tokenizer()
     ids = tok.encode("Let me compute.\n```python\nprint(1+1)\n```", add_special_tokens=False)
     hf = HFBackend(build_tiny(0)[0], tok)
-    assert V.fence_token_index(ids, tok.decode) == hf._fence_token(ids) == 7   # the '```' token of the fence
+    fence = _first_fence(ids, tok)
+    assert 0 < fence < len(ids) - 1 and "`" in tok.decode(ids[fence: fence + 1])
+    assert V.fence_token_index(ids, tok.decode) == hf._fence_token(ids) == fence   # the '```' token of the fence
+
+
+def _first_fence(ids, tok):
+    """By definition: the first token whose prefix decodes to text containing the opening fence."""
+    return next(i for i in range(len(ids)) if "```" in tok.decode(ids[: i + 1]))
 
 
 def test_sampling_kwargs():
@@ -129,7 +136,7 @@ def test_generate_resumes_past_an_opening_fence_and_stops_at_the_closing_one(fak
     llm = FakeLLM([[(head, "stop", "\n```"), ([5, 6, 2], "stop", None)], [(tail, "stop", "\n```")]])
     backend = V.VLLMBackend(V.EngineState(llm), policy, tok, RolloutConfig(backend="vllm"))
     gens = backend.generate([[1, 2, 3], [4]], SamplingParams(max_new_tokens=64))
-    assert gens[0].ids == ids and gens[0].stop_reason == "tool" and gens[0].code_start == 7
+    assert gens[0].ids == ids and gens[0].stop_reason == "tool" and gens[0].code_start == _first_fence(ids, tok)
     assert gens[1].ids == [5, 6, 2] and gens[1].stop_reason == "eos" and gens[1].code_start is None
     assert gens[0].logprobs == [-0.5] * len(ids)
     lumped = 1 - math.exp(-0.5) - math.exp(-2.0)
