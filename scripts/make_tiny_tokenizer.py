@@ -1,9 +1,12 @@
 """Build the tiny model's tokenizer that tirl ships in ``src/tirl/assets/tiny``.
 
-Byte-level BPE (any text encodes, nothing is ever <unk>) with 512 entries: 256 bytes, the Qwen special tokens,
+Byte-level BPE (any text encodes, nothing is ever <unk>) with 1,024 entries: 256 bytes, the Qwen special tokens,
 and merges learnt on a seeded corpus shaped like tirl's synthetic tasks (math word problems, Python, BFCL call
-lists). Digits are split one by one, as in Qwen, so arithmetic stays learnable. Rerunning the script reproduces
-the committed files byte for byte.
+lists) plus the synthetic tasks' own text (``task_corpus``: problems, solutions, tool-call prompts and answers).
+Without the latter the catalogue's words split into letters (a tool-call prompt was 306 tokens at 512 entries; it
+is about 106 now), and the tiny model has to copy argument values letter by letter. Digits are split one by one,
+as in Qwen, so arithmetic stays learnable. Rerunning the script reproduces the committed files byte for byte; it
+must be rerun (and the warm checkpoint rebuilt) when the synthetic tasks' text changes.
 
     python scripts/make_tiny_tokenizer.py [--out src/tirl/assets/tiny]
 """
@@ -52,6 +55,21 @@ def corpus(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def task_corpus(n: int, seed: int = 0) -> list[str]:
+    """Text of the synthetic tasks themselves: math problems and solutions, tool-call prompts and answers."""
+    from tirl.data.prompts import toolcall_system_prompt
+    from tirl.data.synthetic_math import problem_at, solution_text
+    from tirl.data.synthetic_toolcall import target_text, task_at
+
+    out = []
+    for i in range(n):
+        problem = problem_at(seed, i)
+        out += [problem.question, solution_text(problem, problem.answer)]
+        task = task_at(seed, i)
+        out += [toolcall_system_prompt([f.tool() for f in task.tools]), task.query, target_text(task)]
+    return out
+
+
 def build(out: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -64,7 +82,7 @@ def build(out: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(4000), trainer=trainer)
+    tok.train_from_iterator(corpus(4000) + task_corpus(2000), trainer=trainer)
     assert tok.get_vocab_size() == TINY_VOCAB_SIZE, tok.get_vocab_size()
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))

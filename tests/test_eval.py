@@ -220,8 +220,8 @@ def test_toolcall_error_kinds_by_hand():
 
     gold = [{"get_weather": {"city": ["Paris"], "units": ["", "celsius"]}}]
     request = "Get the weather in Paris."
-    think = "<think>\nThe request has 1 sub-task.\n1. Get the weather in Paris.\n</think>\n\n"
-    bad_think = "<think>\nThe request has 1 sub-task.\n1. Get the weather in Rome.\n</think>\n\n"
+    think = "<think>\nThe request has 1 sub-task.\n1. Get the weather in Paris: get_weather.\n</think>\n\n"
+    bad_think = "<think>\nThe request has 1 sub-task.\n1. Get the weather in Rome: get_weather.\n</think>\n\n"
     cases = {
         think + '[get_weather(city="Paris")]': "ok",
         think + '[get_weather(city="Rome")]': "values_think_ok",        # the copy into the call went wrong
@@ -240,6 +240,8 @@ def test_toolcall_error_kinds_by_hand():
     assert toolcall_error(think + '[get_weather(city="Paris")]', [], "Tell me a joke.") == "called_irrelevant"
     assert toolcall_error(think + "[get_weather(", [], "Tell me a joke.") == "called_irrelevant"
     assert not think_restates_request("no numbered lines here", request)
+    assert think_restates_request("1. Get the weather in Paris.", request)    # without the function name too
+    assert think_restates_request("1. Get the weather in Paris: get_time, not given.", request)
     record = {"category": "irrelevance", "tools": [{"name": "get_time"}],
               "messages": [{"role": "user", "content": "Get the weather in Paris."}]}
     assert prompt_group(record) == "irrelevance/missing_function (1 offered)"

@@ -22,8 +22,11 @@ from tirl.data.synthetic_math import (
 from tirl.data.synthetic_toolcall import (
     CATALOGUE,
     CATEGORIES,
+    NO_CALL_ANSWER,
+    NO_CALL_THINK,
     make_toolcall_rl_prompts,
     make_toolcall_sft_samples,
+    target_text,
     task_at,
 )
 from tirl.models.tiny import load_tiny_tokenizer
@@ -216,7 +219,7 @@ def test_toolcall_categories_gold_and_targets(category):
         reasoning, answer = split_reasoning(s["messages"][-1]["content"])
         assert s["messages"][-1]["content"].startswith("<think>\n")
         if category == "irrelevance":
-            assert not answer.startswith("[") and "no sub-task" in reasoning
+            assert not answer.startswith("[") and ("no sub-task" in reasoning or ", not given." in reasoning)
             continue
         calls = parse_calls(answer)
         assert isinstance(calls, list)
@@ -248,7 +251,8 @@ def test_hand_written_toolcall_example():
                     (Call(weather, {"city": "Paris"}), Call(email, {"to": "bob", "subject": "lunch"})))
     assert render_calls(task.calls) == '[get_weather(city="Paris"), send_email(to="bob", subject="lunch")]'
     assert target_text(task) == (
-        "<think>\nThe request has 2 sub-tasks.\n1. Get the weather in Paris.\n2. Send an email to bob about lunch.\n"
+        "<think>\nThe request has 2 sub-tasks.\n1. Get the weather in Paris: get_weather.\n"
+            "2. Send an email to bob about lunch: send_email.\n"
         '</think>\n\n[get_weather(city="Paris"), send_email(to="bob", subject="lunch")]')
     assert task.calls[0].gold() == {"get_weather": {"city": ["Paris"], "units": ["", "celsius"]}}
 
@@ -276,10 +280,21 @@ def test_toolcall_sft_samples_keep_the_stream_mix():
     assert [s["messages"][:-1] for s in sft] == [r["messages"] for r in rl]
     simple = sum(r["category"] == "simple" for r in rl) / len(rl)
     assert 0.15 < simple < 0.25
-    # distinct=True (how the shipped warm checkpoint was built) drops repeats, and with them most `simple` tasks
-    distinct = make_toolcall_sft_samples(3000, seed=3, distinct=True)
-    keys = [(s["messages"][0]["content"], s["messages"][1]["content"]) for s in distinct]
-    assert len(set(keys)) == len(keys)
-    one_call = sum(s["messages"][-1]["content"].startswith("<think>\nThe request has 1 sub-task.") and
-                   len(s["tools"]) == 1 for s in distinct)
-    assert one_call / len(distinct) < 0.1
+
+
+def test_toolcall_targets_tie_each_sub_task_to_its_function():
+    by_kind = {}
+    for i in range(400):
+        task = task_at(5, i)
+        kind = "missing" if task.missing else ("small_talk" if not task.calls else task.category)
+        by_kind.setdefault(kind, task)
+    parallel = by_kind["parallel_multiple"]
+    lines = target_text(parallel).split("\n")
+    assert lines[1] == "The request has 2 sub-tasks."
+    assert [line.rsplit(": ", 1)[1] for line in lines[2:4]] == [f"{c.fn.name}." for c in parallel.calls]
+    missing = by_kind["missing"]
+    assert missing.category == "irrelevance" and missing.missing[0].fn not in missing.tools
+    assert target_text(missing) == ("<think>\nThe request has 1 sub-task.\n1. "
+                                    f"{missing.query[:-1]}: {missing.missing[0].fn.name}, not given.\n</think>\n\n"
+                                    f"{NO_CALL_ANSWER}")
+    assert target_text(by_kind["small_talk"]) == f"<think>\n{NO_CALL_THINK}\n</think>\n\n{NO_CALL_ANSWER}"

@@ -13,7 +13,9 @@ prompt and asks for one or more sub-tasks:
 Gold answers are BFCL possible answers ``[{"fn": {"arg": [allowed values]}}]`` ("" allowed = optional and
 omitted), ``[]`` for irrelevance. The SFT target decomposes the request before calling::
 
-    <think>\\nThe request has 2 sub-tasks.\\n1. Get the weather in Paris.\\n2. …\\n</think>\\n\\n[get_weather(city="Paris"), …]
+    <think>\\nThe request has 2 sub-tasks.\\n1. Get the weather in Paris: get_weather.\\n2. …\\n</think>\\n\\n[get_weather(city="Paris"), …]
+
+A request for a function that is not offered gets ``1. Get the time in Rome: get_time, not given.`` and a refusal.
 
 Sample ``index`` is a pure function of (seed, index, categories, split); train and held-out samples are
 told apart by a hash of query + offered functions, as for the math problems.
@@ -180,6 +182,7 @@ class ToolTask:
     query: str
     tools: tuple[FunctionSpec, ...]  # offered, in prompt order
     calls: tuple[Call, ...]  # gold calls; empty for irrelevance
+    missing: tuple[Call, ...] = ()  # irrelevance: the call the request asks for, of a function not offered
 
     @property
     def key(self) -> str:
@@ -198,13 +201,27 @@ def render_calls(calls: Sequence[Call]) -> str:
 
 
 def target_text(task: ToolTask) -> str:
-    """D-CORE-style SFT target: count and list the sub-tasks, then the call list (or a refusal)."""
+    """D-CORE-style SFT target: count the sub-tasks and tie each to the function that does it, then the call list.
+
+    A request for a function that is not offered is decomposed the same way and its sub-task marked
+    ``not given`` before the refusal; small talk gets the fixed no-sub-task sentence. Naming the function in the
+    reasoning makes "is it offered?" a decision the model writes down, one sub-task at a time.
+    """
+    if task.missing:
+        return f"<think>\n{_count(task.missing)}\n{_steps(task.missing, offered=False)}\n</think>\n\n{NO_CALL_ANSWER}"
     if not task.calls:
         return f"<think>\n{NO_CALL_THINK}\n</think>\n\n{NO_CALL_ANSWER}"
-    n = len(task.calls)
-    steps = "\n".join(f"{i}. {_sentence(c.task_text())}" for i, c in enumerate(task.calls, 1))
-    plural = "sub-task" if n == 1 else "sub-tasks"
-    return f"<think>\nThe request has {n} {plural}.\n{steps}\n</think>\n\n{render_calls(task.calls)}"
+    return f"<think>\n{_count(task.calls)}\n{_steps(task.calls)}\n</think>\n\n{render_calls(task.calls)}"
+
+
+def _count(calls: Sequence[Call]) -> str:
+    return f"The request has {len(calls)} {'sub-task' if len(calls) == 1 else 'sub-tasks'}."
+
+
+def _steps(calls: Sequence[Call], offered: bool = True) -> str:
+    """``1. Get the time in Rome: get_time.`` (or ``…: get_time, not given.``), one line per sub-task."""
+    mark = "" if offered else ", not given"
+    return "\n".join(f"{i}. {_sentence(c.task_text())[:-1]}: {c.fn.name}{mark}." for i, c in enumerate(calls, 1))
 
 
 def _sentence(text: str) -> str:
@@ -229,9 +246,9 @@ def _draw(r: random.Random, category: str, max_tools: int, max_calls: int) -> To
         tools = r.sample(CATALOGUE, r.randint(1, max_tools))
         if r.random() < 0.5:
             absent = r.choice([f for f in CATALOGUE if f not in tools])
-            query = _sentence(_random_call(r, absent, []).task_text())
-        else:
-            query = r.choice(SMALL_TALK)
+            wanted = _random_call(r, absent, [])
+            return ToolTask(category, _sentence(wanted.task_text()), tuple(tools), (), (wanted,))
+        query = r.choice(SMALL_TALK)
         return ToolTask(category, query, tuple(tools), ())
     if category in ("simple", "parallel"):
         tools = [r.choice(CATALOGUE)]
@@ -317,17 +334,13 @@ def make_toolcall_rl_prompts(n: int, seed: int, categories: Sequence[str] = CATE
 
 
 def make_toolcall_sft_samples(n: int, seed: int, categories: Sequence[str] = CATEGORIES, split: str = "train",
-                              max_tools: int = 2, max_calls: int = 2, distinct: bool = False) -> list[dict]:
+                              max_tools: int = 2, max_calls: int = 2) -> list[dict]:
     """The first ``n`` tasks of the stream as SFT samples, with decomposition reasoning and the gold call list.
 
-    By default they are drawn like the RL prompts, repeats included, so the categories keep their shares.
-    ``distinct=True`` keeps only distinct tasks, which skews the mix towards the categories with the most distinct
-    tasks: ``simple`` has about 300, ``parallel_multiple`` tens of thousands. Of 8,500 distinct samples, 282 are
-    ``simple`` and 594 ask for a missing function with one function offered, so a model that cannot tell the two
-    apart learns to decline two single requests in three. The shipped warm checkpoint was built that way
-    (``scripts/make_tiny_warm.py``; see the README's account of tool-call RL).
+    Drawn like the RL prompts, repeats included, so the categories keep their shares. (Keeping only distinct tasks
+    skews the mix towards the categories with the most distinct tasks: ``simple`` has about 300,
+    ``parallel_multiple`` tens of thousands. A warm checkpoint built that way declined two single requests in three,
+    because it could not yet tell a request for an offered function from one for a missing function.)
     """
     limits = {"max_tools": max_tools, "max_calls": max_calls}
-    if distinct:
-        return [toolcall_sft_sample(t) for t in unique_tasks(n, seed, categories, split, **limits)]
     return [toolcall_sft_sample(task_at(seed, i, categories, split, **limits)) for i in range(n)]

@@ -27,7 +27,9 @@ from tirl.tools.calls import ParseError, parse_calls, split_reasoning
 
 KINDS = ("ok", "no_answer", "declined", "unparsable", "called_irrelevant", "n_calls", "names", "values_think_ok",
          "values_think_bad")
-_STEP_LINE = re.compile(r"^\d+\.\s+(.*?)\.?$")
+# "1. Get the weather in Paris: get_weather." -> "Get the weather in Paris" (the function name, if any, is not part
+# of the restatement)
+_STEP_LINE = re.compile(r"^\d+\.\s+(.*?)(?::\s*[A-Za-z_]\w*(?:,\s*not given)?)?\.?$")
 
 
 def _looks_like_call(text: str) -> bool:
@@ -35,7 +37,7 @@ def _looks_like_call(text: str) -> bool:
 
 
 def think_restates_request(reasoning: str, request: str) -> bool:
-    """Every numbered sub-task line ("1. Get the weather in Paris.") is a verbatim, case-insensitive piece of the
+    """Every numbered sub-task line ("1. Get the weather in Paris: get_weather.") restates a verbatim, case-insensitive piece of the
     request; False when there are no such lines."""
     steps = [m.group(1).strip().lower() for line in reasoning.splitlines() if (m := _STEP_LINE.match(line.strip()))]
     return bool(steps) and all(step in request.lower() for step in steps)

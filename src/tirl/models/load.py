@@ -1,7 +1,7 @@
 """Load a policy and its tokenizer from a Hugging Face hub id or a local directory.
 
 ``tiny`` and ``tiny-warm`` name the project's own tiny model (see ``tirl.models.tiny``); anything else goes
-through ``from_pretrained`` unchanged, so the same config runs a 0.85 M-parameter model on a laptop and
+through ``from_pretrained`` unchanged, so the same config runs a 0.92 M-parameter model on a laptop and
 Qwen3-14B on a GPU node.
 """
 

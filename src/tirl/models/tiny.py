@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-TINY_VOCAB_SIZE = 512
+TINY_VOCAB_SIZE = 1024
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
     "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
@@ -49,7 +49,7 @@ def tiny_warm_dir() -> Path:
 
 
 def tiny_config(**overrides) -> Qwen3Config:
-    """~0.85 M parameters: 4 layers, hidden 128, vocab 512, tied embeddings."""
+    """~0.92 M parameters: 4 layers, hidden 128, vocab 1024, tied embeddings."""
     kw = dict(
         vocab_size=TINY_VOCAB_SIZE,
         hidden_size=128,
