@@ -7,7 +7,7 @@ Writes ``<out>/curves.csv`` (task, method, seed, step, val_acc), ``<out>/curves_
 category or math level), ``<out>/curves.png`` and prints, per task and method, the mean held-out accuracy before and
 after RL, the gain, and before/after per category or level.
 
-    python scripts/learning_curves.py [--seeds 0 1 2] [--steps 60] [--tasks math toolcall] [--jobs 2]
+    python scripts/learning_curves.py [--seeds 0 1 2] [--steps 60] [--tasks math toolcall] [--jobs 2] [--model DIR]
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def run_one(task: str, method: str, seed: int, args, out: Path) -> Path:
               "method.log_samples=0", f"hydra.run.dir={run_dir}", f"paths.output_dir={run_dir}"]
     if args.lr is not None:
         shared.append(f"method.lr={args.lr}")
+    if args.model is not None:
+        shared.append(f"model.name_or_path={args.model}")
     # the group keys that must match across the two methods of a task (the baseline inherits the preset's)
     match = [f"method.group_size={args.group_size}", f"method.prompts_per_step={args.prompts}"]
     cmd = [sys.executable, str(ROOT / "src/train.py"), *RUNS[task][method], *match, *shared]
@@ -86,6 +88,8 @@ def main() -> None:
     p.add_argument("--val-size", type=int, default=128, help="held-out prompts")
     p.add_argument("--val-samples", type=int, default=8, help="samples per held-out prompt (Avg@k)")
     p.add_argument("--lr", type=float, default=None, help="override both methods' lr (default: the presets')")
+    p.add_argument("--model", default=None,
+                   help="start every run from this checkpoint (HF directory or id; default: the presets' tiny-warm)")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
