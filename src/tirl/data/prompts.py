@@ -1,6 +1,6 @@
 """System prompts and prompt messages for the two tasks.
 
-Kept short on purpose: the tiny model (vocab 512, byte-level BPE) pays one token per few characters, and a
+Kept short on purpose: the tiny model (vocab 1,024, byte-level BPE) pays one token per few characters, and a
 prompt's length is paid again on every rollout. Real checkpoints read the same prompts.
 """
 
