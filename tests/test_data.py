@@ -242,6 +242,13 @@ def test_rl_synthetic_size_cycles_a_finite_prompt_set(tok):
         RLPromptDataModule(tok, train="synthetic:math", synthetic={"size": 0}).setup()
 
 
+def test_sft_synthetic_size_none_means_the_default_1000(tok):
+    # the schema's default is None ("1000 samples for sft"); it used to reach int() and raise a TypeError
+    dm = SFTDataModule(tok, train="synthetic:toolcall", synthetic={"size": None}, val_size=4)
+    dm.setup("fit")
+    assert len(dm._sets["train"]) == 1000
+
+
 def test_rl_prefetched_batches_are_not_counted_as_consumed(tok):
     dm = RLPromptDataModule(tok, train="synthetic:math", batch_size=2, val_size=2)
     loader = iter(dm.train_dataloader())

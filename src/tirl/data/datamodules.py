@@ -123,7 +123,8 @@ class SFTDataModule(LightningDataModule):
                 log.warning("Skipped %d bad records in %s.", stream.skipped, spec)
             return records
         # held-out sets: the first val_size distinct held-out samples are val, the next val_size are test
-        size = int(self.synthetic.get("size", 1000)) if split == "train" else 2 * self.val_size
+        size = self.synthetic.get("size")
+        size = (1000 if size is None else int(size)) if split == "train" else 2 * self.val_size   # None: the default
         gen_split = "train" if split == "train" else "heldout"
         options = {**_generator_options(self.synthetic, name), "format": "sft", "size": size, "split": gen_split}
         if name == "math" and self.sandbox is None:
