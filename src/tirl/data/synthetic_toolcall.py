@@ -221,11 +221,15 @@ def _count(calls: Sequence[Call]) -> str:
 def _steps(calls: Sequence[Call], offered: bool = True) -> str:
     """``1. Get the time in Rome: get_time.`` (or ``…: get_time, not given.``), one line per sub-task."""
     mark = "" if offered else ", not given"
-    return "\n".join(f"{i}. {_sentence(c.task_text())[:-1]}: {c.fn.name}{mark}." for i, c in enumerate(calls, 1))
+    return "\n".join(f"{i}. {_capital(c.task_text())}: {c.fn.name}{mark}." for i, c in enumerate(calls, 1))
+
+
+def _capital(text: str) -> str:
+    return text[0].upper() + text[1:]
 
 
 def _sentence(text: str) -> str:
-    return text[0].upper() + text[1:] + "."
+    return _capital(text) + "."
 
 
 def _join(parts: list[str]) -> str:
