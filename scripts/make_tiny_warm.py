@@ -55,6 +55,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--math", type=int, default=1500, help="math SFT samples")
     p.add_argument("--toolcall", type=int, default=10000, help="function-calling SFT samples")
+    p.add_argument("--split", default="train", choices=["train", "sft"],
+                   help="where the SFT samples come from: the whole train split, or its sft half (then RL with "
+                        "data.synthetic.split=rl trains on prompts the checkpoint has never seen)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -74,8 +77,8 @@ def main() -> None:
 
     tok = load_tiny_tokenizer()
     with LocalSandbox(workers=2) as sandbox, tempfile.TemporaryDirectory() as tmp:
-        samples = make_math_sft_samples(args.math, seed=args.seed + 1, sandbox=sandbox)
-        samples += make_toolcall_sft_samples(args.toolcall, seed=args.seed + 1, max_tools=2)
+        samples = make_math_sft_samples(args.math, seed=args.seed + 1, sandbox=sandbox, split=args.split)
+        samples += make_toolcall_sft_samples(args.toolcall, seed=args.seed + 1, max_tools=2, split=args.split)
         data = Path(tmp) / "sft.jsonl"
         write_records(data, samples)
         print(f"{len(samples)} SFT samples ({args.math} math, {args.toolcall} tool-call) in {time.time() - t0:.0f}s")

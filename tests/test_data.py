@@ -242,6 +242,26 @@ def test_rl_synthetic_size_cycles_a_finite_prompt_set(tok):
         RLPromptDataModule(tok, train="synthetic:math", synthetic={"size": 0}).setup()
 
 
+def test_synthetic_split_picks_the_train_half(tok):
+    # data.synthetic.split=rl: RL prompts from the half of the train split a warm start SFT'd on `sft` never saw
+    from tirl.data.synthetic_math import in_split
+
+    dm = RLPromptDataModule(tok, train="synthetic:toolcall", batch_size=4, val_size=2, synthetic={"split": "rl"})
+    dm.setup("fit")
+    batch = next(dm.iter_train())
+    assert ids(batch) == [f"toolcall-rl-0-{i}" for i in range(4)]
+    def key(r):   # ToolTask.key: query | offered function names
+        return r["messages"][-1]["content"] + "|" + ",".join(t["name"] for t in r["tools"])
+
+    assert all(in_split(key(r), "rl") and not in_split(key(r), "sft") for r in batch)
+    assert dm.val_records and all(in_split(key(r), "heldout") for r in dm.val_records)   # val stays held-out
+    sft = SFTDataModule(tok, train="synthetic:toolcall", synthetic={"split": "sft", "size": 20}, val_size=2)
+    sft.setup("fit")
+    assert len(sft._sets["train"]) == 20
+    with pytest.raises(DataError, match="data.synthetic.split must be one of"):
+        RLPromptDataModule(tok, train="synthetic:math", synthetic={"split": "heldout"}).setup()
+
+
 def test_sft_synthetic_size_none_means_the_default_1000(tok):
     # the schema's default is None ("1000 samples for sft"); it used to reach int() and raise a TypeError
     dm = SFTDataModule(tok, train="synthetic:toolcall", synthetic={"size": None}, val_size=4)

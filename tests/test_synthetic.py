@@ -16,6 +16,7 @@ from tirl.data.synthetic_math import (
     make_math_rl_prompts,
     make_math_sft_samples,
     problem_at,
+    in_split,
     question_hash,
     split_of,
 )
@@ -263,6 +264,22 @@ def test_toolcall_determinism_and_heldout_disjoint():
     train = {task_at(s, i).key for s in (0, 1) for i in range(500)}
     held = {task_at(0, i, split="heldout").key for i in range(100)}
     assert not train & held
+
+
+def test_sft_and_rl_halves_partition_the_train_split():
+    # a warm start SFT'd on the sft half can be RL'd on prompts it never saw; held-out stays apart from both
+    sft = {task_at(0, i, split="sft").key for i in range(400)}
+    rl = {task_at(0, i, split="rl").key for i in range(400)}
+    held = {task_at(0, i, split="heldout").key for i in range(100)}
+    assert sft and rl and not sft & rl and not (sft | rl) & held
+    train = [task_at(0, i).key for i in range(2000)]
+    in_sft = sum(in_split(k, "sft") for k in train) / len(train)
+    assert all(in_split(k, "sft") != in_split(k, "rl") for k in train)   # every train task is in exactly one half
+    assert 0.35 < in_sft < 0.65
+    questions = [problem_at(3, i, split="rl").question for i in range(50)]
+    assert all(in_split(q, "rl") and in_split(q, "train") and not in_split(q, "sft") for q in questions)
+    with pytest.raises(ValueError, match="split must be one of"):
+        task_at(0, 0, split="test")
 
 
 def test_toolcall_lengths(tok):

@@ -62,6 +62,19 @@ def _generator_options(options: dict | None, name: str | None = None) -> dict:
     return kept if name not in GENERATOR_KEYS else {k: v for k, v in kept.items() if k in GENERATOR_KEYS[name]}
 
 
+TRAIN_SPLITS = ("train", "sft", "rl")
+
+
+def _train_split(options: dict) -> str:
+    """``data.synthetic.split``: which part of a synthetic stream trains: ``train`` (all but the held-out ~10%), or
+    one of its two disjoint halves, ``sft`` and ``rl``. Val/test always come from ``heldout``."""
+    split = options.get("split") or "train"
+    if split not in TRAIN_SPLITS:
+        raise DataError(f"data.synthetic.split must be one of {list(TRAIN_SPLITS)} (val/test are always the held-out "
+                        f"split), got {split!r}.")
+    return split
+
+
 def _split_off(records: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held) with ``n`` records held out by a seeded shuffle; order of the rest is kept."""
     if n <= 0 or len(records) <= n:
@@ -125,7 +138,7 @@ class SFTDataModule(LightningDataModule):
         # held-out sets: the first val_size distinct held-out samples are val, the next val_size are test
         size = self.synthetic.get("size")
         size = (1000 if size is None else int(size)) if split == "train" else 2 * self.val_size   # None: the default
-        gen_split = "train" if split == "train" else "heldout"
+        gen_split = _train_split(self.synthetic) if split == "train" else "heldout"
         options = {**_generator_options(self.synthetic, name), "format": "sft", "size": size, "split": gen_split}
         if name == "math" and self.sandbox is None:
             from tirl.tools.sandbox import LocalSandbox
@@ -203,10 +216,10 @@ class _SyntheticPrompts:
     """Random access into a synthetic stream: position -> prompt (pure, so resumable). Endless by default; with
     ``size`` (``data.synthetic.size``) the first ``size`` prompts, cycled."""
 
-    def __init__(self, name: str, seed: int, options: dict, size: int | None = None) -> None:
+    def __init__(self, name: str, seed: int, options: dict, size: int | None = None, split: str = "train") -> None:
         if size is not None and size < 1:
             raise DataError(f"data.synthetic.size must be at least 1 (or null for an endless stream), got {size}.")
-        self.name, self.seed, self.options, self.size = name, seed, options, size
+        self.name, self.seed, self.options, self.size, self.split = name, seed, options, size, split
 
     def at(self, position: int, refill: bool = False) -> dict:
         if self.size is not None:
@@ -219,10 +232,10 @@ class _SyntheticPrompts:
             index = -(position + 1) if refill else position
             tag = f"r{position}" if refill else str(position)
         if self.name == "math":
-            return math_rl_prompt(problem_at(self.seed, index, split="train", **self.options),
-                                  f"math-train-{self.seed}-{tag}")
-        return toolcall_rl_prompt(task_at(self.seed, index, split="train", **self.options),
-                                  f"toolcall-train-{self.seed}-{tag}")
+            return math_rl_prompt(problem_at(self.seed, index, split=self.split, **self.options),
+                                  f"math-{self.split}-{self.seed}-{tag}")
+        return toolcall_rl_prompt(task_at(self.seed, index, split=self.split, **self.options),
+                                  f"toolcall-{self.split}-{self.seed}-{tag}")
 
 
 class _ShuffledPrompts:
@@ -373,7 +386,7 @@ class RLPromptDataModule(LightningDataModule):
             self._source = _NoTrainSource()
         elif name is not None:
             self._source = _SyntheticPrompts(name, self.seed, _generator_options(self.synthetic, name),
-                                             self.synthetic.get("size"))
+                                             self.synthetic.get("size"), _train_split(self.synthetic))
             self._source.at(0)  # fail now, not mid-run, on bad generator options
         elif self.streaming:
             self._source = _SequentialPrompts(load_records(self.train_spec, self.on_bad_line, True, kind="rl"))

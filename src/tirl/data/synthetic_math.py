@@ -30,8 +30,9 @@ from math import gcd
 from tirl.data.prompts import math_prompt
 
 LEVELS = (1, 2, 3, 4)
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "sft", "rl")
 HELDOUT_BUCKETS = 26  # of 256: questions whose hash starts with a byte below this are held-out (~10%)
+SFT_BUCKETS_END = 141  # the train buckets 26..140 are its "sft" half, 141..255 its "rl" half
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,22 @@ def question_hash(question: str) -> str:
 
 def split_of(question: str) -> str:
     return "heldout" if int(question_hash(question)[:2], 16) < HELDOUT_BUCKETS else "train"
+
+
+def in_split(text: str, split: str) -> bool:
+    """Whether ``text`` (a question, or a tool-call task's key) falls in ``split``, by a hash of it.
+
+    ``heldout`` (~10%) never meets ``train``; ``train`` is the union of two disjoint halves, ``sft`` and ``rl``
+    (~45% each), so a warm start can be SFT'd on one and RL'd on prompts it has never seen.
+    """
+    bucket = int(question_hash(text)[:2], 16)
+    if split == "heldout":
+        return bucket < HELDOUT_BUCKETS
+    if split == "train":
+        return bucket >= HELDOUT_BUCKETS
+    if split == "sft":
+        return HELDOUT_BUCKETS <= bucket < SFT_BUCKETS_END
+    return bucket >= SFT_BUCKETS_END
 
 
 # ---------------------------------------------------------------- problem makers, one per kind
@@ -164,10 +181,10 @@ def problem_at(seed: int, index: int, levels: Sequence[int] = LEVELS, split: str
     """Problem number ``index`` of the stream (seed, levels, split): pure, so streams resume anywhere."""
     levels = check_levels(levels)
     check_split(split)
-    for attempt in range(10_000):  # ~10% of draws are held-out, so a few attempts suffice
+    for attempt in range(10_000):  # a split holds >= ~10% of draws, so a few attempts suffice
         rng = random.Random(f"tirl-math:{seed}:{index}:{attempt}")
         problem = rng.choice(MAKERS[rng.choice(levels)])(rng)
-        if split_of(problem.question) == split:
+        if in_split(problem.question, split):
             return problem
     raise RuntimeError(f"No {split} problem found for seed {seed}, index {index}; this is a generator bug.")
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tirl.data.prompts import toolcall_prompt
-from tirl.data.synthetic_math import check_split, split_of
+from tirl.data.synthetic_math import check_split, in_split
 
 CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple", "irrelevance")
 
@@ -293,7 +293,7 @@ def task_at(seed: int, index: int, categories: Sequence[str] = CATEGORIES, split
     for attempt in range(10_000):
         rng = random.Random(f"tirl-toolcall:{seed}:{index}:{attempt}")
         task = _draw(rng, rng.choice(categories), max_tools, max_calls)
-        if split_of(task.key) == split:
+        if in_split(task.key, split):
             return task
     raise RuntimeError(f"No {split} task found for seed {seed}, index {index}; this is a generator bug.")
 
