@@ -60,7 +60,7 @@ def test_every_model_method_hardware_combination_validates(model, method, hardwa
     # RL datamodules batch prompts_per_step prompts; the interpolation must have resolved to a number
     assert isinstance(typed.data.batch_size, int) and typed.data.batch_size > 0
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
-    assert cfg.callbacks.model_checkpoint.monitor == cfg.optimized_metric == "val/acc"
+    assert cfg.callbacks.model_checkpoint.monitor == cfg.optimized_metric == ("val/loss" if method == "sft" else "val/acc")
     assert Path(cfg.paths.log_dir).name == "logs"
 
 
@@ -74,6 +74,19 @@ def test_tiny_model_scale_applies_after_the_method_and_only_to_tiny():
     cfg = validate(compose_resolved(["experiment=thor_tiny"]))
     assert (cfg.method.lr_schedule, cfg.data.val_size, cfg.rollout.max_total_tokens) == ("cosine", 64, 256)
     assert validate(compose_resolved(["model=tiny", "method.lr=0.01"])).method.lr == 0.01   # the command line wins
+
+
+@pytest.mark.parametrize("overrides, metric, mode", [
+    (["method=sft", "data=sft_synthetic_toolcall"], "val/loss", "min"),   # SFT logs no accuracy to select on
+    (["experiment=sft_tiny_math"], "val/loss", "min"),
+    (["experiment=dcore_tiny"], "val/acc", "max"),
+    ([], "val/acc", "max"),
+    (["method=sft", "data=sft_synthetic_math", "optimized_metric=train/loss"], "train/loss", "min"),
+])
+def test_optimized_metric_and_checkpoint_mode_follow_the_method(overrides, metric, mode):
+    cfg = compose_resolved(overrides)
+    assert (cfg.optimized_metric, cfg.callbacks.model_checkpoint.monitor) == (metric, metric)
+    assert cfg.callbacks.model_checkpoint.mode == mode
 
 
 def test_method_presets_carry_the_papers_values():

@@ -132,6 +132,8 @@ class RewardConfig:
 class MethodConfig:
     name: str = "grpo"
     kind: str = "rl"                    # rl | sft
+    metric: str = "val/acc"             # what the method's runs are judged by: optimized_metric, checkpoint monitor
+    metric_mode: str = "max"            # max | min (sft: val/loss, min)
     module: dict[str, Any] = field(default_factory=lambda: {"_target_": "tirl.modules.grpo.GRPOModule"})
     lr: float = 1e-6
     weight_decay: float = 0.0

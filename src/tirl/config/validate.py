@@ -52,6 +52,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.chat_format": ("chatml", "llama3"),
     "method.kind": ("rl", "sft"),
     "method.lr_schedule": ("constant", "cosine", "linear"),
+    "method.metric_mode": ("max", "min"),
     "method.advantage.scale": ("group", "batch", "none"),
     "method.loss.agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "method.loss.kl_kind": ("k1", "k2", "k3"),
