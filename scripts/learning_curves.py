@@ -7,7 +7,7 @@ Writes ``<out>/curves.csv`` (task, method, seed, step, val_acc), ``<out>/curves_
 category or math level), ``<out>/curves.png`` and prints, per task and method, the mean held-out accuracy before and
 after RL, the gain, and before/after per category or level.
 
-    python scripts/learning_curves.py [--seeds 0 1 2] [--steps 60] [--tasks math toolcall] [--jobs 2] [--model DIR]
+    python scripts/learning_curves.py [--seeds 0 1 2] [--steps N] [--tasks math toolcall] [--jobs 2] [--model DIR]
 """
 
 from __future__ import annotations
@@ -42,15 +42,18 @@ def run_one(task: str, method: str, seed: int, args, out: Path) -> Path:
     metrics = run_dir / "csv" / "metrics.csv"
     if metrics.exists() and not args.force:
         return run_dir
-    shared = [f"seed={seed}", f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.val_every}",
-              f"data.val_size={args.val_size}", f"method.val_samples={args.val_samples}", "test=false", "logger=csv", "callbacks=none",
+    shared = [f"seed={seed}", f"trainer.val_check_interval={args.val_every}", f"data.val_size={args.val_size}", f"method.val_samples={args.val_samples}", "test=false", "logger=csv", "callbacks=none",
               "method.log_samples=0", f"hydra.run.dir={run_dir}", f"paths.output_dir={run_dir}"]
+    if args.steps is not None:
+        shared.append(f"trainer.max_steps={args.steps}")
     if args.lr is not None:
         shared.append(f"method.lr={args.lr}")
     if args.model is not None:
         shared.append(f"model.name_or_path={args.model}")
     # the group keys that must match across the two methods of a task (the baseline inherits the preset's)
-    match = [f"method.group_size={args.group_size}", f"method.prompts_per_step={args.prompts}"]
+    match = [f"method.group_size={args.group_size}"]
+    if args.prompts is not None:
+        match.append(f"method.prompts_per_step={args.prompts}")
     cmd = [sys.executable, str(ROOT / "src/train.py"), *RUNS[task][method], *match, *shared]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", WANDB_MODE="offline")
@@ -83,7 +86,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["math", "toolcall"], choices=list(RUNS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=None,
+                   help="RL steps of every run (default: the presets': 60 for math, 180 for function calling)")
     p.add_argument("--val-every", type=int, default=20)
     p.add_argument("--val-size", type=int, default=128, help="held-out prompts")
     p.add_argument("--val-samples", type=int, default=8, help="samples per held-out prompt (Avg@k)")
@@ -91,7 +95,8 @@ def main() -> None:
     p.add_argument("--model", default=None,
                    help="start every run from this checkpoint (HF directory or id; default: the presets' tiny-warm)")
     p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=None,
+                   help="prompts per step (default: the presets': 8 for math, 16 for function calling)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
     p.add_argument("--out", type=Path, default=ROOT / "logs/learning_curves")
     p.add_argument("--force", action="store_true", help="rerun runs whose metrics already exist")
@@ -99,7 +104,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     jobs = [(t, m, s) for t in args.tasks for m, s in itertools.product(RUNS[t], args.seeds)]
-    print(f"{len(jobs)} runs, {args.steps} RL steps each, {args.jobs} at a time", flush=True)
+    print(f"{len(jobs)} runs, {args.jobs} at a time", flush=True)
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         dirs = list(pool.map(lambda j: run_one(*j, args, args.out), jobs))

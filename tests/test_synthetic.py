@@ -13,10 +13,10 @@ from tirl.data.prompts import MATH_SYSTEM_PROMPT, toolcall_system_prompt
 from tirl.data.sources import rl_problem, sft_problem
 from tirl.data.synthetic_math import (
     LEVELS,
+    in_split,
     make_math_rl_prompts,
     make_math_sft_samples,
     problem_at,
-    in_split,
     question_hash,
     split_of,
 )
