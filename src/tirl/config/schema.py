@@ -165,7 +165,7 @@ class SyntheticConfig:
 
     format: str = "rl"                  # rl (prompts) | sft (worked samples)
     size: int | None = None             # None: unlimited prompts (rl) / 1000 samples (sft)
-    split: str = "train"
+    split: str = "train"                # train | sft | rl (disjoint halves of train); val/test: always heldout
     levels: list[int] | None = None     # math difficulty levels 1-4
     categories: list[str] | None = None # toolcall: simple, multiple, parallel, parallel_multiple, irrelevance
     max_tools: int | None = None        # toolcall: functions shown per prompt (>= 2)

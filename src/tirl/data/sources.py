@@ -199,7 +199,7 @@ def synthetic_records(name: str, seed: int = 0, options: dict | None = None, san
     """Records of a synthetic task. Options (all optional):
 
     ``format``: "rl" (prompts, default) or "sft" (samples; math needs ``sandbox``); ``size``: how many
-    (default: unlimited for rl, 1000 for sft); ``split``: "train" or "heldout"; math ``levels`` (1-4);
+    (default: unlimited for rl, 1000 for sft); ``split``: "train", its halves "sft" / "rl", or "heldout"; math ``levels`` (1-4);
     toolcall ``categories``, ``max_tools``, ``max_calls``.
     """
     from tirl.data import synthetic_math, synthetic_toolcall
