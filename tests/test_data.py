@@ -250,12 +250,16 @@ def test_synthetic_split_picks_the_train_half(tok):
     dm.setup("fit")
     batch = next(dm.iter_train())
     assert ids(batch) == [f"toolcall-rl-0-{i}" for i in range(4)]
+
     def key(r):   # ToolTask.key: query | offered function names
-        return r["messages"][-1]["content"] + "|" + ",".join(t["name"] for t in r["tools"])
+        user = next(m["content"] for m in r["messages"] if m["role"] == "user")
+        return user + "|" + ",".join(t["name"] for t in r["tools"])
 
     assert all(in_split(key(r), "rl") and not in_split(key(r), "sft") for r in batch)
     assert dm.val_records and all(in_split(key(r), "heldout") for r in dm.val_records)   # val stays held-out
     sft = SFTDataModule(tok, train="synthetic:toolcall", synthetic={"split": "sft", "size": 20}, val_size=2)
+    records = sft._records("synthetic:toolcall", "train")   # the records its train set is encoded from
+    assert len(records) == 20 and all(in_split(key(r), "sft") for r in records)
     sft.setup("fit")
     assert len(sft._sets["train"]) == 20
     with pytest.raises(DataError, match="data.synthetic.split must be one of"):
