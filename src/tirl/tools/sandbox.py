@@ -70,7 +70,7 @@ _PR_SET_DUMPABLE = 4
 # What each isolation threat means to a user, for the warning and the error.
 THREATS = {
     "processes": "other processes of your user (signals, /proc/<pid>/environ with API keys)",
-    "files": "your files (e.g. W&B and HF tokens in your home directory)",
+    "files": "your files (W&B and HF tokens in your home directory, say)",
     "network": "the network",
 }
 ISOLATION_LAYERS = ("namespaces", "landlock")

@@ -189,9 +189,10 @@ def _apply_limits(cfg: dict) -> None:
         # whole process tree. (Root ignores NPROC, hence the uid drop.)
         resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_procs"],) * 2)
     elif cfg.get("user_namespace"):
-        # Counted per user namespace (Linux >= 5.14): the worker's own namespace holds the worker and the
-        # snippet's tree only. Without either, the count would include all of the user's processes: skipped.
-        resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_procs"] + 1,) * 2)
+        # Counted per user namespace (Linux >= 5.14): the worker's own namespace holds the two worker
+        # processes (the one that created it and its init) and the snippet's tree only. Without either,
+        # the count would include all of the user's processes: skipped.
+        resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_procs"] + 2,) * 2)
 
 
 def _snippet_env(workdir: str) -> dict[str, str]:
