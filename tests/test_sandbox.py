@@ -436,21 +436,22 @@ def test_fusion_unreachable_server_is_a_result_not_an_exception():
 
 
 def test_a_killed_worker_leaves_no_temp_root_behind():
-    import glob
     import signal as _signal
 
-    before = set(glob.glob("/tmp/tirl-sandbox-*"))
+    # The sandbox's own roots, not a glob of /tmp: other processes on the machine may run sandboxes too.
     sb = LocalSandbox(workers=1, timeout_s=2.0)
     assert sb.run("print(1)").passed
-    mine = set(glob.glob("/tmp/tirl-sandbox-*")) - before
-    assert len(mine) == 1
+    roots = {w.tmp_root for w in sb._slots}
+    assert len(roots) == 1 and all(os.path.isdir(r) for r in roots)
     for pid in sb.worker_pids():
         os.kill(pid, _signal.SIGKILL)     # no chance for the worker to clean up after itself
     lost = sb.run("print(2)")                 # the dead worker's slot answers with a sandbox error, once
     assert lost.stdout.strip() == "2" or lost.error == "sandbox"
     assert sb.run("print(3)").stdout.strip() == "3"   # a replacement worker serves
+    roots |= {w.tmp_root for w in sb._slots}
+    assert len(roots) == 2
     sb.close()
-    assert not (set(glob.glob("/tmp/tirl-sandbox-*")) - before)
+    assert not any(os.path.exists(r) for r in roots)
 
 
 # ---------------------------------------------------------------- isolation without root

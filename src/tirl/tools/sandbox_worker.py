@@ -667,7 +667,9 @@ def _isolate(cfg: dict, channel_fds: tuple[int, int]) -> dict:
                             ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
         if abi < 0:
             report["problems"].append(f"Landlock: {os.strerror(ctypes.get_errno())}")
-        elif cfg.get("landlock", True):
+        elif not cfg.get("landlock", True):
+            report["problems"].append("Landlock switched off")
+        else:
             cfg["landlock_fd"] = _landlock_ruleset(abi, cfg["tmp_root"], proc_is_private=report["proc"])
             _verify_landlock(cfg["landlock_fd"])
             report["landlock_abi"] = abi
