@@ -43,6 +43,7 @@ class SandboxConfig:
     memory_mb: int = 1024
     max_output_bytes: int = 65536
     url: str | None = None              # SandboxFusion base URL when kind=fusion
+    require_isolation: bool = False     # local: refuse to start (one sentence) unless every threat is contained
 
 
 @dataclass

@@ -186,6 +186,13 @@ def validate(cfg: DictConfig) -> TypedConfig:
     # yaml `???` merged onto a schema default keeps the default (None), so required values are checked here
     if typed.sandbox.kind == "fusion" and not typed.sandbox.url:
         raise ConfigError("sandbox=fusion needs the server address: 'sandbox.url' is required; set sandbox.url=http://host:port.")
+    if typed.sandbox.kind == "local" and typed.sandbox.require_isolation:   # before any model is loaded
+        from tirl.tools.sandbox import SandboxIsolationError, check_isolation
+
+        try:
+            check_isolation(require=True)
+        except SandboxIsolationError as err:
+            raise ConfigError(str(err)) from None
     if cfg.get("train", False) and typed.data.train is None:   # eval.yaml has no train stage
         raise ConfigError("Config value 'data.train' is required for training; set it on the command line, "
                           "e.g. data.train=<value>.")

@@ -51,7 +51,7 @@ def sandbox_from_config(s: SandboxConfig):
     if s.kind == "fusion":
         return build_sandbox("fusion", url=s.url, timeout_s=s.timeout_s)
     return build_sandbox(s.kind, workers=s.workers, timeout_s=s.timeout_s, memory_mb=s.memory_mb,
-                         max_output_bytes=s.max_output_bytes)
+                         max_output_bytes=s.max_output_bytes, require_isolation=s.require_isolation)
 
 
 def make_backend(cfg: RolloutConfig, policy, tokenizer):

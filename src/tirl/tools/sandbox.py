@@ -19,19 +19,26 @@ What a local run is limited to, and what it is not (honest list):
   its output, then reaps it, kills anything it left and retires the dir -- always before it takes the
   next snippet, so the ~1 ms teardown of the forked interpreter is off the caller's clock.
 - Environment: empty except PATH/LANG/HOME/TMPDIR and thread counts; nothing of the caller's.
-- When the caller runs as root (as here) each worker slot gets a uid of its own (>= 1e9, no account)
-  and the snippet drops to it. That is what really contains it: it cannot signal or ptrace the caller,
-  the workers or anything else not its own; it cannot read /proc/<pid>/environ of other processes;
-  it cannot write root-owned files; RLIMIT_NPROC (`max_procs`) bounds its whole process tree (root
-  ignores NPROC); and kill(-1) as that uid ends every process it started, even ones that left its
-  session. Without root the snippet runs as the caller's uid: process group + subreaper kill, no NPROC
-  bound, and it could signal the caller — use SandboxFusion or a container for hostile code there.
-- Not contained: network access, reading world-readable files, CPU share (no cgroups), many small
-  files in world-writable dirs such as /tmp.
+- Isolation, layered, each layer used where the kernel offers it (sandbox_worker._isolate) and none of
+  them needing root: every worker lives in PID, mount and network namespaces of its own (in a user
+  namespace of its own when not root), with a private /proc, so a snippet sees no other process (not the
+  trainer, not its /proc/<pid>/environ) and has no network; a Landlock ruleset lets it read only the
+  interpreter's and the system's directories, write only its temp dir, open no TCP connection, and
+  signal nothing outside it. As root each worker slot also gets a uid of its own (>= 1e9, no account)
+  so RLIMIT_NPROC (`max_procs`) bounds the snippet's tree and kill(-1) as that uid ends it; without root
+  the user namespace gives the same bound. `isolation` says what contains each threat; what no layer
+  contains is named in one warning at start, or refused with SandboxIsolationError when
+  `require_isolation` is set. When nothing keeps snippets from the caller's processes (no root, no PID
+  namespace, no Landlock), the caller is made non-dumpable so at least its own /proc/<pid>/environ and
+  memory stay unreadable to its uid.
+- Not contained: CPU share (no cgroups), reading the system directories (/usr, /etc, ...) and the
+  interpreter's files.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import json
 import math
@@ -59,10 +66,22 @@ _REPLY_GRACE_S = 10.0  # how long past the snippet's timeout the parent waits be
 _START_TIMEOUT_S = 120.0
 _UID_BASE = 1_000_000_000  # far above any real account
 _uid_counter = itertools.count()
+_PR_SET_DUMPABLE = 4
+# What each isolation threat means to a user, for the warning and the error.
+THREATS = {
+    "processes": "other processes of your user (signals, /proc/<pid>/environ with API keys)",
+    "files": "your files (W&B and HF tokens in your home directory, say)",
+    "network": "the network",
+}
+ISOLATION_LAYERS = ("namespaces", "landlock")
 
 
 class SandboxConfigError(ValueError):
     """A sandbox was configured with values it cannot run with."""
+
+
+class SandboxIsolationError(SandboxConfigError):
+    """The host cannot contain snippets as required (`require_isolation=True`)."""
 
 
 class SandboxClosedError(RuntimeError):
@@ -139,6 +158,7 @@ class _WorkerProcess:
             start_new_session=True,  # a Ctrl-C meant for the trainer must not kill a worker mid-run
         )
         self.ready: dict | None = None
+        self.serving_pid = self.proc.pid
 
     def wait_ready(self, timeout_s: float) -> dict:
         try:
@@ -152,6 +172,13 @@ class _WorkerProcess:
             self.stop()
             raise RuntimeError(f"The sandbox worker did not start ({reason}); check that {sys.executable} runs.")
         self.ready = message
+        # In a PID namespace the serving worker is the started process's only child (sandbox_worker._isolate).
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                children = [int(p) for p in f.read().split()]
+        except OSError:
+            children = []
+        self.serving_pid = children[0] if message.get("isolation", {}).get("namespaces") and children else self.proc.pid
         return message
 
     @property
@@ -179,6 +206,12 @@ class _WorkerProcess:
             try:
                 self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
+                if self.serving_pid != self.proc.pid:  # the namespace's init first: its parent then reaps it
+                    try:
+                        os.kill(self.serving_pid, 9)
+                        self.proc.wait(1.0)
+                    except (OSError, subprocess.TimeoutExpired):
+                        pass
                 self.proc.kill()
                 self.proc.wait()
                 forced = True
@@ -240,7 +273,15 @@ class LocalSandbox:
         cpu_time_s: float | None = None,
         max_file_mb: int = 16,
         max_procs: int = 32,
+        require_isolation: bool = False,
+        disable_isolation: tuple[str, ...] = (),
     ) -> None:
+        """`require_isolation`: raise SandboxIsolationError (before any worker serves) instead of warning
+        when some threat in THREATS is not contained on this host. `disable_isolation`: layers of
+        ISOLATION_LAYERS not to use (for tests, and for a host where one misbehaves)."""
+        unknown = set(disable_isolation) - set(ISOLATION_LAYERS)
+        if unknown:
+            raise SandboxConfigError(f"Unknown isolation layer(s) {sorted(unknown)}; choose from {ISOLATION_LAYERS}.")
         _check_positive(workers=workers, timeout_s=timeout_s, memory_mb=memory_mb,
                         max_output_bytes=max_output_bytes, max_file_mb=max_file_mb, max_procs=max_procs)
         if cpu_time_s is not None:
@@ -254,6 +295,7 @@ class LocalSandbox:
             "max_file_bytes": int(max_file_mb) << 20,
             "max_procs": int(max_procs),
             "preload": list(preload),
+            **{layer: layer not in disable_isolation for layer in ISOLATION_LAYERS},
         }
         self._closed = False
         self._slots: list[_WorkerProcess] = []  # shared with the finalizer, which must not hold self
@@ -268,6 +310,8 @@ class LocalSandbox:
             if missing:
                 warnings.warn(f"Sandbox preload modules not installed, snippets importing them will fail: "
                               f"{missing}.", stacklevel=2)
+            self.isolation = _weakest([w.ready["isolation"] for w in self._slots])
+            _enforce_isolation(self.isolation, require_isolation)
         except BaseException:
             self.close()
             raise
@@ -330,13 +374,58 @@ class LocalSandbox:
         self._finalizer()
 
     def worker_pids(self) -> list[int]:
-        return [w.proc.pid for w in self._slots]
+        """The processes that serve snippets (each snippet is one's child), as seen from this process."""
+        return [w.serving_pid for w in self._slots]
 
     def __enter__(self) -> LocalSandbox:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _weakest(reports: list[dict]) -> dict:
+    """One report for the pool: a threat counts as contained only if every worker contains it."""
+    contained = {t: reports[0]["contained"][t] if all(r["contained"][t] for r in reports) else None for t in THREATS}
+    problems = list(dict.fromkeys(p for r in reports for p in r["problems"]))
+    return {"contained": contained, "problems": problems}
+
+
+def _enforce_isolation(isolation: dict, require: bool) -> None:
+    open_threats = [t for t, how in isolation["contained"].items() if how is None]
+    if open_threats and "processes" in open_threats and os.geteuid() != 0:
+        # Last resort for the caller itself: a non-dumpable process's environ and memory are closed to
+        # other processes of its uid (ptrace access mode checks). Its children inherit this until exec.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    if not open_threats:
+        return
+    what = "; ".join(THREATS[t] for t in open_threats)
+    why = "; ".join(isolation["problems"]) or "not available"
+    if require:
+        raise SandboxIsolationError(
+            f"sandbox.require_isolation is set but the local sandbox cannot keep snippets from {what} on this "
+            f"host ({why}); enable unprivileged user namespaces and Landlock, run as root, or use sandbox=fusion.")
+    warnings.warn(f"The local sandbox cannot keep model-written code from {what} on this host ({why}); "
+                  f"set sandbox.require_isolation=true to refuse to run instead.", stacklevel=3)
+
+
+@functools.cache
+def probe_isolation() -> dict:
+    """What a local sandbox worker can contain on this host: a worker with nothing preloaded, started
+    and stopped (~0.1 s), reporting like LocalSandbox.isolation. Cached for the process."""
+    worker = _WorkerProcess({"timeout_s": 1.0, "cpu_time_s": 2, "memory_mb": 64, "max_output_bytes": 1024,
+                             "max_file_bytes": 1 << 20, "max_procs": 4, "preload": [], "uid": _allocate_uid()})
+    try:
+        return _weakest([worker.wait_ready(_START_TIMEOUT_S)["isolation"]])
+    finally:
+        worker.stop()
+
+
+def check_isolation(require: bool) -> None:
+    """At start, before any model is loaded: raise SandboxIsolationError if `require` and the host
+    cannot contain a snippet (see THREATS); without `require`, do nothing (LocalSandbox warns later)."""
+    if require:
+        _enforce_isolation(probe_isolation(), require=True)
 
 
 def _check_positive(**values: float) -> None:
@@ -458,6 +547,8 @@ def build_sandbox(kind: str = "local", **kw) -> Sandbox:
     """Build a sandbox by name (for Hydra configs): kind 'local' or 'fusion', the rest are its arguments."""
     if kind not in _KINDS:
         raise SandboxConfigError(f"Unknown sandbox kind {kind!r}; choose one of {sorted(_KINDS)}.")
+    if kind == "fusion":
+        kw.pop("require_isolation", None)  # isolation is the server's
     if "preload" in kw and kw["preload"] is not None:
         kw["preload"] = tuple(kw["preload"])  # Hydra hands lists over as ListConfig
     return _KINDS[kind](**kw)

@@ -8,9 +8,18 @@ its own fds 0/1/2 can touch them.
 Per snippet the worker forks a child that, before running the code: starts a new session (own process
 group, no controlling terminal), drops to a dedicated unprivileged uid when the worker runs as root,
 applies RLIMIT_AS / CPU / FSIZE / NPROC / CORE / NOFILE, chdirs into a private temp dir, clears the
-environment, and points stdin at /dev/null. The worker enforces the wall-clock timeout and the output cap,
-then kills every process the snippet left behind (the worker is a child subreaper, so orphans come back
-to it) and removes the temp dir.
+environment, and points stdin at /dev/null; then it enters the worker's Landlock domain (see below). The
+worker enforces the wall-clock timeout and the output cap, then kills every process the snippet left behind
+(the worker is a child subreaper, so orphans come back to it) and removes the temp dir.
+
+Isolation that does not depend on running as root (`_isolate`, once per worker, before anything is
+imported): the worker moves into new PID, mount and network namespaces (plus a user namespace when it is
+not root, which is what lets an ordinary user create the others), mounts a private /proc, and forks: the
+child is the namespace's init and serves snippets; the parent only waits for it (killing the parent kills
+the namespace). Snippets then see no process outside it and have no network but an unconfigured loopback.
+A Landlock ruleset, applied in each snippet's child, allows reading only the interpreter's files and
+system directories, writing only under the worker's temp root, and (ABI >= 6) signals only inside the
+domain. Each layer is used where the kernel offers it; the ready message reports what was contained.
 
 This module imports nothing from tirl, so it runs from its file path; LocalSandbox imports the framing
 helpers and exit codes from it.
@@ -45,6 +54,9 @@ EXIT_FLUSH = 120  # what CPython itself returns when flushing stdout fails at ex
 
 _HEADER = struct.Struct("!I")
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _READ_CHUNK = 1 << 16
 _STATUS_FD = 250  # in the child: where it reports its exit status, just under its RLIMIT_NOFILE of 256
 _SNIPPET_NAME = "<snippet>"
@@ -105,7 +117,8 @@ def _child_main(code: str, workdir: str, pipes: tuple[int, int, int], cfg: dict)
         os.dup2(pipes[1], 2)
         os.dup2(pipes[2], _STATUS_FD)
         # The worker's channel, the other pipes, the epoll fd: all gone.
-        _close_fds_except([_STATUS_FD, *cfg.get("keep_fds", [])])
+        landlock_fd = cfg.get("landlock_fd")
+        _close_fds_except([_STATUS_FD, *cfg.get("keep_fds", []), *([landlock_fd] if landlock_fd is not None else [])])
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         _apply_limits(cfg)
@@ -115,6 +128,8 @@ def _child_main(code: str, workdir: str, pipes: tuple[int, int, int], cfg: dict)
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
+        if landlock_fd is not None:  # after the uid drop: from here on nothing can widen it
+            _landlock_restrict(landlock_fd)
         os.environ.clear()
         os.environ.update(_snippet_env(workdir))
         tempfile.tempdir = workdir
@@ -171,8 +186,13 @@ def _apply_limits(cfg: dict) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
     if cfg.get("uid") is not None:
         # RLIMIT_NPROC counts every process of the uid; with a uid of its own this is the snippet's
-        # whole process tree. (Root ignores NPROC, hence the uid drop; without it this is skipped.)
+        # whole process tree. (Root ignores NPROC, hence the uid drop.)
         resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_procs"],) * 2)
+    elif cfg.get("user_namespace"):
+        # Counted per user namespace (Linux >= 5.14): the worker's own namespace holds the two worker
+        # processes (the one that created it and its init) and the snippet's tree only. Without either,
+        # the count would include all of the user's processes: skipped.
+        resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_procs"] + 2,) * 2)
 
 
 def _snippet_env(workdir: str) -> dict[str, str]:
@@ -364,11 +384,14 @@ class Worker:
         Returns the snippet's own wait status when it was reaped here (None if it was reaped before).
         """
         snippet_status = None
-        if self.uid is not None:
+        if self.cfg.get("pid_namespace"):
+            _kill_all_but_init()  # this worker is the namespace's init: everything else in it is the snippet's
+        elif self.uid is not None:
             _kill_all_of_uid(self.uid)
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
-            if self.uid is None:  # no uid of its own: process group, then whatever got reparented to us
+            if self.uid is None and not self.cfg.get("pid_namespace"):
+                # no uid or namespace of its own: process group, then whatever got reparented to us
                 for pid in [snippet_pid, *_child_pids()]:
                     for kill in (os.killpg, os.kill):
                         try:
@@ -524,6 +547,15 @@ def _kill_all_of_uid(uid: int) -> None:
     os.waitpid(helper, 0)
 
 
+def _kill_all_but_init() -> None:
+    """kill(-1) from a PID namespace's init reaches every other process in the namespace, setsid or not."""
+    for sig in (signal.SIGSTOP, signal.SIGSTOP, signal.SIGKILL, signal.SIGKILL):
+        try:
+            os.kill(-1, sig)
+        except ProcessLookupError:
+            pass
+
+
 def _reap(pid: int) -> int | None:
     try:
         return os.waitpid(pid, 0)[1]
@@ -577,6 +609,200 @@ def _reachable_by_others(path: str) -> bool:
             return False
     return True
 
+# ---------------------------------------------------------------- isolation: namespaces and Landlock
+
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 1 << 18
+# Landlock (include/uapi/linux/landlock.h); the syscall numbers are the same on every architecture.
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+_LANDLOCK_RULE_PATH_BENEATH = 1
+_FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_FS_ALL_V1 = (1 << 13) - 1  # EXECUTE .. MAKE_SYM
+_FS_REFER, _FS_TRUNCATE, _FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15  # ABI 2, 3, 5
+_NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4
+_SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
+_READ_ONLY = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
+# What a snippet may read besides the interpreter's own paths: system libraries, executables, config.
+_SYSTEM_READ_PATHS = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc",
+                      "/sys/devices/system/cpu")
+_DEVICE_FILES = {"/dev/null": _FS_READ_FILE | _FS_WRITE_FILE, "/dev/zero": _FS_READ_FILE,
+                 "/dev/urandom": _FS_READ_FILE, "/dev/random": _FS_READ_FILE}
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def _isolate(cfg: dict, channel_fds: tuple[int, int]) -> dict:
+    """Namespaces (then fork into the new PID namespace) and a Landlock ruleset for the snippets.
+
+    Returns the report sent with the ready message: per threat, what contains it (None: nothing does).
+    Only the namespace's init returns; the process that created the namespaces waits for it and exits.
+    """
+    report = {"uid": cfg.get("uid") is not None, "namespaces": [], "proc": False, "landlock_abi": 0,
+              "problems": []}
+    if not cfg.get("namespaces", True):
+        report["problems"].append("namespaces switched off")
+    else:
+        _enter_namespaces(report, channel_fds)
+    try:
+        abi = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+                            ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+        if abi < 0:
+            report["problems"].append(f"Landlock: {os.strerror(ctypes.get_errno())}")
+        elif not cfg.get("landlock", True):
+            report["problems"].append("Landlock switched off")
+        else:
+            cfg["landlock_fd"] = _landlock_ruleset(abi, cfg["tmp_root"], proc_is_private=report["proc"])
+            _verify_landlock(cfg["landlock_fd"])
+            report["landlock_abi"] = abi
+    except OSError as exc:
+        cfg.pop("landlock_fd", None)
+        report["problems"].append(f"Landlock: {exc}")
+    report["contained"] = _contained(report)
+    return report
+
+
+def _enter_namespaces(report: dict, channel_fds: tuple[int, int]) -> None:
+    uid, gid = os.getuid(), os.getgid()
+    wanted = _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET
+    if uid != 0:  # an ordinary user may create the others inside a user namespace of its own
+        wanted |= _CLONE_NEWUSER
+    for flags in (wanted, wanted & ~_CLONE_NEWNET):  # some hosts forbid only network namespaces
+        if _libc.unshare(flags) == 0:
+            break
+        err = ctypes.get_errno()
+    else:
+        report["problems"].append(f"namespaces: {os.strerror(err)}")
+        return
+    try:
+        if flags & _CLONE_NEWUSER:  # the same ids inside as outside, no root inside
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+    except OSError as exc:
+        report["problems"].append(f"user namespace maps: {exc}")
+    report["namespaces"] = [n for bit, n in ((_CLONE_NEWUSER, "user"), (_CLONE_NEWPID, "pid"), (_CLONE_NEWNS, "mount"),
+                                             (_CLONE_NEWNET, "net")) if flags & bit]
+    # unshare(CLONE_NEWPID) places the caller's next child, not the caller, in the new namespace.
+    child = os.fork()
+    if child:
+        for fd in channel_fds:
+            os.close(fd)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _, status = os.waitpid(child, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the parent killed: the namespace goes too
+    try:
+        _check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+        _check(_libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None), "mount /proc")
+        report["proc"] = True
+    except OSError as exc:
+        report["problems"].append(str(exc))
+    if flags & _CLONE_NEWUSER:
+        _drop_capabilities()  # the namespace's capabilities would let a snippet unmount the private /proc
+
+
+def _drop_capabilities() -> None:
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3, all sets empty
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def _landlock_ruleset(abi: int, tmp_root: str, proc_is_private: bool) -> int:
+    """A ruleset fd: read the interpreter and the system, write the temp root, TCP nowhere, signals inside."""
+    handled = _FS_ALL_V1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0) | (
+        _FS_IOCTL_DEV if abi >= 5 else 0)
+    attr = _RulesetAttr(handled, _NET_BIND_TCP | _NET_CONNECT_TCP if abi >= 4 else 0,
+                        _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL if abi >= 6 else 0)
+    size = ctypes.sizeof(_RulesetAttr) if abi >= 6 else 16 if abi >= 4 else 8
+    ruleset = _check(_libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size),
+                                   ctypes.c_uint32(0)), "landlock_create_ruleset")
+    os.set_inheritable(ruleset, True)
+    rules = {p: _READ_ONLY for p in (*_SYSTEM_READ_PATHS, *_interpreter_paths())}
+    if proc_is_private:  # a /proc of the snippet's own PID namespace: nothing of anyone else's in it
+        rules["/proc"] = _READ_ONLY
+    rules.update(_DEVICE_FILES)
+    rules[tmp_root] = handled
+    for path, access in rules.items():
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue  # not on this system
+        try:
+            if not os.path.isdir(path):
+                access &= _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE
+            rule = _PathBeneathAttr(access & handled, fd)
+            _check(_libc.syscall(_SYS_LANDLOCK_ADD_RULE, ruleset, _LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule),
+                                 ctypes.c_uint32(0)), f"landlock_add_rule {path}")
+        finally:
+            os.close(fd)
+    return ruleset
+
+
+def _interpreter_paths() -> list[str]:
+    """Where the interpreter and its modules live (resolved), which a snippet must read to import."""
+    paths = {sys.prefix, sys.exec_prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    paths.update(p for p in sys.path if p)
+    resolved = {os.path.realpath(p) for p in paths if os.path.exists(p)}
+    return sorted(p for p in resolved if p != os.sep)
+
+
+def _landlock_restrict(ruleset_fd: int) -> None:
+    _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+    _check(_libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset_fd, ctypes.c_uint32(0)), "landlock_restrict_self")
+    os.close(ruleset_fd)
+
+
+def _verify_landlock(ruleset_fd: int) -> None:
+    """Apply the ruleset once in a throwaway child, so a kernel or seccomp refusal shows up now."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _landlock_restrict(ruleset_fd)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+        raise OSError("the ruleset could not be applied")
+
+
+def _contained(report: dict) -> dict[str, str | None]:
+    """For each threat, the mechanism that contains it (None: not contained)."""
+    spaces, abi, root = report["namespaces"], report["landlock_abi"], report["uid"]
+    private_pids = "pid" in spaces and report["proc"]
+    return {
+        # signals, ptrace, /proc/<pid>/environ of the trainer and of the user's other processes
+        "processes": "separate uid" if root else "pid namespace" if private_pids else
+                     "landlock" if abi >= 6 else None,
+        # the user's own files (tokens in the home directory), and writes outside the temp dir
+        "files": "landlock" if abi else "separate uid" if root else None,
+        "network": "net namespace" if "net" in spaces else None,
+    }
+
 
 def _measure_address_space() -> int:
     with open("/proc/self/status") as f:
@@ -593,8 +819,11 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of a snippet come back to us, not init
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a PID namespace's init, only handled signals arrive
+    isolation = _isolate(cfg, (request_fd, reply_fd))  # before any import: the waiting parent stays small
+    cfg["pid_namespace"] = "pid" in isolation["namespaces"]
+    cfg["user_namespace"] = "user" in isolation["namespaces"]
+    _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of a snippet come back to us, not init
     missing = []
     for name in cfg["preload"]:
         try:
@@ -609,7 +838,8 @@ def main() -> None:
     baseline = _measure_address_space()
     cfg["as_limit_bytes"] = baseline + cfg["memory_mb"] * (1 << 20)
     worker = Worker(cfg, reply_fd, request_fd)
-    write_message(reply_fd, {"ready": True, "pid": os.getpid(), "baseline_mb": baseline / (1 << 20), "missing": missing})
+    write_message(reply_fd, {"ready": True, "pid": os.getpid(), "baseline_mb": baseline / (1 << 20), "missing": missing,
+                             "isolation": isolation})
     worker.serve()
 
 
