@@ -47,6 +47,11 @@ def toolcall_system_prompt(tools: list[dict]) -> str:
     return f"Functions:\n{lines}\n{TOOLCALL_INSTRUCTION}"
 
 
+def math_record(question: str) -> dict:
+    """A math problem as the math task's record; its prompt (system prompt included) comes from ``task_messages``."""
+    return {"task": "math", "messages": [{"role": "user", "content": question}]}
+
+
 def _with_system(messages: list[dict], text: str, append: bool) -> list[dict]:
     if messages and messages[0]["role"] == "system":
         if not append:
@@ -103,10 +108,10 @@ class PromptEncoder:
         """Prompt length in tokens before truncation."""
         return len(encode_text(self.tokenizer, self.text(record)))
 
-    def ids(self, record: dict) -> list[int]:
-        """Prompt ids [≤ max_prompt_tokens], left-truncated."""
+    def ids(self, record: dict, max_prompt_tokens: int | None = None) -> list[int]:
+        """Prompt ids [≤ max_prompt_tokens (default: the encoder's)], left-truncated."""
         ids = encode_text(self.tokenizer, self.text(record))
-        limit = self.max_prompt_tokens
+        limit = max_prompt_tokens or self.max_prompt_tokens
         if limit is not None and len(ids) > limit:
             if not self.truncated:
                 log.warning("A %d-token prompt (id %s) is longer than rollout.max_prompt_tokens=%d and loses its "

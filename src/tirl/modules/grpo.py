@@ -71,7 +71,7 @@ class GRPOModule(PolicyModule):
         self.rollout_cfg, self.sandbox_cfg = rollout, sandbox
         self.hparams.update(rollout=asdict(rollout), sandbox=asdict(sandbox))
         self.automatic_optimization = False
-        self.prompts = PromptEncoder(tokenizer, model.enable_thinking, model.tool_prompt, rollout.max_prompt_tokens)
+        self.prompts = PromptEncoder(tokenizer, model.enable_thinking, model.tool_prompt)
         self.reward_fn = get_reward(method.reward.name, **method.reward.kwargs)
         self.accuracy_fn = get_reward(ACCURACY_REWARDS.get(method.reward.name, method.reward.name))
         # the method parts live with their method; imported here because those files subclass this module
@@ -105,7 +105,7 @@ class GRPOModule(PolicyModule):
     # ------------------------------------------------------------------ rollout and reward
     def encode_prompt(self, record: dict) -> list[int]:
         """The record's prompt ids, left-truncated to rollout.max_prompt_tokens (``tirl.data.prompts``)."""
-        return self.prompts.ids(record)
+        return self.prompts.ids(record, self.rollout_cfg.max_prompt_tokens)
 
     def response_text(self, t: Trajectory) -> str:
         """The response as the reward sees it: special tokens kept (<think>), the closing end-of-turn dropped."""
