@@ -118,15 +118,15 @@ def run_trl(args) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from tirl.data.chat import get_chat_format, render_prompt
+    from tirl.data.prompts import PromptEncoder
     from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 
     torch.set_num_threads(args.threads)
     tok = load_tiny_tokenizer()
     tok.padding_side = "left"
     model = build_tiny(0)[0]
-    fmt = get_chat_format("chatml")
-    texts = [render_prompt(r["messages"], fmt, add_generation_prompt=True, enable_thinking=True) for r in prompts(args.N)]
+    encoder = PromptEncoder(tok)   # tirl's prompts, so both trainers read the same text
+    texts = [encoder.text(r) for r in prompts(args.N)]
     data = Dataset.from_dict({"prompt": texts * (args.steps + 1)})
     peft_config = None
     if args.lora:

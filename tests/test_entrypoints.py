@@ -186,10 +186,10 @@ RECEIVED: dict = {}
 
 
 class StubDataModule(pl.LightningDataModule):
-    def __init__(self, tokenizer, chat_format, enable_thinking=True, loss_on=None, **data_fields):
+    def __init__(self, tokenizer, enable_thinking=True, tool_prompt="system", loss_on=None, **data_fields):
         super().__init__()
         RECEIVED["data"] = DataConfig(**data_fields)
-        RECEIVED["chat_format"] = chat_format
+        RECEIVED["tool_prompt"] = tool_prompt
         RECEIVED["tokenizer"] = tokenizer
 
     def _loader(self) -> DataLoader:
@@ -260,7 +260,7 @@ def test_run_wires_typed_groups_into_the_module_and_returns_the_metric(tmp_path)
     assert isinstance(RECEIVED["model"], ModelConfig) and RECEIVED["model"].name_or_path == "tiny-warm"
     assert isinstance(RECEIVED["rollout"], RolloutConfig) and isinstance(RECEIVED["sandbox"], SandboxConfig)
     assert RECEIVED["init_from"] == "/ckpt/sft" and RECEIVED["data"].batch_size == 8   # = method.prompts_per_step (tiny scale)
-    assert RECEIVED["tokenizer"].padding_side == "left" and RECEIVED["chat_format"] == "chatml"
+    assert RECEIVED["tokenizer"].padding_side == "left" and RECEIVED["tool_prompt"] == "system"
     # the returned value is the last logged val/acc (the test stage logs test/acc, which must not replace it)
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
     val_accs = [float(r["val/acc"]) for r in rows if r.get("val/acc")]

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from tirl.data.chat import get_chat_format, render_prompt, tokenize_conversation
-from tirl.data.prompts import MATH_SYSTEM_PROMPT, toolcall_system_prompt
+from tirl.data.prompts import PromptEncoder
+from tirl.data.prompts import MATH_SYSTEM_PROMPT, task_messages, toolcall_system_prompt
 from tirl.data.sources import rl_problem, sft_problem
 from tirl.data.synthetic_math import (
     LEVELS,
@@ -36,7 +36,6 @@ from tirl.tools.calls import parse_calls, split_reasoning
 from tirl.tools.sandbox import LocalSandbox
 
 torch.set_num_threads(1)
-CHATML = get_chat_format("chatml")
 SOLUTION = re.compile(r"^<think>\n[^\n]+\n</think>\n\n```python\n(.+?)\n```\n```output\n(.*?)\n```\n\\boxed\{(.+)\}$", re.S)
 
 
@@ -85,13 +84,13 @@ def test_levels_are_respected_and_graded():
 
 
 def test_heldout_never_equals_train():
-    train = {question_hash(r["messages"][1]["content"]) for s in (0, 1) for r in make_math_rl_prompts(400, seed=s)}
+    train = {question_hash(r["messages"][0]["content"]) for s in (0, 1) for r in make_math_rl_prompts(400, seed=s)}
     held = make_math_rl_prompts(100, seed=0, split="heldout") + make_math_rl_prompts(100, seed=9, split="heldout")
-    held_hashes = {question_hash(r["messages"][1]["content"]) for r in held}
+    held_hashes = {question_hash(r["messages"][0]["content"]) for r in held}
     assert not train & held_hashes
-    assert all(split_of(r["messages"][1]["content"]) == "heldout" for r in held)
+    assert all(split_of(r["messages"][0]["content"]) == "heldout" for r in held)
     # a held-out set has no duplicates
-    assert len({question_hash(r["messages"][1]["content"]) for r in held[:100]}) == 100
+    assert len({question_hash(r["messages"][0]["content"]) for r in held[:100]}) == 100
 
 
 def test_sft_outputs_are_real_sandbox_runs_and_gold_is_boxed(math_samples, sandbox):
@@ -107,11 +106,11 @@ def test_sft_outputs_are_real_sandbox_runs_and_gold_is_boxed(math_samples, sandb
     # gold of the matching RL prompt = the boxed value
     rl = make_math_rl_prompts(60, seed=3, levels=[4])
     sft4 = math_samples[4]
-    by_question = {r["messages"][1]["content"]: r["answer"] for r in rl}
-    matched = [s for s in sft4 if s["messages"][1]["content"] in by_question]
+    by_question = {r["messages"][0]["content"]: r["answer"] for r in rl}
+    matched = [s for s in sft4 if s["messages"][0]["content"] in by_question]
     assert len(matched) >= 50
     for s in matched:
-        assert SOLUTION.match(s["messages"][-1]["content"]).group(3) == by_question[s["messages"][1]["content"]]
+        assert SOLUTION.match(s["messages"][-1]["content"]).group(3) == by_question[s["messages"][0]["content"]]
     assert all(sft_problem(s) is None for s in samples)
 
 
@@ -159,11 +158,11 @@ def test_math_lengths_fit_the_tiny_model(tok, math_samples):
     assert n_tokens(tok, MATH_SYSTEM_PROMPT) <= 16
     for level in LEVELS:
         for s in math_samples[level]:
-            content = n_tokens(tok, s["messages"][0]["content"]) + n_tokens(tok, s["messages"][1]["content"])
-            rendered = n_tokens(tok, render_prompt(s["messages"][:-1], CHATML))
+            content = n_tokens(tok, MATH_SYSTEM_PROMPT) + n_tokens(tok, s["messages"][0]["content"])
+            rendered = PromptEncoder(tok).length({**s, "messages": s["messages"][:-1]})
             response = n_tokens(tok, s["messages"][-1]["content"])
-            assert content <= 60, s["messages"][1]["content"]
-            assert rendered <= 80, s["messages"][1]["content"]
+            assert content <= 60, s["messages"][0]["content"]
+            assert rendered <= 80, s["messages"][0]["content"]
             assert response <= 64, s["messages"][-1]["content"]
 
 
@@ -204,7 +203,8 @@ def test_toolcall_categories_gold_and_targets(category):
         offered = [t["name"] for t in r["tools"]]
         gold = parse_gold(r["answer"])
         names = [g.name for g in gold]
-        assert r["messages"][0]["content"] == toolcall_system_prompt(r["tools"])
+        assert r["messages"] == [{"role": "user", "content": r["messages"][-1]["content"]}]   # the task adds the tools
+        assert task_messages(r)[0][0]["content"] == toolcall_system_prompt(r["tools"])
         if category == "simple":
             assert len(offered) == 1 and names == offered
         elif category == "multiple":
@@ -285,8 +285,8 @@ def test_sft_and_rl_halves_partition_the_train_split():
 def test_toolcall_lengths(tok):
     # a few short functions per prompt keep whole samples under ~640 tokens (set data.max_length >= 640)
     for s in make_toolcall_sft_samples(100, seed=0):
-        ids, _ = tokenize_conversation(s["messages"], tok, CHATML)
-        assert len(ids) <= 640
+        (seq,) = PromptEncoder(tok).conversation(s)
+        assert len(seq.input_ids) <= 640
         assert n_tokens(tok, s["messages"][-1]["content"]) <= 160
 
 

@@ -70,9 +70,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     rollout = eval_rollout_config(typed.rollout, task.temperature, task.top_p)
     out_dir = Path(task.out_dir or cfg.paths.output_dir)
     generator = EvalGenerator(make_backend(rollout, policy, tokenizer), tokenizer, rollout,
-                              typed.model.chat_format, typed.model.enable_thinking)
+                              typed.model.enable_thinking, typed.model.tool_prompt)
     settings = {"model": typed.model.name_or_path, "init_from": init_from, "seed": cfg.seed,
-                "rollout": dataclasses.asdict(rollout), "chat_format": typed.model.chat_format,
+                "rollout": dataclasses.asdict(rollout), "tool_prompt": typed.model.tool_prompt,
                 "enable_thinking": typed.model.enable_thinking}
     extra: dict[str, Any] = {}
     if isinstance(task, MathTaskConfig):

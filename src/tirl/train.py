@@ -57,15 +57,14 @@ def check_accelerator(trainer_cfg: Mapping) -> None:
 
 def build_datamodule(typed: TypedConfig, tokenizer: Any) -> Any:
     """The datamodule named by data._target_, given every DataConfig field (schema defaults included) and
-    how the model renders chats: its chat format, and SFT's loss turns or RL's thinking switch."""
+    how the model's prompts are made (thinking switch, tool rendering) and, for SFT, the loss turns."""
     kwargs = dataclasses.asdict(typed.data)
     cls = get_class(kwargs.pop("_target_"))
     kwargs["synthetic"] = {k: v for k, v in kwargs["synthetic"].items() if v is not None}
-    kwargs["chat_format"] = typed.model.chat_format
+    kwargs["enable_thinking"] = typed.model.enable_thinking
+    kwargs["tool_prompt"] = typed.model.tool_prompt
     if typed.method.kind == "sft":
         kwargs["loss_on"] = typed.method.loss_on
-    else:
-        kwargs["enable_thinking"] = typed.model.enable_thinking
     return cls(**kwargs, tokenizer=tokenizer)
 
 

@@ -29,8 +29,8 @@ class ModelConfig:
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    chat_format: str = "chatml"         # chatml (Qwen, tiny) | llama3
-    enable_thinking: bool = True
+    enable_thinking: bool = True        # passed to the tokenizer's chat template (Qwen3 reads it)
+    tool_prompt: str = "system"         # system (tools listed in the system prompt, BFCL style) | template
     lora: LoraConfig = field(default_factory=LoraConfig)
     seed: int = 0                       # init seed for `tiny`
 

@@ -49,7 +49,7 @@ SCHEMAS: dict[str, type] = {
 # Keys whose value must be one of a few names (dotted path from the config root).
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
-    "model.chat_format": ("chatml", "llama3"),
+    "model.tool_prompt": ("system", "template"),
     "method.kind": ("rl", "sft"),
     "method.lr_schedule": ("constant", "cosine", "linear"),
     "method.metric_mode": ("max", "min"),

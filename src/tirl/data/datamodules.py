@@ -1,7 +1,8 @@
 """Lightning DataModules: tokenised SFT batches, and endless seeded streams of RL prompts.
 
 Both take the DataConfig fields (``tirl.config.schema.DataConfig``) as constructor arguments, plus the
-tokenizer and the few fields that belong to the model or method (``chat_format``, ``loss_on``); an unknown
+tokenizer and the few fields that belong to the model or method (``enable_thinking``, ``tool_prompt``, ``loss_on``);
+an unknown
 argument is an error naming the closest valid one.
 
 Validation / test sets: ``val`` / ``test`` sources when given; otherwise, for a synthetic train source, the
@@ -20,8 +21,8 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from tirl.data.chat import get_chat_format, render_prompt, tokenize_conversation
 from tirl.data.collate import Example, SFTCollator, collate_prompts, pack_examples
+from tirl.data.prompts import PromptEncoder
 from tirl.data.sources import DataError, RecordStream, load_records
 from tirl.data.synthetic_math import math_rl_prompt, problem_at
 from tirl.data.synthetic_toolcall import task_at, toolcall_rl_prompt
@@ -107,14 +108,16 @@ class SFTDataModule(LightningDataModule):
     def __init__(self, tokenizer=None, train: Any = None, val: Any = None, test: Any = None, batch_size: int = 4,
                  num_workers: int = 0, max_length: int = 512, seed: int = 0, on_bad_line: str = "error",
                  synthetic: dict | None = None, streaming: bool = False, packing: bool = False, val_size: int = 64,
-                 loss_on: str = "assistant", chat_format: str = "chatml", sandbox: Any = None, **unknown) -> None:
+                 loss_on: str = "assistant", enable_thinking: bool = True, tool_prompt: str = "system",
+                 sandbox: Any = None, **unknown) -> None:
         super().__init__()
-        _reject_unknown("SFTDataModule", unknown, DATA_CONFIG_FIELDS + ("tokenizer", "loss_on", "chat_format", "sandbox"))
+        _reject_unknown("SFTDataModule", unknown,
+                        DATA_CONFIG_FIELDS + ("tokenizer", "loss_on", "enable_thinking", "tool_prompt", "sandbox"))
         if tokenizer is None or train is None:
             raise DataError("SFTDataModule needs a tokenizer and data.train (a file, directory, hf: id or synthetic:).")
         if loss_on not in ("assistant", "last_assistant"):
             raise DataError(f"loss_on must be 'assistant' or 'last_assistant', got {loss_on!r}.")
-        self.tokenizer, self.fmt = tokenizer, get_chat_format(chat_format)
+        self.tokenizer, self.prompts = tokenizer, PromptEncoder(tokenizer, enable_thinking, tool_prompt)
         self.train_spec, self.val_spec, self.test_spec = train, val, test
         self.batch_size, self.num_workers, self.max_length, self.seed = batch_size, num_workers, max_length, seed
         self.on_bad_line, self.synthetic, self.streaming = on_bad_line, dict(synthetic or {}), streaming
@@ -149,17 +152,19 @@ class SFTDataModule(LightningDataModule):
             records = list(load_records(spec, kind="sft", seed=self.seed, synthetic=options, sandbox=self.sandbox))
         return {"train": records, "val": records[: self.val_size], "test": records[self.val_size :]}[split]
 
-    def encode(self, record: dict) -> Example:
-        ids, mask = tokenize_conversation(record["messages"], self.tokenizer, self.fmt,
-                                          record.get("loss_on", self.loss_on))
-        example = Example(ids, mask)
-        if len(example) > self.max_length:
-            self.truncated += 1
-            example = example.truncated(self.max_length)
-        return example
+    def encode(self, record: dict) -> list[Example]:
+        """A record's training sequences (one, or one per turn when the chat template rewrites history)."""
+        examples = []
+        for seq in self.prompts.conversation(record, record.get("loss_on", self.loss_on)):
+            example = Example(seq.input_ids, seq.loss_mask)
+            if len(example) > self.max_length:
+                self.truncated += 1
+                example = example.truncated(self.max_length)
+            examples.append(example)
+        return examples
 
     def _examples(self, records: list[dict]) -> list:
-        examples = [self.encode(r) for r in records]
+        examples = [e for r in records for e in self.encode(r)]
         return list(pack_examples(examples, self.max_length)) if self.packing else examples
 
     def setup(self, stage: str | None = None) -> None:
@@ -324,10 +329,10 @@ class RLPromptDataModule(LightningDataModule):
     def __init__(self, tokenizer=None, train: Any = None, val: Any = None, test: Any = None, batch_size: int = 4,
                  num_workers: int = 0, max_length: int = 512, seed: int = 0, on_bad_line: str = "error",
                  synthetic: dict | None = None, streaming: bool = False, packing: bool = False, val_size: int = 64,
-                 chat_format: str = "chatml", enable_thinking: bool = True, **unknown) -> None:
+                 enable_thinking: bool = True, tool_prompt: str = "system", **unknown) -> None:
         super().__init__()
         _reject_unknown("RLPromptDataModule", unknown,
-                        DATA_CONFIG_FIELDS + ("tokenizer", "chat_format", "enable_thinking"))
+                        DATA_CONFIG_FIELDS + ("tokenizer", "enable_thinking", "tool_prompt"))
         if train is None and test is None:
             raise DataError("RLPromptDataModule needs data.train (a file, directory, hf: id or synthetic:math|toolcall) "
                             "or, for evaluation only, data.test.")
@@ -335,7 +340,8 @@ class RLPromptDataModule(LightningDataModule):
             raise DataError("data.packing applies to SFT only; set it to false for RL prompts.")
         if batch_size < 1:
             raise DataError(f"data.batch_size must be at least 1, got {batch_size}.")
-        self.tokenizer, self.fmt, self.enable_thinking = tokenizer, get_chat_format(chat_format), enable_thinking
+        self.tokenizer = tokenizer
+        self.prompts = PromptEncoder(tokenizer, enable_thinking, tool_prompt) if tokenizer is not None else None
         self.train_spec, self.val_spec, self.test_spec = train, val, test
         self.batch_size, self.num_workers, self.max_length, self.seed = batch_size, num_workers, max_length, seed
         self.on_bad_line, self.synthetic, self.streaming = on_bad_line, dict(synthetic or {}), streaming
@@ -350,9 +356,8 @@ class RLPromptDataModule(LightningDataModule):
 
     # -------------------------------------------------------------- sources
     def prompt_length(self, record: dict) -> int:
-        text = render_prompt(record["messages"], self.fmt, add_generation_prompt=True,
-                             enable_thinking=self.enable_thinking)
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        """Tokens of the record's prompt as the RL module renders it (``tirl.data.prompts.PromptEncoder``)."""
+        return self.prompts.length(record)
 
     def _fits(self, record: dict) -> bool:
         if self.tokenizer is None or self.prompt_length(record) <= self.max_length:

@@ -77,6 +77,8 @@ def sft_problem(record: Any) -> str | None:
         return "an SFT sample needs at least one assistant message"
     if record.get("loss_on", "assistant") not in ("assistant", "last_assistant"):
         return f'"loss_on" must be "assistant" or "last_assistant", got {record["loss_on"]!r}'
+    if record.get("task") not in (None, "math", "toolcall"):
+        return f'"task" (optional in an SFT sample) must be "math" or "toolcall", got {record["task"]!r}'
     return None
 
 
@@ -103,7 +105,7 @@ def rl_problem(record: Any) -> str | None:
 
 def record_problem(record: Any, kind: str) -> str | None:
     if kind == "auto":
-        kind = "rl" if isinstance(record, dict) and "task" in record else "sft"
+        kind = "rl" if isinstance(record, dict) and "task" in record and "answer" in record else "sft"
     return rl_problem(record) if kind == "rl" else sft_problem(record)
 
 
@@ -253,7 +255,9 @@ def _read_bfcl(spec: str) -> Iterator[Located]:
     except BFCLDataError as err:
         raise DataError(str(err)) from err
     for n, item in enumerate(items, 1):
-        record = {"id": item.id, "task": "toolcall", "messages": build_messages(item), "tools": item.functions,
+        # BFCL's own prompting-mode system prompt already lists the functions (as BFCL evaluation shows them), so the
+        # record carries no "tools": the task prompt would list them a second time
+        record = {"id": item.id, "task": "toolcall", "messages": build_messages(item),
                   "answer": item.ground_truth or [], "category": item.category}
         yield f"bfcl:{category} item {n}", record
 

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from math import gcd
 
-from tirl.data.prompts import math_prompt
 
 LEVELS = (1, 2, 3, 4)
 SPLITS = ("train", "heldout", "sft", "rl")
@@ -210,8 +209,8 @@ def unique_problems(n: int, seed: int, levels: Sequence[int] = LEVELS, split: st
 
 def math_rl_prompt(problem: MathProblem, prompt_id: str) -> dict:
     """An RL prompt record (DESIGN.md data contract)."""
-    return {"id": prompt_id, "task": "math", "messages": math_prompt(problem.question), "answer": problem.answer,
-            "level": problem.level}
+    return {"id": prompt_id, "task": "math", "messages": [{"role": "user", "content": problem.question}],
+            "answer": problem.answer, "level": problem.level}
 
 
 def solution_text(problem: MathProblem, output: str) -> str:
@@ -221,8 +220,9 @@ def solution_text(problem: MathProblem, output: str) -> str:
 
 
 def math_sft_sample(problem: MathProblem, output: str) -> dict:
-    messages = math_prompt(problem.question) + [{"role": "assistant", "content": solution_text(problem, output)}]
-    return {"messages": messages, "loss_on": "assistant"}
+    messages = [{"role": "user", "content": problem.question},
+                {"role": "assistant", "content": solution_text(problem, output)}]
+    return {"task": "math", "messages": messages, "loss_on": "assistant"}
 
 
 def make_math_rl_prompts(n: int, seed: int, levels: Sequence[int] = LEVELS, split: str = "train",

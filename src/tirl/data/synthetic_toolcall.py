@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tirl.data.prompts import toolcall_prompt
 from tirl.data.synthetic_math import check_split, in_split
 
 CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple", "irrelevance")
@@ -316,14 +315,14 @@ def unique_tasks(n: int, seed: int, categories: Sequence[str] = CATEGORIES, spli
 
 def toolcall_rl_prompt(task: ToolTask, prompt_id: str) -> dict:
     tools = [f.tool() for f in task.tools]
-    return {"id": prompt_id, "task": "toolcall", "messages": toolcall_prompt(task.query, tools), "tools": tools,
+    return {"id": prompt_id, "task": "toolcall", "messages": [{"role": "user", "content": task.query}], "tools": tools,
             "answer": [c.gold() for c in task.calls], "category": task.category}
 
 
 def toolcall_sft_sample(task: ToolTask) -> dict:
     tools = [f.tool() for f in task.tools]
-    messages = toolcall_prompt(task.query, tools) + [{"role": "assistant", "content": target_text(task)}]
-    return {"messages": messages, "tools": tools, "loss_on": "assistant"}
+    messages = [{"role": "user", "content": task.query}, {"role": "assistant", "content": target_text(task)}]
+    return {"task": "toolcall", "messages": messages, "tools": tools, "loss_on": "assistant"}
 
 
 def make_toolcall_rl_prompts(n: int, seed: int, categories: Sequence[str] = CATEGORIES, split: str = "train",

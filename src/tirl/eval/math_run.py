@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tirl.data.prompts import math_prompt
+from tirl.data.prompts import math_record
 from tirl.eval.generate import EvalGenerator
 from tirl.eval.math_bench import load_benchmark
 from tirl.eval.math_eval import MathSample, bench_metrics, best_of_n_index, judge, sample_record
@@ -31,7 +31,8 @@ def evaluate_math(task: MathTaskConfig, generator: EvalGenerator, out_dir: str |
         todo = [p for p in problems if p.id not in cache]
         batches = [todo[i:i + task.batch_size] for i in range(0, len(todo), task.batch_size)]
         for batch in tqdm(batches, desc=f"{bench} ({len(todo)} to generate)", unit="batch"):
-            solutions = generator.solve([math_prompt(p.problem) for p in batch], task.n_samples)
+            # the math task's record, prompted as training prompts it (system prompt added by the task)
+            solutions = generator.solve([math_record(p.problem) for p in batch], task.n_samples)
             for problem, samples in zip(batch, solutions, strict=True):
                 cache.put(problem.id, [sample_record(s) for s in samples])
         per_problem = [[MathSample(**r) for r in cache[p.id]] for p in problems]

@@ -19,25 +19,12 @@ SPECIAL_TOKENS = (
     "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
 )
 
-# Qwen3 conventions (ChatML turns, <think> reasoning, tool results as a user turn in <tool_response>), written
-# so that rendering a conversation one message at a time gives the same text as rendering it whole.
-CHAT_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\n"
-    "{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
-    "# Tools\n\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools><|im_end|>\n"
-    "{% endif %}"
-    "{% for message in messages %}"
-    "{% if message.role == 'system' and tools %}"
-    "{% elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response><|im_end|>\n"
-    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
-    "{% endif %}"
-)
-
 ASSETS = files("tirl") / "assets"
+
+# Qwen3's published chat template (Qwen/Qwen3-8B tokenizer_config.json), byte for byte: both tiny tokenizers carry
+# it, so the tiny model is prompted exactly as a Qwen3 checkpoint is (tools, reasoning dropped before the last user
+# query, consecutive tool results grouped in one user turn).
+CHAT_TEMPLATE = (ASSETS / "qwen3_chat_template.jinja").read_text(encoding="utf-8")
 
 
 def tiny_tokenizer_dir() -> Path:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
-from tirl.data.chat import get_chat_format, render_prompt
+from tirl.data.prompts import PromptEncoder
 from tirl.models.reference import make_frozen_reference, reference_model
 from tirl.modules.policy import PolicyModule
 from tirl.modules.rl_batch import Sample, SharedContextBatch, TensorBatch, collate_samples
@@ -71,7 +71,7 @@ class GRPOModule(PolicyModule):
         self.rollout_cfg, self.sandbox_cfg = rollout, sandbox
         self.hparams.update(rollout=asdict(rollout), sandbox=asdict(sandbox))
         self.automatic_optimization = False
-        self.fmt = get_chat_format(model.chat_format)
+        self.prompts = PromptEncoder(tokenizer, model.enable_thinking, model.tool_prompt)
         self.reward_fn = get_reward(method.reward.name, **method.reward.kwargs)
         self.accuracy_fn = get_reward(ACCURACY_REWARDS.get(method.reward.name, method.reward.name))
         # the method parts live with their method; imported here because those files subclass this module
@@ -104,19 +104,8 @@ class GRPOModule(PolicyModule):
 
     # ------------------------------------------------------------------ rollout and reward
     def encode_prompt(self, record: dict) -> list[int]:
-        text = render_prompt(record["messages"], self.fmt, add_generation_prompt=True,
-                             enable_thinking=self.model_cfg.enable_thinking)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        limit = self.rollout_cfg.max_prompt_tokens
-        if len(ids) > limit:
-            # keep the end (the question and the assistant header); say so once, since the lost beginning is often
-            # the system prompt with the tools, without which the task cannot be solved
-            if not getattr(self, "_warned_truncation", False):
-                log.warning("A %d-token prompt (id %s) is longer than rollout.max_prompt_tokens=%d and loses its "
-                            "beginning; raise rollout.max_prompt_tokens.", len(ids), record.get("id"), limit)
-                self._warned_truncation = True
-            ids = ids[-limit:]
-        return ids
+        """The record's prompt ids, left-truncated to rollout.max_prompt_tokens (``tirl.data.prompts``)."""
+        return self.prompts.ids(record, self.rollout_cfg.max_prompt_tokens)
 
     def response_text(self, t: Trajectory) -> str:
         """The response as the reward sees it: special tokens kept (<think>), the closing end-of-turn dropped."""

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tirl.data.chat import get_chat_format, render_prompt
+from tirl.data.prompts import PromptEncoder
 
 
 class ChatBackendError(RuntimeError):
@@ -96,13 +96,11 @@ def split_continuation(messages: list[dict]) -> tuple[list[dict], str | None]:
 class HFChatBackend:
     """A transformers causal LM behind the chat interface; one generate call at a time (a lock), n samples batched."""
 
-    def __init__(self, model, tokenizer, chat_format: str = "chatml", enable_thinking: bool = True,
-                 max_batch_size: int = 64):
+    def __init__(self, model, tokenizer, enable_thinking: bool = True, max_batch_size: int = 64):
         from tirl.rollout.backend import HFBackend
 
         self.tokenizer = tokenizer
-        self.fmt = get_chat_format(chat_format)
-        self.enable_thinking = enable_thinking
+        self.prompts = PromptEncoder(tokenizer, enable_thinking)   # the model's own chat template, as training
         self.sampler = HFBackend(model, tokenizer, max_batch_size=max_batch_size)
         self.stats = BackendStats()
         self._lock = threading.Lock()
@@ -115,7 +113,7 @@ class HFChatBackend:
 
     def prompt_text(self, messages: list[dict]) -> str:
         convo, partial = split_continuation(messages)
-        return render_prompt(convo, self.fmt, enable_thinking=self.enable_thinking) + (partial or "")
+        return self.prompts.text({"messages": convo}) + (partial or "")
 
     def complete(self, messages: list[dict], params: ChatParams) -> list[str]:
         import torch
@@ -295,8 +293,7 @@ def build_chat_backend(cfg: dict, shared: dict | None = None) -> ChatBackend:
         if shared is not None and key in shared:
             return shared[key]
         backend = HFChatBackend.from_name(cfg.get("model", "tiny"), dtype=cfg.get("dtype", "float32"),
-                                          seed=cfg.get("seed", 0), chat_format=cfg.get("chat_format", "chatml"),
-                                          enable_thinking=cfg.get("enable_thinking", True))
+                                          seed=cfg.get("seed", 0), enable_thinking=cfg.get("enable_thinking", True))
         if shared is not None:
             shared[key] = backend
         return backend

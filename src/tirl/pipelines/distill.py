@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from tirl.data.prompts import toolcall_prompt
+from tirl.data.prompts import task_messages
 from tirl.pipelines.chat import ChatBackend, ChatParams
 from tirl.pipelines.runner import ItemResult
 from tirl.rewards.toolcall import GoldAnswerError, calls_match_exactly, parse_gold
@@ -38,7 +38,7 @@ class ToolItem:
     """One distillation input, whatever its source format."""
 
     id: str
-    messages: list[dict]            # the prompt (system with tools + user query)
+    messages: list[dict]            # the conversation without the tool listing (the task prompt adds it)
     tools: list[dict]
     gold: Any                       # BFCL possible answer list (possibly empty = no call expected)
     tool_results: list[str] | None  # one per gold call in sequential data, else None
@@ -61,7 +61,7 @@ def to_tool_item(rec: dict) -> ToolItem:
         return ToolItem(rid, rec["messages"], tools, rec["answer"], rec.get("tool_results"))
     if "query" in rec and "answers" in rec:  # xLAM function-calling rows
         calls = _loads(rec["answers"])
-        return ToolItem(rid, toolcall_prompt(rec["query"], tools), tools, _possible_answer(calls), None)
+        return ToolItem(rid, [{"role": "user", "content": rec["query"]}], tools, _possible_answer(calls), None)
     turns = rec.get("conversations")
     if turns is not None:  # APIGen-MT / ShareGPT: human, function_call, observation, gpt
         query = next(t["value"] for t in turns if t["from"] in ("human", "user"))
@@ -73,7 +73,7 @@ def to_tool_item(rec: dict) -> ToolItem:
             elif t["from"] == "observation" and len(results) < len(calls):
                 results.append(t["value"] if isinstance(t["value"], str) else json.dumps(t["value"]))
         seq = results if len(results) == len(calls) and calls else None
-        return ToolItem(rid, toolcall_prompt(query, tools), tools, _possible_answer(calls), seq)
+        return ToolItem(rid, [{"role": "user", "content": query}], tools, _possible_answer(calls), seq)
     raise ValueError(f"Record {rid}: unknown format; expected 'messages'+'answer' (BFCL), 'query'+'answers' (xLAM) "
                      "or 'conversations' (APIGen-MT).")
 
@@ -152,7 +152,7 @@ class Distiller:
         except GoldAnswerError:
             return ItemResult("dropped", "bad_gold")
         if not gold:  # irrelevance / missing information: the fixed template, nothing to ask a model
-            sample = {"messages": item.messages + [{"role": "assistant", "content": irrelevance_text()}],
+            sample = {"task": "toolcall", "messages": item.messages + [{"role": "assistant", "content": irrelevance_text()}],
                       "tools": item.tools, "loss_on": "last_assistant"}
             return ItemResult("kept", "", [sample], {"template": "irrelevance"})
         text = self.decomposer.complete(decomposer_messages(item), self._params(self.settings.decomposer_params, item.id, 0))[0]
@@ -161,7 +161,8 @@ class Distiller:
             return ItemResult("dropped", subtasks)
         sequential = self.settings.composition == "sequential" or (
             self.settings.composition == "auto" and item.tool_results is not None)
-        convo = list(item.messages)
+        # the policy sees the task's prompt (tools listed in the system message), as training will show it
+        convo = task_messages({"task": "toolcall", "messages": item.messages, "tools": item.tools})[0]
         reasonings, step_calls = [], []
         for k, sub in enumerate(subtasks, 1):
             convo.append({"role": "user", "content": SUBTASK_PROMPT.format(k=k, task=sub["task"])})
@@ -182,14 +183,15 @@ class Distiller:
         if not calls_match_exactly(parse_calls(format_calls(composed)), gold):  # AST round trip of the final list
             return ItemResult("dropped", "calls_not_gold")
         if not sequential:
-            sample = {"messages": item.messages + [
+            sample = {"task": "toolcall", "messages": item.messages + [
                 {"role": "assistant", "content": compose_parallel(subtasks, reasonings, composed)}],
                 "tools": item.tools, "loss_on": "last_assistant"}
             return ItemResult("kept", "", [sample], {"template": "parallel", "subtasks": len(subtasks)})
         samples, history = [], list(item.messages)
         for k, (sub, reasoning, calls) in enumerate(zip(subtasks, reasonings, step_calls, strict=True), 1):
             turn = {"role": "assistant", "content": compose_step(subtasks, k, reasoning, calls)}
-            samples.append({"messages": history + [turn], "tools": item.tools, "loss_on": "last_assistant"})
+            samples.append({"task": "toolcall", "messages": history + [turn], "tools": item.tools,
+                            "loss_on": "last_assistant"})
             history = history + [turn] + [{"role": "tool", "content": item.tool_results[i] if item.tool_results else "{}"}
                                           for i in sub["calls"]]
         return ItemResult("kept", "", samples, {"template": "sequential", "subtasks": len(subtasks)})

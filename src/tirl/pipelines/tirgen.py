@@ -167,7 +167,8 @@ class TIRGenerator:
         if reason:
             return ItemResult("dropped", reason, info=info)
         prompt = [m for m in rec["messages"]]
-        sample = {"messages": prompt + [{"role": "assistant", "content": text}], "loss_on": "last_assistant",
+        sample = {"task": rec.get("task", "math"), "messages": prompt + [{"role": "assistant", "content": text}],
+                  "loss_on": "last_assistant",
                   "problem": rec.get("problem_key", rec["messages"][-1]["content"]), "code_calls": len(calls)}
         return ItemResult("kept", "", [sample], info)
 
