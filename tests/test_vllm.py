@@ -94,10 +94,11 @@ class FakeLLM:
     """Replays scripted continuations; records every call the backend makes."""
 
     def __init__(self, script: list[list[tuple[list[int], str, object]]]):
-        self.script, self.calls, self.loaded = script, [], []
+        self.script, self.calls, self.loaded, self.sampling = script, [], [], []
 
     def generate(self, requests, sampling, use_tqdm=False):
         self.calls.append(("generate", [r["prompt_token_ids"] for r in requests]))
+        self.sampling.append(sampling)
         batch = self.script.pop(0)
         outs = []
         for ids, finish, stop in batch:
@@ -144,6 +145,20 @@ def test_generate_resumes_past_an_opening_fence_and_stops_at_the_closing_one(fak
     assert gens[0].entropies[0] == pytest.approx(h)
     # the resumed request continues from prompt + what was generated so far
     assert [c for c in llm.calls if c[0] == "generate"][1] == ("generate", [[1, 2, 3] + head])
+
+
+def test_each_prompt_gets_its_own_budget_also_when_resumed(fake_vllm):
+    """One vLLM SamplingParams per prompt with that prompt's budget; a resumed request gets what is left of it."""
+    tok = load_tiny_tokenizer()
+    open_fence = tok.encode("Go.\n```", add_special_tokens=False)        # a fence that closes no ```python block
+    rest = [7] * (7 - len(open_fence))
+    llm = FakeLLM([[(open_fence, "stop", "\n```"), ([5, 6, 2], "stop", None)], [(rest, "length", None)]])
+    backend = V.VLLMBackend(V.EngineState(llm), build_tiny(0)[0], tok, RolloutConfig(backend="vllm"))
+    gens = backend.generate([[1, 2, 3], [4]], SamplingParams(max_new_tokens=64), max_new_tokens=[7, 30])
+    assert [[s["max_tokens"] for s in call] for call in llm.sampling] == [[7, 30], [7 - len(open_fence)]]
+    assert (gens[0].ids, gens[0].stop_reason) == (open_fence + rest, "length") and gens[1].stop_reason == "eos"
+    with pytest.raises(ValueError, match="one per prompt"):
+        backend.generate([[1]], SamplingParams(), max_new_tokens=[3, 4])
 
 
 def test_weights_pushed_only_after_an_optimizer_step_and_engine_sleeps_between(fake_vllm):

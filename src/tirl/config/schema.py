@@ -118,7 +118,7 @@ class StepLevelConfig:
     enabled: bool = False
     suffix_tokens: int = 16             # L_suf: reasoning tokens before the failing block regenerated with it
     group_size: int = 8                 # continuations per failing prefix
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128           # per continuation, within what rollout.max_total_tokens leaves after the prefix
     max_prefixes: int = 8               # failing prefixes per step
     weight: float = 1.0                 # L = L_episode + weight * L_step (THOR: 1; each level is its own token-mean)
 

@@ -15,7 +15,7 @@ add three modules per targeted layer to every decode step.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -23,14 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tirl.rollout.types import Generation, SamplingParams
+from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
 
 OPEN_FENCE = "```python"
 CLOSE_FENCE = "\n```"
 
 
 class GenerationBackend(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]: ...
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 max_new_tokens: Sequence[int] | None = None) -> list[Generation]:
+        """One continuation per prompt. ``params`` holds the knobs shared by the call; ``max_new_tokens[i]`` is
+        prompt i's own token budget (default ``params.max_new_tokens`` for all), so a prompt's continuation never
+        depends on which other prompts share the call (exactly so with greedy decoding or a scripted model)."""
+        ...
 
 
 def _merged_linear_swaps(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
@@ -229,23 +234,28 @@ class HFBackend:
                 stops.add(tok)
         self.stop_token_ids = sorted(stops)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 max_new_tokens: Sequence[int] | None = None) -> list[Generation]:
+        """See ``GenerationBackend.generate``: each row stops at its own budget (stop reason "length")."""
+        budgets = prompt_budgets(len(prompts), params, max_new_tokens)
         out: list[Generation] = []
         with merged_lora(self.model):
             for i in range(0, len(prompts), self.max_batch_size):
-                out += self._generate(prompts[i:i + self.max_batch_size], params)
+                j = i + self.max_batch_size
+                out += self._generate(prompts[i:j], params, budgets[i:j])
         return out
 
     # inference_mode rather than no_grad: ~7% less per-op overhead in a decode step. Nothing made here outlives
     # the call as a tensor (results leave as lists, the cache is dropped), so no inference tensor reaches training.
     @torch.inference_mode()
-    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, budgets: list[int]) -> list[Generation]:
         model = self.model
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         pad = self.tokenizer.pad_token_id
-        B, L, T = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
+        B, L, T = len(prompts), max(len(p) for p in prompts), max(budgets)   # the loop runs to the largest budget
+        budget = torch.tensor(budgets, dtype=torch.long, device=device)         # [B] each row's own budget
         input_ids = torch.full((B, L), pad, dtype=torch.long, device=device)
         # the whole run's mask at once; step t reads its first L + t columns (no per-step concatenation)
         attn = torch.zeros((B, L + T), dtype=torch.long, device=device)
@@ -308,6 +318,7 @@ class HFBackend:
                 for b in watcher.closed(tokens, t, live & ~stopped):
                     fenced[b] = self._fence_token(tokens[b, :t + 1].tolist())
                     done[b] = True
+            done |= lengths >= budget                                             # out of budget: "length"
             if t == T - 1 or bool(done.all()):
                 break
             out = model(input_ids=token[:, None], attention_mask=attn[:, :L + t + 1], position_ids=next_pos,

@@ -6,10 +6,10 @@ output is known. It pauses at a closed ```python block and ends with EOS exactly
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tirl.rollout.backend import CLOSE_FENCE, OPEN_FENCE
-from tirl.rollout.types import Generation, SamplingParams
+from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
 
 
 class ScriptedBackend:
@@ -19,11 +19,14 @@ class ScriptedBackend:
         self.respond = respond
         self.calls = 0
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 max_new_tokens: Sequence[int] | None = None) -> list[Generation]:
+        """See ``GenerationBackend.generate``; each prompt is cut at its own budget."""
         self.calls += 1
-        return [self._one(p, params) for p in prompts]
+        budgets = prompt_budgets(len(prompts), params, max_new_tokens)
+        return [self._one(p, params, b) for p, b in zip(prompts, budgets)]
 
-    def _one(self, prompt: list[int], params: SamplingParams) -> Generation:
+    def _one(self, prompt: list[int], params: SamplingParams, budget: int) -> Generation:
         text = self.respond(self.tokenizer.decode(prompt))
         reason = "eos"
         if params.stop_at_code and OPEN_FENCE in text:
@@ -41,6 +44,6 @@ class ScriptedBackend:
                 text[len(prefix):], add_special_tokens=False)
         else:
             ids = ids + [self.tokenizer.eos_token_id]
-        if len(ids) > params.max_new_tokens:
-            ids, reason, code_start = ids[: params.max_new_tokens], "length", None
+        if len(ids) > budget:
+            ids, reason, code_start = ids[:budget], "length", None
         return Generation(ids, [0.0] * len(ids), [0.0] * len(ids), reason, code_start)

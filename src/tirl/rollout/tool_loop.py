@@ -5,6 +5,9 @@ have their last block run in the sandbox in one concurrent batch, and the enviro
 ```` ```output\\n…\\n``` ```` (long stdout as head … tail, an error as its last line). Tool tokens are appended with
 ``model_written=False`` so they never receive loss.
 
+Everything that bounds a trajectory — its remaining token budget, tool rounds and self-correction attempts — is
+its own: a trajectory is the same alone and in any batch (token for token with greedy decoding).
+
 Self-correction (THOR): when a call fails, the failing block and ``backtrack_tokens`` tokens before it are
 dropped and the model resamples from there, at most ``max_corrections`` times per call; then the error is kept
 and the rollout goes on.
@@ -34,11 +37,16 @@ class ToolLoop:
     tokenizer: object
     cfg: RolloutConfig
 
-    def params(self, budget: int, stop_at_code: bool = True) -> SamplingParams:
+    def params(self, stop_at_code: bool = True) -> SamplingParams:
+        """The sampling knobs every trajectory of a round shares; budgets are per trajectory (``budget``)."""
         return SamplingParams(
-            max_new_tokens=max(1, min(self.cfg.max_new_tokens, budget)), temperature=self.cfg.temperature,
+            max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
             top_p=self.cfg.top_p, top_k=self.cfg.top_k, stop_at_code=stop_at_code,
         )
+
+    def budget(self, t: Trajectory) -> int:
+        """Tokens ``t`` may write this round: at most ``max_new_tokens``, and what is left of ``max_total_tokens``."""
+        return max(1, min(self.cfg.max_new_tokens, self.cfg.max_total_tokens - len(t.response_ids)))
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -50,19 +58,17 @@ class ToolLoop:
 
     def continue_(self, trajs: list[Trajectory], max_tool_rounds: int | None = None) -> None:
         """Generate until every trajectory ends (EOS, token budget, or tool-round limit)."""
-        rounds_left = {id(t): (self.cfg.max_tool_rounds if max_tool_rounds is None else max_tool_rounds) - t.num_calls
-                       for t in trajs}
+        max_rounds = self.cfg.max_tool_rounds if max_tool_rounds is None else max_tool_rounds
+        rounds_left = {id(t): max_rounds - t.num_calls for t in trajs}
         tries = {id(t): 0 for t in trajs}            # self-correction attempts on the current failing call
         active = [t for t in trajs if len(t.response_ids) < self.cfg.max_total_tokens]
         for t in trajs:
             if t not in active:
                 t.stop_reason = "length"
         while active:
-            gens = self.backend.generate(
-                [t.prompt_ids + t.response_ids for t in active],
-                self.params(min(self.cfg.max_total_tokens - len(t.response_ids) for t in active),
-                            stop_at_code=self.cfg.max_tool_rounds > 0),
-            )
+            gens = self.backend.generate([t.prompt_ids + t.response_ids for t in active],
+                                         self.params(stop_at_code=max_rounds > 0),
+                                         max_new_tokens=[self.budget(t) for t in active])
             paused: list[tuple[Trajectory, int]] = []
             for t, g in zip(active, gens):
                 start = len(t.response_ids)

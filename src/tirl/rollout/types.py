@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 256
+    """The knobs shared by every prompt of one ``generate`` call. A per-prompt quantity (each trajectory's remaining
+    token budget) never lives here: it goes to ``generate(..., max_new_tokens=[...])``, one entry per prompt."""
+
+    max_new_tokens: int = 256           # the budget of a prompt when the call gives no per-prompt budgets
     temperature: float = 1.0            # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0                      # 0 = off
     stop_at_code: bool = True           # pause when a ```python block closes (the environment runs it)
+
+
+def prompt_budgets(n_prompts: int, params: SamplingParams, max_new_tokens: Sequence[int] | None) -> list[int]:
+    """Each prompt's token budget for one ``generate`` call: ``max_new_tokens[i]`` when given, else
+    ``params.max_new_tokens`` for all. Raises ValueError when the list's length is not ``n_prompts`` or a budget is
+    below 1 (a prompt with no budget left must not be sent)."""
+    budgets = [params.max_new_tokens] * n_prompts if max_new_tokens is None else [int(b) for b in max_new_tokens]
+    if len(budgets) != n_prompts:
+        raise ValueError(f"generate got {len(budgets)} token budgets for {n_prompts} prompts; give one per prompt.")
+    if any(b < 1 for b in budgets):
+        raise ValueError(f"generate got a token budget of {min(budgets)}; every prompt needs at least 1 token.")
+    return budgets
 
 
 @dataclass

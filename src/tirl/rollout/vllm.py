@@ -24,12 +24,13 @@ import math
 import os
 import tempfile
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tirl.config.schema import RolloutConfig
 from tirl.rollout.backend import CLOSE_FENCE, OPEN_FENCE
-from tirl.rollout.types import Generation, SamplingParams
+from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
 
 LOGPROBS_K = 20           # top-k log-probs per step that vLLM returns (for the entropy estimate)
 MAX_FENCE_RESUMES = 8     # stops at fences that do not close a ```python block, resumed per sample
@@ -238,14 +239,17 @@ class VLLMBackend:
             self.engine.asleep = True
 
     # -------------------------------------------------------------- generation
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 max_new_tokens: Sequence[int] | None = None) -> list[Generation]:
+        """See ``GenerationBackend.generate``: one vLLM SamplingParams per prompt, each with its own budget."""
+        budgets = prompt_budgets(len(prompts), params, max_new_tokens)
         self.sync_weights()
         try:
-            return self._generate(prompts, params)
+            return self._generate(prompts, params, budgets)
         finally:
             self.sleep()
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, budgets: list[int]) -> list[Generation]:
         from vllm import SamplingParams as VSamplingParams
 
         gens = [Generation([], [], [], "length") for _ in prompts]
@@ -255,7 +259,7 @@ class VLLMBackend:
                 break
             requests, sampling = [], []
             for i in active:
-                budget = params.max_new_tokens - len(gens[i].ids)
+                budget = budgets[i] - len(gens[i].ids)
                 requests.append({"prompt_token_ids": prompts[i] + gens[i].ids})
                 sampling.append(VSamplingParams(**to_vllm_sampling_kwargs(params, budget, self.stop_token_ids)))
             outputs = self.engine.llm.generate(requests, sampling, use_tqdm=False)
@@ -270,7 +274,7 @@ class VLLMBackend:
                     g.entropies.append(h)
                 text = self.tokenizer.decode(g.ids)
                 reason = map_stop_reason(c.finish_reason, c.stop_reason, text, params.stop_at_code)
-                if reason == "resume" and len(g.ids) < params.max_new_tokens:
+                if reason == "resume" and len(g.ids) < budgets[i]:
                     still.append(i)
                     continue
                 g.stop_reason = "length" if reason == "resume" else reason
