@@ -11,8 +11,7 @@ import itertools
 import pytest
 
 from tirl.config.schema import RolloutConfig, SelfCorrectionConfig, StepLevelConfig
-from tirl.data.chat import get_chat_format, render_prompt
-from tirl.data.prompts import math_prompt
+from tirl.data.prompts import PromptEncoder, math_record, task_messages
 from tirl.models.load import load_policy, load_tokenizer
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 from tirl.modules.thor import StepLevel
@@ -168,9 +167,8 @@ def test_hf_rows_stop_at_their_own_budgets():
 def math_prompts(tok, n: int) -> list[list[int]]:
     from tirl.eval.heldout import heldout_records
 
-    fmt = get_chat_format("chatml")
-    return [tok.encode(render_prompt(r["messages"], fmt, add_generation_prompt=True), add_special_tokens=False)
-            for r in heldout_records("math", n)]
+    encoder = PromptEncoder(tok)
+    return [encoder.ids(r) for r in heldout_records("math", n)]
 
 
 def test_hf_greedy_tool_rollouts_are_the_same_alone_and_in_any_batch(warm, sandbox):
@@ -228,8 +226,9 @@ def test_eval_generation_and_benchmark_score_do_not_depend_on_the_batch(warm, sa
     model, tok = warm
     gen = EvalGenerator(HFBackend(model, tok), tok, RolloutConfig(**GREEDY), sandbox=sandbox)
     problems = ["What is 2 + 3?", "Compute 56^140 mod 499.", "What is 7 * 8 - 5?"]
-    convs = [math_prompt(p) for p in problems]
-    assert gen.solve(convs, 2) == [s for c in convs for s in gen.solve([c], 2)]
+    records = [math_record(p) for p in problems]
+    assert gen.solve(records, 2) == [s for r in records for s in gen.solve([r], 2)]
+    convs = [task_messages(r)[0] for r in records]
     assert gen.chat(convs) == [r for c in convs for r in gen.chat([c])]
 
     bench = tmp_path / "bench"
