@@ -11,7 +11,13 @@ from transformers import AutoTokenizer
 from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
 from tirl.data.chat import ChatTemplateError, encode_conversation, render
 from tirl.data.datamodules import RLPromptDataModule, SFTDataModule
-from tirl.data.prompts import MATH_SYSTEM_PROMPT, PromptEncoder, math_record, task_messages, toolcall_system_prompt
+from tirl.data.prompts import (
+    MATH_SYSTEM_PROMPT,
+    PromptEncoder,
+    math_record,
+    task_messages,
+    toolcall_system_prompt,
+)
 from tirl.data.sources import load_records
 from tirl.models.tiny import CHAT_TEMPLATE, load_tiny_tokenizer, tiny_tokenizer_dir, tiny_warm_dir
 

@@ -8,8 +8,7 @@ import re
 import pytest
 import torch
 
-from tirl.data.prompts import PromptEncoder
-from tirl.data.prompts import MATH_SYSTEM_PROMPT, task_messages, toolcall_system_prompt
+from tirl.data.prompts import MATH_SYSTEM_PROMPT, PromptEncoder, task_messages, toolcall_system_prompt
 from tirl.data.sources import rl_problem, sft_problem
 from tirl.data.synthetic_math import (
     LEVELS,

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from math import gcd
 
-
 LEVELS = (1, 2, 3, 4)
 SPLITS = ("train", "heldout", "sft", "rl")
 HELDOUT_BUCKETS = 26  # of 256: questions whose hash starts with a byte below this are held-out (~10%)
