@@ -2,7 +2,12 @@
 
 Text is tokenised segment by segment (turn headers, model-written text, tool output), exactly as a rollout
 concatenates generated ids and environment ids, so SFT and RL see identical token sequences for identical text.
-Tool output — ``tool`` turns and ```` ```output ```` blocks inside an assistant turn — never receives loss.
+Tool output — ``tool`` turns and ```` ```output ```` blocks inside an assistant turn — never receives loss, and is
+plain text to the tokenizer (a printed ``<|im_end|>`` stays ordinary tokens, never the end-of-turn id). Who wrote
+which span of an assistant turn comes from structure: the message's ``env_spans`` (character ``[start, end)``
+pairs of environment text, as TIRGen and the synthetic data record them). Only a hand-written turn without
+``env_spans`` has its ```` ```output ```` blocks found by pattern, which cannot tell an output that itself prints a
+fence from the model's text — record ``env_spans`` for such data.
 """
 
 from __future__ import annotations
@@ -61,17 +66,32 @@ def render_prompt(messages: list[dict], fmt: ChatFormat, add_generation_prompt: 
     return "".join(parts)
 
 
-def split_model_and_tool(text: str) -> list[tuple[str, bool]]:
-    """Split assistant text into (segment, is_model_written); ```output blocks are the environment's."""
+def split_model_and_tool(text: str, env_spans: list | None = None) -> list[tuple[str, bool]]:
+    """Split assistant text into (segment, is_model_written). ``env_spans`` ([start, end) character pairs, sorted)
+    say which text the environment wrote; without them ```output blocks are taken to be the environment's."""
+    if env_spans is None:
+        env_spans = [(m.start(), m.end()) for m in OUTPUT_BLOCK.finditer(text)]
     out, pos = [], 0
-    for m in OUTPUT_BLOCK.finditer(text):
-        if m.start() > pos:
-            out.append((text[pos:m.start()], True))
-        out.append((m.group(0), False))
-        pos = m.end()
+    for start, end in env_spans:
+        if start > pos:
+            out.append((text[pos:start], True))
+        if end > start:
+            out.append((text[start:end], False))
+        pos = max(pos, end)
     if pos < len(text):
         out.append((text[pos:], True))
     return out
+
+
+def model_written_text(text: str, env_spans: list | None = None) -> str:
+    """The assistant text with the environment's spans left out: what format filters and rewards may read."""
+    return "".join(seg for seg, model_written in split_model_and_tool(text, env_spans) if model_written)
+
+
+def encode_environment(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Environment text (tool output) as ordinary tokens: special-token strings in it are not parsed, so code that
+    prints ``<|im_end|>`` cannot end a turn."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
 
 
 def tokenize_conversation(
@@ -94,14 +114,17 @@ def tokenize_conversation(
         head = enc(fmt.head(m["role"]))
         ids += head
         mask += [0] * len(head)
+        # (text, model_written, markup): environment text that is not markup is encoded as plain text
         if m["role"] == "assistant":
-            segments = split_model_and_tool(m["content"]) + [(fmt.end_of_turn, True)]
+            segments = [(seg, mw, mw) for seg, mw in split_model_and_tool(m["content"], m.get("env_spans"))]
+            segments.append((fmt.end_of_turn, True, True))
         elif m["role"] == "tool":
-            segments = [(fmt.tool_open + m["content"] + fmt.tool_close + fmt.end_of_turn, False)]
+            segments = [(fmt.tool_open, False, True), (m["content"], False, False),
+                        (fmt.tool_close + fmt.end_of_turn, False, True)]
         else:
-            segments = [(m["content"] + fmt.end_of_turn, False)]
-        for seg, model_written in segments:
-            t = enc(seg)
+            segments = [(m["content"] + fmt.end_of_turn, False, True)]
+        for seg, model_written, markup in segments:
+            t = enc(seg) if markup else encode_environment(tokenizer, seg)
             ids += t
             mask += [int(train and model_written)] * len(t)
         tail = enc(fmt.after_turn)

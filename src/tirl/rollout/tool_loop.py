@@ -3,7 +3,8 @@
 Each round generates for every unfinished trajectory at once; samples that paused on a closed ```python block
 have their last block run in the sandbox in one concurrent batch, and the environment appends
 ```` ```output\\n…\\n``` ```` (long stdout as head … tail, an error as its last line). Tool tokens are appended with
-``model_written=False`` so they never receive loss.
+``model_written=False`` so they never receive loss, and as plain text (special-token strings in them are not
+parsed); rewards read only the model-written spans (``Trajectory.model_text``).
 
 Self-correction (THOR): when a call fails, the failing block and ``backtrack_tokens`` tokens before it are
 dropped and the model resamples from there, at most ``max_corrections`` times per call; then the error is kept
@@ -16,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from tirl.config.schema import RolloutConfig
+from tirl.data.chat import encode_environment
 from tirl.rollout.backend import GenerationBackend
 from tirl.rollout.types import SamplingParams, ToolCall, Trajectory
 
@@ -41,7 +43,8 @@ class ToolLoop:
         )
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Environment text as plain tokens: a printed ``<|im_end|>`` or ``</think>`` is never a special token."""
+        return encode_environment(self.tokenizer, text)
 
     def run(self, prompts: list[list[int]], metas: list[dict] | None = None) -> list[Trajectory]:
         trajs = [Trajectory(prompt_ids=list(p), meta=dict(m)) for p, m in zip(prompts, metas or [{}] * len(prompts))]
