@@ -237,19 +237,78 @@ def test_tirgen_drops_failed_calls_and_wrong_answers(sandbox):
     assert no_code(math_record()).reason == "no_code"
 
 
+def test_tirgen_records_who_wrote_what_so_printed_structure_is_not_the_models(sandbox):
+    """The sandbox prints a fenced block, an end-of-turn, a think tag and a boxed number: the sample's SFT loss
+    skips all of it (the old pattern stopped the output at the printed fence and trained on `DONE ...`), and the
+    format filter reads the model's text, so a printed lone fence or `{` does not drop a good sample."""
+    from tirl.data.chat import encode_conversation
+    from tirl.models.tiny import load_tiny_tokenizer
+
+    printed = "Result:\n```\nx = 4\n```\nDONE <|im_end|> </think> \\boxed{9} ``` {"
+
+    def act(messages, params):
+        return "Compute 12*7.\n" if messages[-1]["role"] != "assistant" else "So the answer is \\boxed{84}."
+
+    # the code builds the text (its own source holds no fence, brace, tag or boxed)
+    built = " + ".join(f"chr({ord(c)})" if c in "`{}<>\\" else repr(c) for c in printed)
+    code = f"import math\nprint(math.prod([12, 7]))\nprint({built})"
+    gen = TIRGenerator(ScriptedChatBackend(act), ScriptedChatBackend(lambda m, p: f"```python\n{code}\n```"),
+                       sandbox, tir_settings())
+    result = gen(math_record())
+    assert result.status == "kept", result.reason
+    turn = result.samples[0]["messages"][-1]
+    (start, end), = turn["env_spans"]
+    assert turn["content"][start:end] == f"```output\n84\n{printed}\n```"
+    tok = load_tiny_tokenizer()
+    messages = result.samples[0]["messages"]
+    (seq,) = encode_conversation(tok, messages, loss_on="last_assistant")
+    ids, mask = seq.input_ids, seq.loss_mask
+    trained = tok.decode([t for t, m in zip(ids, mask) if m])
+    # the model's text as the template writes the last turn (Qwen3 adds an empty think block), none of the output
+    assert trained == "<think>\n\n</think>\n\n" + turn["content"][:start] + turn["content"][end:] + "<|im_end|>"
+    assert "DONE" not in trained and ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == len(messages)
+    # the answer filter reads the model's \boxed{}, not one the code printed
+    wrong = TIRGenerator(ScriptedChatBackend(lambda m, p: "Compute 12*7.\n" if m[-1]["role"] != "assistant"
+                                             else "So the answer is \\boxed{85}."),
+                         ScriptedChatBackend(lambda m, p: f"```python\n{code}\n```"), sandbox, tir_settings())
+    assert wrong(math_record(answer="9")).reason == "wrong_answer"
+
+
 def test_tirgen_filters_on_known_texts():
-    from tirl.pipelines.tirgen import CodeCall
+    from tirl.pipelines.tirgen import CodeCall, rewrite_step
     s = tir_settings()
-    lib = CodeCall("import math\nprint(math.gcd(4, 6))", True, "2")
-    thin = CodeCall("print(2 + 3)", True, "5")
     body = "Let me compute the gcd of the two numbers carefully.\n"
-    assert filter_reason(body + "\\boxed{2}", "2", [lib], s) is None
-    assert filter_reason(body + "\\boxed{2}", "2", [lib, thin], s) == "trivial_code"         # 50% thin > 40%
-    assert filter_reason(body + "\\boxed{2}", "2", [lib, lib, thin], s) is None             # 33% thin is allowed
+
+    def sample(codes: list[str], tail: str = "\\boxed{2}", outputs: list[str] | None = None):
+        """(text, calls) as TIRGenerator builds them: one rewritten step per code, spans recorded."""
+        text, calls = body, []
+        for k, code in enumerate(codes):
+            out = (outputs or ["2"] * len(codes))[k]
+            step = rewrite_step("Step.", code, out)
+            block = f"```output\n{out}\n```"
+            calls.append(CodeCall(code, True, out, (len(text) + len(step) - len(block), len(text) + len(step))))
+            text += step + "\n\n"
+        return text + tail, calls
+
+    lib, thin = "import math\nprint(math.gcd(4, 6))", "print(2 + 3)"
+    text, calls = sample([lib])
+    assert filter_reason(text, "2", calls, s) is None
+    text, calls = sample([lib, thin])
+    assert filter_reason(text, "2", calls, s) == "trivial_code"                             # 50% thin > 40%
+    text, calls = sample([lib, lib, thin])
+    assert filter_reason(text, "2", calls, s) is None                                       # 33% thin is allowed
     assert is_thin("print(2 + 3)") and not is_thin("for i in range(3):\n    print(i)") and not is_thin("import sympy")
-    assert filter_reason("\\boxed{2}", "2", [lib], s) == "too_short"
-    assert filter_reason(body + "```python\nx\n\\boxed{2}", "2", [lib], s) == "unbalanced_format"
-    assert filter_reason(body + " ".join(["a b c d e f g h i j k"] * 40) + "\\boxed{2}", "2", [lib], s) == "repetition"
+    assert filter_reason("\\boxed{2}", "2", [], s) == "no_code"
+    assert filter_reason("\\boxed{2}", "2", [CodeCall(lib, True, "2")], s) == "too_short"
+    text, calls = sample([lib], "```python\nx\n\\boxed{2}")                                # a block never run
+    assert filter_reason(text, "2", calls, s) == "unbalanced_format"
+    text, calls = sample([lib], " ".join(["a b c d e f g h i j k"] * 40) + "\\boxed{2}")
+    assert filter_reason(text, "2", calls, s) == "repetition"
+    # what the sandbox printed is not the model's: fences, braces, tags, repetition or a boxed number there
+    printed = "```\n{ </think> \\boxed{7} " + " ".join(["a b c d e f g h i j k"] * 40)
+    text, calls = sample([lib], outputs=[printed])
+    assert filter_reason(text, "2", calls, s) is None
+    assert filter_reason(text[:calls[0].span[1]] + "\n\nno answer", "7", calls, s) == "no_answer"
 
 
 def test_selection_keeps_one_per_problem_and_downsamples_one_call():

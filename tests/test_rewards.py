@@ -2,11 +2,12 @@
 
 import random
 import threading
+import time
 
-import math_verify
 import pytest
 
 from tirl.rewards import UnknownRewardError, get_reward
+from tirl.rewards import math as math_module
 from tirl.rewards.math import MathAnswerReward, last_boxed, math_equal
 from tirl.rewards.repetition import has_heavy_repetition, repeated_ngram_ratio
 from tirl.rewards.toolcall import (
@@ -69,11 +70,50 @@ def test_math_equal(pred, gold, equal):
 
 def test_math_equal_fast_path_skips_math_verify(monkeypatch):
     calls = []
-    real_parse = math_verify.parse
-    monkeypatch.setattr(math_verify, "parse", lambda *a, **k: calls.append(a) or real_parse(*a, **k))
+    monkeypatch.setattr(math_module._GRADERS, "grade", lambda *a: calls.append(a) or False)
     assert math_equal("6/4", r"\frac{3}{2}") and not math_equal("7", "-7") and math_equal("0.50", "1/2")
     assert calls == []
-    assert math_equal(r"\sqrt{4}", "2") and calls  # not a plain number: math-verify does it
+    assert not math_equal(r"\sqrt{4}", "2") and calls  # not a plain number: the grader process does it
+
+
+# Hand-checked: exact forms (integers, fractions) compare exactly; a decimal equals a value when it is a rounding
+# of it at its written digits AND within 1e-5 relative. Tiny, huge and negative values alike.
+@pytest.mark.parametrize(
+    "pred, gold, equal",
+    [
+        ("0.0000001", "0.0000002", False),      # absolute rounding to 6 places made these equal
+        ("0.0000001", "-0.0000001", False),     # opposite signs
+        ("-0.0000001", "-0.0000001", True),
+        ("0.0000001", "0", False),
+        ("1e-7", "2e-7", False),                # math-verify's path: numbers compare relatively there too
+        ("0.000000123457", "0.0000001234567", True),   # a correct 6-digit rounding of a tiny value
+        ("0.000000123456", "0.0000001234567", False),  # truncated, not rounded
+        ("0.333333", "1/3", True),
+        ("0.166667", "1/6", True),
+        ("-0.166667", r"-\frac{1}{6}", True),
+        ("0.166667", "-1/6", False),
+        ("0.33", "1/3", False),                 # consistent rounding, but only 2 digits: 1% off
+        ("1234567.8", "1234567", False),        # within 1e-6 relative, but not a rounding of 1234567
+        ("1234567.0", "1234567", True),
+        ("123456789012345678901", "123456789012345678902", False),  # huge integers: exact
+        ("123456789012345678901", "123456789012345678901.0", True),
+        ("100000000000000000000.4", "100000000000000000000", False),
+        ("2", "2.0000001", False),
+        ("-3", "3", False),
+        ("3/6", "0.5", True),
+        ("1/3", "0.3333333333", True),
+        (r"\sqrt{2}", "1.41421356", True),      # sympy path, relative: 2e-9
+        (r"\sqrt{2}", "1.41", False),
+        (r"10^{-7}", r"2 \cdot 10^{-7}", False),
+        (r"-10^{-9}", r"10^{-9}", False),
+        (r"10^{20}", "100000000000000000000", True),
+        (r"10^{20}+1", "100000000000000000000", False),   # exact forms stay exact however large
+        (r"10^{10^{10}}", "1", False),          # huge: decided by magnitude at 30 digits, no giant integer
+    ],
+)
+def test_math_equal_numbers_by_relative_precision(pred, gold, equal):
+    assert math_equal(pred, gold) is equal
+    assert math_equal(gold, pred) is equal    # symmetric
 
 
 def test_math_equal_works_in_a_thread():
@@ -87,6 +127,33 @@ def test_math_equal_works_in_a_thread():
     worker.start()
     worker.join(timeout=30)
     assert results == {"right": True, "wrong": False}
+
+
+HOSTILE = [(r"\{10^{10^{10}}\}", r"\{1\}"), (r"(10^{10^{10}}, 1)", "(1, 1)")]   # math-verify never returns
+
+
+@pytest.mark.parametrize("pred, gold", HOSTILE)
+def test_math_equal_is_bounded_in_a_worker_thread(pred, gold):
+    """A runaway sympy call off the main thread used to hold the GIL forever; now it ends at its bound, False,
+    while the main thread keeps running, and the next call is graded normally."""
+    assert math_equal("x+1", "1+x")                  # a warm grader: the bound is then the grading time alone
+    results, ticks = {}, []
+
+    def check():
+        start = time.monotonic()
+        results["verdict"] = math_equal(pred, gold, timeout_s=2)
+        results["seconds"] = time.monotonic() - start
+
+    worker = threading.Thread(target=check)
+    worker.start()
+    while worker.is_alive() and len(ticks) < 200:      # the main thread is not frozen meanwhile
+        ticks.append(time.monotonic())
+        time.sleep(0.05)
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    assert results["verdict"] is False and results["seconds"] < 6
+    assert len(ticks) >= 10                           # ~2 s of 50 ms ticks ran while the worker graded
+    assert math_equal(r"2\sqrt{2}", r"\sqrt{8}")     # a fresh grader takes over
 
 
 def test_math_answer_reward():

@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from tirl.data.chat import EncodedTurns, encode_conversation, encode_text, render
+from tirl.data.chat import EncodedTurns, encode_conversation, encode_rendered, environment_pieces, render
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +104,17 @@ class PromptEncoder:
         messages, tools = self.messages(record)
         return render(self.tokenizer, messages, tools, add_generation_prompt=True, enable_thinking=self.enable_thinking)
 
+    def _full_ids(self, record: dict) -> list[int]:
+        # tool turns in the prompt are environment text: plain tokens, as SFT and rollouts encode them
+        return encode_rendered(self.tokenizer, self.text(record), environment_pieces(self.messages(record)[0]))[0]
+
     def length(self, record: dict) -> int:
         """Prompt length in tokens before truncation."""
-        return len(encode_text(self.tokenizer, self.text(record)))
+        return len(self._full_ids(record))
 
     def ids(self, record: dict, max_prompt_tokens: int | None = None) -> list[int]:
         """Prompt ids [≤ max_prompt_tokens (default: the encoder's)], left-truncated."""
-        ids = encode_text(self.tokenizer, self.text(record))
+        ids = self._full_ids(record)
         limit = max_prompt_tokens or self.max_prompt_tokens
         if limit is not None and len(ids) > limit:
             if not self.truncated:

@@ -43,6 +43,23 @@ def _messages_problem(messages: Any) -> str | None:
             return f"message {i} has role {m['role']!r}; valid roles are {list(ROLES)}"
         if not isinstance(m["content"], str):
             return f"message {i} content must be a string, got {type(m['content']).__name__}"
+        if m.get("env_spans") is not None and (problem := _env_spans_problem(m)):
+            return f"message {i} {problem}"
+    return None
+
+
+def _env_spans_problem(message: dict) -> str | None:
+    """``env_spans``: sorted, non-overlapping [start, end) character pairs of environment text in an assistant turn."""
+    spans, n = message["env_spans"], len(message["content"])
+    if message["role"] != "assistant":
+        return f"has env_spans but role {message['role']!r}; only an assistant turn holds tool output inline"
+    pos = 0
+    for span in spans if isinstance(spans, list) else [None]:
+        if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(type(x) is int for x in span)
+                and pos <= span[0] <= span[1] <= n):
+            return (f"env_spans must be sorted, non-overlapping [start, end] character offsets within its "
+                    f"{n}-character content, got {spans!r}")
+        pos = span[1]
     return None
 
 

@@ -219,9 +219,12 @@ def solution_text(problem: MathProblem, output: str) -> str:
 
 
 def math_sft_sample(problem: MathProblem, output: str) -> dict:
-    messages = [{"role": "user", "content": problem.question},
-                {"role": "assistant", "content": solution_text(problem, output)}]
-    return {"task": "math", "messages": messages, "loss_on": "assistant"}
+    """An SFT sample whose output block is recorded as the environment's (``env_spans``), not found by pattern."""
+    text = solution_text(problem, output)
+    block = f"```output\n{output}\n```"
+    start = text.index(block, text.index("```python\n") + len(problem.code))
+    turn = {"role": "assistant", "content": text, "env_spans": [[start, start + len(block)]]}
+    return {"task": "math", "messages": [{"role": "user", "content": problem.question}, turn], "loss_on": "assistant"}
 
 
 def make_math_rl_prompts(n: int, seed: int, levels: Sequence[int] = LEVELS, split: str = "train",

@@ -68,7 +68,9 @@ class EvalGenerator:
         return [samples[i * n_samples:(i + 1) * n_samples] for i in range(len(records))]
 
     def _sample(self, t: Trajectory) -> MathSample:
-        return MathSample(text=self.decode(t.response_ids), response_tokens=len(t.response_ids),
+        return MathSample(text=self.decode(t.response_ids),
+                          model_text=t.model_text(self.tokenizer, tuple(self.backend.stop_token_ids)),
+                          response_tokens=len(t.response_ids),
                           model_tokens=sum(t.model_mask), calls=t.num_calls,
                           passed_calls=t.num_calls - t.failed_calls, corrections=t.corrections,
                           stop_reason=t.stop_reason)

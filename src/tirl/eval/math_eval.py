@@ -19,13 +19,14 @@ from tirl.rewards.math import last_boxed, math_equal
 class MathSample:
     """One generated solution, as cached (the answer and its correctness are derived, never stored)."""
 
-    text: str
+    text: str                           # the whole response, tool output included
     response_tokens: int                # everything after the prompt, tool output included
     model_tokens: int                   # tokens the model wrote
     calls: int
     passed_calls: int
     corrections: int = 0
     stop_reason: str = ""
+    model_text: str | None = None       # what the model wrote (tool output left out); None in caches made before it
 
     @property
     def code_pass_rate(self) -> float:
@@ -33,7 +34,8 @@ class MathSample:
 
     @property
     def answer(self) -> str | None:
-        return last_boxed(self.text)
+        """The last \\boxed{} the model wrote (a tool output that prints one is not the model's answer)."""
+        return last_boxed(self.text if self.model_text is None else self.model_text)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -90,5 +92,5 @@ def bench_metrics(samples_per_problem: list[list[MathSample]], corrects: list[li
 
 
 def sample_record(sample: MathSample) -> dict[str, Any]:
-    return {k: getattr(sample, k) for k in ("text", "response_tokens", "model_tokens", "calls", "passed_calls",
-                                            "corrections", "stop_reason")}
+    return {k: getattr(sample, k) for k in ("text", "model_text", "response_tokens", "model_tokens", "calls",
+                                            "passed_calls", "corrections", "stop_reason")}

@@ -114,6 +114,11 @@ class GRPOModule(PolicyModule):
             ids = ids[:-1]
         return self.tokenizer.decode(ids)
 
+    def reward_text(self, t: Trajectory) -> str:
+        """What the rewards read: the model-written spans only (a tool output's ``\\boxed{}``, ``</think>`` or
+        repeated lines are not the model's), special tokens kept, the closing end-of-turn dropped."""
+        return t.model_text(self.tokenizer, (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id))
+
     def rollout_groups(self, records: list[dict], group_size: int, loop: ToolLoop | None = None) -> list[Trajectory]:
         prompts, metas = [], []
         for gi, r in enumerate(records):
@@ -124,7 +129,7 @@ class GRPOModule(PolicyModule):
         return (loop or self.tool_loop).run(prompts, metas)
 
     def score(self, trajs: list[Trajectory], records: list[dict]) -> tuple[list[float], list[float]]:
-        texts = [self.response_text(t) for t in trajs]
+        texts = [self.reward_text(t) for t in trajs]
         answers = [records[t.meta["group"]].get("answer") for t in trajs]
         rewards = [float(x) for x in self.reward_fn(texts, answer=answers)]
         correct = [float(x) for x in self.accuracy_fn(texts, answer=answers)]

@@ -35,7 +35,7 @@ class EpisodeFilter:
         c = self.cfg
         keep, out_rewards, why = [], list(rewards), Counter()
         for i, t in enumerate(trajs):
-            text = tokenizer.decode(t.response_ids)
+            text = t.model_text(tokenizer)      # the model's own text: a printed \boxed{} is not its answer
             reason = None
             if c.drop_failed_calls and t.failed_calls:
                 reason = "failed_call"

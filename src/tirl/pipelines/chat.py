@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tirl.data.chat import encode_environment, encode_text, split_model_and_tool
 from tirl.data.prompts import PromptEncoder
 
 
@@ -84,6 +85,11 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+def plain_messages(messages: list[dict]) -> list[dict]:
+    """Messages as an OpenAI-style server takes them: role and content only (``env_spans`` is tirl's own field)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def split_continuation(messages: list[dict]) -> tuple[list[dict], str | None]:
     """(conversation, partial assistant text to continue) — the latter None when a fresh turn is asked for."""
     if messages and messages[-1]["role"] == "assistant":
@@ -121,7 +127,11 @@ class HFChatBackend:
         from tirl.rollout.types import SamplingParams
 
         self.stats.add(requests=1)
-        ids = self.tokenizer.encode(self.prompt_text(messages), add_special_tokens=False)
+        convo, partial = split_continuation(messages)
+        ids = self.prompts.ids({"messages": convo})
+        if partial:   # a continued turn: its recorded tool output (env_spans, else ```output blocks) stays plain tokens
+            for seg, model_written in split_model_and_tool(partial, messages[-1].get("env_spans")):
+                ids += encode_text(self.tokenizer, seg) if model_written else encode_environment(self.tokenizer, seg)
         sampling = SamplingParams(max_new_tokens=params.max_tokens, temperature=params.temperature,
                                   top_p=params.top_p, stop_at_code=False)
         with self._lock:  # the model and torch's global RNG are shared by every thread
@@ -170,7 +180,7 @@ class HTTPChatBackend:
 
     def body(self, messages: list[dict], params: ChatParams) -> dict:
         convo, partial = split_continuation(messages)
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": params.max_tokens,
+        body: dict[str, Any] = {"model": self.model, "messages": plain_messages(messages), "max_tokens": params.max_tokens,
                                 "temperature": params.temperature, "top_p": params.top_p, "n": params.n}
         if params.stop:
             body["stop"] = list(params.stop)
@@ -252,7 +262,7 @@ class VLLMChatBackend:
                                   max_tokens=params.max_tokens, stop=params.stop or None, seed=params.seed)
         self.stats.add(requests=1)
         with self._lock:
-            out = self.llm.chat(messages, sampling, use_tqdm=False, add_generation_prompt=partial is None,
+            out = self.llm.chat(plain_messages(messages), sampling, use_tqdm=False, add_generation_prompt=partial is None,
                                 continue_final_message=partial is not None,
                                 chat_template_kwargs={"enable_thinking": self.enable_thinking})
         self.stats.add(ok=1)

@@ -5,7 +5,9 @@ step only — never the problem or the answer — and either says it is not code
 self-contained ```python block that prints its result. The sandbox runs the block; its REAL output, as an
 ```output block, replaces whatever the actor predicted, and the actor continues from the rewritten step.
 Finished samples pass the filters (each drop counted); then one sample per problem is kept and 1-call samples
-are down-sampled.
+are down-sampled. Who wrote what is recorded, never re-parsed: each output block's character span is kept as the
+sample's ``env_spans`` (no SFT loss there, whatever the output prints), and the answer, repetition and format
+filters read only the text the actor and critic wrote.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from tirl.data.chat import model_written_text
 from tirl.pipelines.chat import ChatBackend, ChatParams
 from tirl.pipelines.runner import ItemResult
 from tirl.rewards.math import last_boxed, math_equal
@@ -43,6 +46,7 @@ class CodeCall:
     code: str
     passed: bool
     output: str
+    span: tuple[int, int] = (0, 0)      # [start, end) of its ```output block in the sample text (the environment's)
 
 
 @dataclass
@@ -78,9 +82,14 @@ def is_thin(code: str) -> bool:
     return True
 
 
-def formatting_balanced(text: str) -> bool:
-    """Fences pair up, every code block is followed by its output, think tags and braces balance."""
-    if text.count("```") % 2 or text.count("```python") != text.count("```output"):
+def formatting_balanced(text: str, n_calls: int | None = None) -> bool:
+    """Fences pair up, every code block is followed by its output, think tags and braces balance.
+
+    ``text`` is the model-written text (output blocks left out; see `model_written_text`) when ``n_calls`` is
+    given: then each of the ``n_calls`` recorded outputs answers one ```python block. Without ``n_calls`` the
+    output blocks are counted in ``text`` itself (a hand-written sample)."""
+    n_outputs = text.count("```output") if n_calls is None else n_calls
+    if text.count("```") % 2 or text.count("```python") != n_outputs:
         return False
     if text.count("<think>") != text.count("</think>"):
         return False
@@ -92,16 +101,24 @@ def formatting_balanced(text: str) -> bool:
     return depth == 0
 
 
+OUTPUT_OPEN, OUTPUT_CLOSE = "```output\n", "\n```"
+
+
 def rewrite_step(step: str, code: str, output: str) -> str:
-    """The step's prose (any code or predicted output the actor wrote removed) + the critic's code + the real output."""
+    """The step's prose (any code or predicted output the actor wrote removed) + the critic's code + the real output
+    (the output block is the step's tail: ``OUTPUT_OPEN + output + OUTPUT_CLOSE``)."""
     prose = _ANY_BLOCK.sub("", step).rstrip()
     head = prose + "\n" if prose else ""
-    return f"{head}```python\n{code}\n```\n```output\n{output}\n```"
+    return f"{head}```python\n{code}\n```\n{OUTPUT_OPEN}{output}{OUTPUT_CLOSE}"
 
 
 def filter_reason(text: str, gold: str, calls: list[CodeCall], s: TIRGenSettings) -> str | None:
-    """The first filter a finished sample fails, or None when it passes them all (order = report order)."""
-    pred = last_boxed(text)
+    """The first filter a finished sample fails, or None when it passes them all (order = report order).
+
+    The answer, repetition and format filters read the model-written text only (``calls``' output spans left out):
+    a sandbox output that prints ``\\boxed{}``, fences or ``</think>`` is neither the answer nor a format fault."""
+    own = model_written_text(text, [c.span for c in calls])
+    pred = last_boxed(own)
     if pred is None:
         return "no_answer"
     if not math_equal(pred, gold):
@@ -118,9 +135,9 @@ def filter_reason(text: str, gold: str, calls: list[CodeCall], s: TIRGenSettings
         thin = [is_thin(c.code) for c in calls]
         if all(thin) or sum(thin) / len(thin) > s.max_thin_fraction:
             return "trivial_code"
-    if has_heavy_repetition(text):
+    if has_heavy_repetition(own):
         return "repetition"
-    if not formatting_balanced(text):
+    if not formatting_balanced(own, len(calls)):
         return "unbalanced_format"
     return None
 
@@ -138,7 +155,8 @@ class TIRGenerator:
         prompt = [{"role": "system", "content": ACTOR_SYSTEM}, {"role": "user", "content": rec["messages"][-1]["content"]}]
         text, calls = "", []
         for step_no in range(s.max_steps):
-            messages = prompt + ([{"role": "assistant", "content": text}] if text else [])
+            messages = prompt + ([{"role": "assistant", "content": text, "env_spans": [list(c.span) for c in calls]}]
+                                 if text else [])
             actor_params = self._params(s.actor_params, rec["id"], "actor", step_no)
             actor_params.stop = [STEP_END]
             step = self.actor.complete(messages, actor_params)[0].strip("\n")
@@ -153,8 +171,10 @@ class TIRGenerator:
             if code is not None:
                 result = self.sandbox.run(code)
                 output = result.feedback()
-                calls.append(CodeCall(code, result.passed, output))
                 step = rewrite_step(step, code, output)
+                end = len(text) + len(step)                      # the output block is the step's tail
+                calls.append(CodeCall(code, result.passed, output,
+                                      (end - len(OUTPUT_OPEN + output + OUTPUT_CLOSE), end)))
             text += step + STEP_END
         return text.rstrip(), calls, False
 
@@ -167,8 +187,8 @@ class TIRGenerator:
         if reason:
             return ItemResult("dropped", reason, info=info)
         prompt = [m for m in rec["messages"]]
-        sample = {"task": rec.get("task", "math"), "messages": prompt + [{"role": "assistant", "content": text}],
-                  "loss_on": "last_assistant",
+        turn = {"role": "assistant", "content": text, "env_spans": [list(c.span) for c in calls]}
+        sample = {"task": rec.get("task", "math"), "messages": prompt + [turn], "loss_on": "last_assistant",
                   "problem": rec.get("problem_key", rec["messages"][-1]["content"]), "code_calls": len(calls)}
         return ItemResult("kept", "", [sample], info)
 

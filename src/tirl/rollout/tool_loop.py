@@ -3,7 +3,8 @@
 Each round generates for every unfinished trajectory at once; samples that paused on a closed ```python block
 have their last block run in the sandbox in one concurrent batch, and the environment appends
 ```` ```output\\n…\\n``` ```` (long stdout as head … tail, an error as its last line). Tool tokens are appended with
-``model_written=False`` so they never receive loss.
+``model_written=False`` so they never receive loss, and as plain text (special-token strings in them are not
+parsed); rewards read only the model-written spans (``Trajectory.model_text``).
 
 Everything that bounds a trajectory — its remaining token budget, tool rounds and self-correction attempts — is
 its own: a trajectory is the same alone and in any batch (token for token with greedy decoding).
@@ -19,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from tirl.config.schema import RolloutConfig
+from tirl.data.chat import encode_environment
 from tirl.rollout.backend import GenerationBackend
 from tirl.rollout.types import SamplingParams, ToolCall, Trajectory
 
@@ -49,7 +51,8 @@ class ToolLoop:
         return max(1, min(self.cfg.max_new_tokens, self.cfg.max_total_tokens - len(t.response_ids)))
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Environment text as plain tokens: a printed ``<|im_end|>`` or ``</think>`` is never a special token."""
+        return encode_environment(self.tokenizer, text)
 
     def run(self, prompts: list[list[int]], metas: list[dict] | None = None) -> list[Trajectory]:
         trajs = [Trajectory(prompt_ids=list(p), meta=dict(m)) for p, m in zip(prompts, metas or [{}] * len(prompts))]

@@ -88,6 +88,15 @@ class Trajectory:
     def failed_calls(self) -> int:
         return sum(not c.passed for c in self.calls)
 
+    def model_text(self, tokenizer, drop_ids: tuple[int, ...] = ()) -> str:
+        """What the model wrote, as text: its own token runs decoded and joined, the environment's left out, and
+        trailing ``drop_ids`` (end-of-turn, padding) dropped. Rewards, answer extraction and format checks read
+        this, never the whole response: a tool output that prints ``\\boxed{4}`` or ``</think>`` is not the model's."""
+        runs = [self.response_ids[s:e] for s, e, model_written in self.segments() if model_written]
+        while runs and runs[-1] and runs[-1][-1] in drop_ids:
+            runs[-1] = runs[-1][:-1]
+        return "".join(tokenizer.decode(r) for r in runs)
+
     def segments(self) -> list[tuple[int, int, bool]]:
         """Maximal runs of (start, end, model_written) over the response."""
         out, start = [], 0
