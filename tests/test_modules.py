@@ -340,3 +340,32 @@ def test_held_out_accuracy_is_broken_down_by_category_and_level():
     outs = [{"correct": 1.0, "kind": "simple"}, {"correct": 0.0, "kind": "simple"}, {"correct": 0.0, "kind": "simple"},
             {"correct": 1.0, "kind": "irrelevance"}, {"correct": 1.0, "kind": None}]
     assert module.accuracy_by_kind(outs) == {"irrelevance": 1.0, "simple": 1 / 3}
+
+
+# ---------------------------------------------------------------- SFT: one normaliser per optimizer step
+
+
+@pytest.mark.parametrize("batch_size,accumulate", [(2, 1), (1, 2)])
+def test_sft_step_gradient_is_the_token_mean_over_the_whole_step_however_micro_batched(tmp_path, batch_size, accumulate):
+    """Two samples with 2 and 151 loss tokens, one optimizer step: as one batch of 2, or as 2 accumulated micro-batches
+    of 1. Either way the gradient is that of sum(NLL) / 153 computed by hand in one pass; the old normalisation (each
+    micro-batch's own token mean, averaged by Lightning) is far from it, so the check can tell."""
+    import lightning.pytorch as pl
+    from sft_grads import (RecordingSFT, datamodule, examples_with_loss_tokens, full_batch_gradient, relative_error,
+                           sft_kwargs)
+
+    examples = examples_with_loss_tokens([2, 151])
+    module = RecordingSFT(str(tmp_path), **sft_kwargs())
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule(examples, batch_size))
+    rec = torch.load(tmp_path / "step0_rank0.pt")
+    assert len(rec["batches"]) == accumulate
+    seen = sorted(int((b["labels"][:, 1:] != -100).sum()) for b in rec["batches"])
+    assert sum(seen) == 153 and (accumulate == 1 or seen == [2, 151])
+    want = full_batch_gradient(module, rec["weights"], rec["batches"])
+    assert relative_error(rec["grads"], want) < 1e-5
+    if accumulate > 1:
+        assert relative_error(full_batch_gradient(module, rec["weights"], rec["batches"], per_micro_batch=True), want) > 0.5
+
