@@ -287,5 +287,5 @@ def test_tiny_dcore_run_under_two_process_ddp_trains_and_logs(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in by_kind.values())
     # the samples table is rank 0's (method.log_samples=4 rows a step, one header), not every rank's appended
     samples = list(csv.reader((run_dir / "csv" / "train_samples.csv").open()))
-    assert samples[0][0] == "step" and [row[0] for row in samples[1:]] == ["1"] * 4 + ["2"] * 4
+    assert samples[0][0] == "step" and [row[0] for row in samples[1:]] == ["0"] * 4 + ["1"] * 4   # metrics.csv's steps
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
