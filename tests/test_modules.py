@@ -464,3 +464,28 @@ def test_a_run_shorter_than_the_validation_interval_reports_after_training_and_n
     train = [r for r in rows if r.get("train/reward_mean")]
     assert len(train) == 3 and all(r.get("train/function_calls_per_sample") for r in train)
     assert not [k for k in rows[0] if "sandbox" in k or k.startswith("train/tool_")]
+
+
+def test_sft_resume_mid_epoch_continues_with_the_same_micro_batches(train_cfg, tmp_path):
+    """SFT with 2 accumulated micro-batches a step: resuming from the step-2 checkpoint logs the same step-3/4 losses
+    as the uninterrupted run (the train stream restarts where the checkpoint left it, not at the epoch's start)."""
+    from tirl.train import run
+
+    common = ["model=tiny_scratch", "method=sft", "data=sft_synthetic_math", "data.synthetic.size=24",
+              "data.batch_size=2", "data.val_size=2", "trainer.accumulate_grad_batches=2", "trainer.max_steps=4",
+              "trainer.limit_val_batches=0", "validate_before_fit=false", "test=false", "optimized_metric=null",
+              "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.every_n_train_steps=1",
+              "callbacks.model_checkpoint.save_top_k=-1", "method.lr=1e-3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(train_cfg(*common, out=a))
+    ckpt = a / "checkpoints" / "step_000002.ckpt"
+    assert ckpt.is_file(), sorted(p.name for p in (a / "checkpoints").iterdir())
+    run(train_cfg(*common, f"ckpt_path={ckpt}", out=b))
+
+    def losses(out):
+        return {int(r["step"]): float(r["train/loss"]) for r in rows_of(out) if r.get("train/loss")}
+
+    full, resumed = losses(a), losses(b)
+    assert sorted(full) == [0, 1, 2, 3] and sorted(resumed) == [2, 3]
+    for s in resumed:
+        assert resumed[s] == pytest.approx(full[s], abs=1e-5), s
