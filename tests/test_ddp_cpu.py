@@ -1,4 +1,6 @@
-"""GRPO under real 2-process DDP on the CPU (gloo): the gradient of a batch split over two ranks is the gradient
+"""SFT and GRPO under real 2-process DDP on the CPU (gloo). SFT: an optimizer step's gradient over 2 ranks x 2
+accumulated micro-batches is the one-process gradient of the whole step's token mean, a short last step included.
+GRPO: the gradient of a batch split over two ranks is the gradient
 of the whole batch in one process — global token-mean over both ranks, ``× world_size`` undoing DDP's average,
 zero-weighted padding passes on a rank with fewer micro-batches (or none) — and a tiny ``hardware=ddp`` run
 trains end to end.
@@ -231,6 +233,51 @@ def test_split_batch_under_ddp_gives_the_one_process_gradient_even_when_ranks_ar
             assert relative_error(w - start[name].detach(), ref_final[name] - start[name].detach()) < 1e-2, name
 
 
+SFT_LOSS_TOKENS = [2, 151, 5, 40, 9]   # 5 samples, batch 1 x 2 accumulated x 2 ranks: a step of 4, then one of 1
+
+
+def test_sft_under_ddp_with_accumulation_gives_the_one_process_gradient_of_each_step(tmp_path):
+    """Step 1: each rank trains on 2 of the 4 samples (very different token counts). Step 2: the epoch's last sample
+    alone, one rank gets it and the other a micro-batch without loss tokens (to join the gradient sync). Each step's
+    synced gradient must be the one-process gradient of sum(NLL over the step's samples) / (their loss tokens)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy
+    from sft_grads import (
+        RecordingSFT,
+        datamodule,
+        examples_with_loss_tokens,
+        full_batch_gradient,
+        relative_error,
+        sft_kwargs,
+    )
+
+    torch.set_num_threads(1)
+    examples = examples_with_loss_tokens(SFT_LOSS_TOKENS)
+    module = RecordingSFT(str(tmp_path), **sft_kwargs())
+    strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=30))
+    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=2, accumulate_grad_batches=2,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule(examples, batch_size=1))
+
+    ref = RecordingSFT(str(tmp_path), **sft_kwargs())
+    ref.configure_model()
+    tokens_per_step = []
+    for step in range(2):
+        recs = [torch.load(tmp_path / f"step{step}_rank{r}.pt") for r in range(WORLD)]
+        batches = [b for rec in recs for b in rec["batches"]]
+        counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+        tokens_per_step.append(sorted(c for c in counts if c))
+        assert [len(rec["batches"]) for rec in recs] == [2 - step, 2 - step]   # ranks join the same syncs
+        want = full_batch_gradient(ref, recs[0]["weights"], batches)
+        for rank, rec in enumerate(recs):
+            assert relative_error(rec["grads"], want) < 1e-4, (step, rank)
+    # every sample once: 4 in the first step (2 micro-batches on each rank), the last one alone in the second (one
+    # rank's micro-batch is empty)
+    assert sorted(tokens_per_step[0] + tokens_per_step[1]) == sorted(SFT_LOSS_TOKENS)
+    assert len(tokens_per_step[0]) == 4 and len(tokens_per_step[1]) == 1
+
+
 def test_tiny_dcore_run_under_two_process_ddp_trains_and_logs(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "src" / "train.py"), "model=tiny", "method=dcore", "data=synthetic_toolcall",
@@ -259,5 +306,5 @@ def test_tiny_dcore_run_under_two_process_ddp_trains_and_logs(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in by_kind.values())
     # the samples table is rank 0's (method.log_samples=4 rows a step, one header), not every rank's appended
     samples = list(csv.reader((run_dir / "csv" / "train_samples.csv").open()))
-    assert samples[0][0] == "step" and [row[0] for row in samples[1:]] == ["1"] * 4 + ["2"] * 4
+    assert samples[0][0] == "step" and [row[0] for row in samples[1:]] == ["0"] * 4 + ["1"] * 4   # metrics.csv's steps
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

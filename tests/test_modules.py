@@ -340,3 +340,158 @@ def test_held_out_accuracy_is_broken_down_by_category_and_level():
     outs = [{"correct": 1.0, "kind": "simple"}, {"correct": 0.0, "kind": "simple"}, {"correct": 0.0, "kind": "simple"},
             {"correct": 1.0, "kind": "irrelevance"}, {"correct": 1.0, "kind": None}]
     assert module.accuracy_by_kind(outs) == {"irrelevance": 1.0, "simple": 1 / 3}
+
+
+# ---------------------------------------------------------------- SFT: one normaliser per optimizer step
+
+
+@pytest.mark.parametrize("batch_size,accumulate", [(2, 1), (1, 2)])
+def test_sft_step_gradient_is_the_token_mean_over_the_whole_step_however_micro_batched(tmp_path, batch_size, accumulate):
+    """Two samples with 2 and 151 loss tokens, one optimizer step: as one batch of 2, or as 2 accumulated micro-batches
+    of 1. Either way the gradient is that of sum(NLL) / 153 computed by hand in one pass; the old normalisation (each
+    micro-batch's own token mean, averaged by Lightning) is far from it, so the check can tell."""
+    import lightning.pytorch as pl
+    from sft_grads import (
+        RecordingSFT,
+        datamodule,
+        examples_with_loss_tokens,
+        full_batch_gradient,
+        relative_error,
+        sft_kwargs,
+    )
+
+    examples = examples_with_loss_tokens([2, 151])
+    module = RecordingSFT(str(tmp_path), **sft_kwargs())
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule(examples, batch_size))
+    rec = torch.load(tmp_path / "step0_rank0.pt")
+    assert len(rec["batches"]) == accumulate
+    seen = sorted(int((b["labels"][:, 1:] != -100).sum()) for b in rec["batches"])
+    assert sum(seen) == 153 and (accumulate == 1 or seen == [2, 151])
+    want = full_batch_gradient(module, rec["weights"], rec["batches"])
+    assert relative_error(rec["grads"], want) < 1e-5
+    if accumulate > 1:
+        assert relative_error(full_batch_gradient(module, rec["weights"], rec["batches"], per_micro_batch=True), want) > 0.5
+
+
+
+# ---------------------------------------------------------------- metrics: each value at its own step
+
+
+class ScriptedGRPO(GRPOModule):
+    """GRPO without generation: G fixed 3-token responses per prompt, and rewards by training step (0/1 alternating,
+    all 0 on ``skip_steps``, whose advantages are then all 0 and whose update is skipped: no KL term)."""
+
+    def __init__(self, skip_steps: set[int], **kwargs):
+        super().__init__(**kwargs)
+        self.skip_steps = skip_steps
+
+    def rollout_groups(self, records, group_size, loop=None):
+        from tirl.rollout.types import Trajectory
+
+        trajs = []
+        for gi, r in enumerate(records):
+            ids = self.encode_prompt(r)
+            for j in range(group_size):
+                meta = {"group": gi, "id": r["id"], "answer": r["answer"], "task": r["task"]}
+                trajs.append(Trajectory(ids, [10 + j, 11 + j, 12], [1, 1, 1], [-2.0] * 3, [0.5] * 3, meta=meta))
+        return trajs
+
+    def score(self, trajs, records):
+        from tirl.logging.step_metrics import log_step
+
+        skip = self.trainer.training and log_step(self.trainer) in self.skip_steps
+        rewards = [0.0 if skip else float(i % 2) for i in range(len(trajs))]
+        return rewards, rewards
+
+
+@pytest.mark.parametrize("max_steps,val_every,val_steps", [(3, 2, [0, 1, 2]), (4, 2, [0, 1, 3])])
+def test_metric_rows_hold_only_their_steps_values_and_every_file_agrees_on_steps(tmp_path, max_steps, val_every,
+                                                                                  val_steps):
+    """Step 1's update is skipped. Its metrics.csv row must not carry the loss, grad norm or clip fractions of step 0
+    (Lightning re-writes a key's last value by default), and must say skipped_update=1 while the others say 0. The
+    samples files use metrics.csv's step numbers. Validation: before fit (step 0), every ``val_every`` steps, and
+    after the last step whatever the interval, once."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    from tirl.callbacks import ValidateAtEndOfFit
+    from tirl.data.collate import collate_prompts
+
+    tok = load_tiny_tokenizer()
+    module = ScriptedGRPO({1}, method=MethodConfig(lr=1e-3, group_size=2, micro_batch_size=8, log_samples=2),
+                          model=ModelConfig(name_or_path="tiny"), rollout=RolloutConfig(max_tool_rounds=0),
+                          sandbox=SandboxConfig(workers=1), tokenizer=tok)
+    records = [{"id": f"p{i}", "task": "math", "answer": "1", "messages": [{"role": "user", "content": f"q{i}"}]}
+               for i in range(2 * max_steps)]
+    train = DataLoader(records, batch_size=2, collate_fn=collate_prompts)
+    val = DataLoader(records[:2], batch_size=2, collate_fn=collate_prompts)
+    logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, val_check_interval=val_every,
+                         check_val_every_n_epoch=None, logger=logger, log_every_n_steps=1,
+                         callbacks=[ValidateAtEndOfFit()], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.validate(module, val, verbose=False)
+    trainer.fit(module, train, val)
+    log_dir = tmp_path / "csv" / "version_0"
+    rows = list(csv.DictReader((log_dir / "metrics.csv").open()))
+    train_rows = {int(r["step"]): r for r in rows if r.get("train/reward_mean")}
+    assert sorted(train_rows) == list(range(max_steps))
+    update_keys = ("train/loss", "train/grad_norm", "train/clipfrac_high", "train/clipfrac_low", "train/approx_kl")
+    for step, r in train_rows.items():
+        skipped = step == 1
+        assert float(r["train/skipped_update"]) == float(skipped), step
+        for key in update_keys:
+            assert bool(r.get(key)) != skipped, (step, key)     # present exactly on the steps that updated
+    assert float(train_rows[0]["train/loss"]) != float(train_rows[2]["train/loss"])
+    assert "train/sandbox_calls_per_sample" not in rows[0]      # no tool rounds: no sandbox metrics at all
+    # validation rows: once before fit, at the interval, and after the last step (not twice when it is a val step)
+    assert [int(r["step"]) for r in rows if r.get("val/acc")] == val_steps
+    # the samples tables use the metrics' step numbers (log_samples=2 rows per step or validation)
+    train_samples = [int(r["step"]) for r in csv.DictReader((log_dir / "train_samples.csv").open())]
+    val_samples = [int(r["step"]) for r in csv.DictReader((log_dir / "val_samples.csv").open())]
+    assert train_samples == [s for s in range(max_steps) for _ in range(2)]
+    assert val_samples == [s for s in val_steps for _ in range(2)]
+
+
+def test_a_run_shorter_than_the_validation_interval_reports_after_training_and_names_what_it_counts(train_cfg, tmp_path):
+    """3 D-CORE steps with val_check_interval=10: validation before (step 0) and after the last step (step 2). Function
+    calling never runs the sandbox (even with tool rounds on): no sandbox_* metrics, function calls counted instead."""
+    from tirl.train import run
+
+    cfg = train_cfg(*TINY_RL, "method=dcore", "data=synthetic_toolcall", "trainer.max_steps=3",
+                    "trainer.val_check_interval=10", "optimized_metric=val/acc")
+    run(cfg)
+    rows = rows_of(tmp_path)
+    assert [int(r["step"]) for r in rows if r.get("val/acc")] == [0, 2]
+    train = [r for r in rows if r.get("train/reward_mean")]
+    assert len(train) == 3 and all(r.get("train/function_calls_per_sample") for r in train)
+    assert not [k for k in rows[0] if "sandbox" in k or k.startswith("train/tool_")]
+
+
+def test_sft_resume_mid_epoch_continues_with_the_same_micro_batches(train_cfg, tmp_path):
+    """SFT with 2 accumulated micro-batches a step: resuming from the step-2 checkpoint logs the same step-3/4 losses
+    as the uninterrupted run (the train stream restarts where the checkpoint left it, not at the epoch's start)."""
+    from tirl.train import run
+
+    common = ["model=tiny_scratch", "method=sft", "data=sft_synthetic_math", "data.synthetic.size=24",
+              "data.batch_size=2", "data.val_size=2", "trainer.accumulate_grad_batches=2", "trainer.max_steps=4",
+              "trainer.limit_val_batches=0", "validate_before_fit=false", "test=false", "optimized_metric=null",
+              "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.every_n_train_steps=1",
+              "callbacks.model_checkpoint.save_top_k=-1", "method.lr=1e-3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(train_cfg(*common, out=a))
+    ckpt = a / "checkpoints" / "step_000002.ckpt"
+    assert ckpt.is_file(), sorted(p.name for p in (a / "checkpoints").iterdir())
+    run(train_cfg(*common, f"ckpt_path={ckpt}", out=b))
+
+    def losses(out):
+        return {int(r["step"]): float(r["train/loss"]) for r in rows_of(out) if r.get("train/loss")}
+
+    full, resumed = losses(a), losses(b)
+    assert sorted(full) == [0, 1, 2, 3] and sorted(resumed) == [2, 3]
+    for s in resumed:
+        assert resumed[s] == pytest.approx(full[s], abs=1e-5), s

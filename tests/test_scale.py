@@ -99,7 +99,8 @@ def test_workspace_spec_has_the_key_panels_and_builds_offline():
     spec = json.loads(out.stdout)
     metrics = {m for p in spec["panels"] for m in p["metrics"]}
     for key in ["train/reward_mean", "train/acc", "val/acc", "train/entropy", "train/clipfrac_high",
-                "train/clipfrac_low", "train/kl", "train/response_len", "train/tool_pass_rate"]:
+                "train/clipfrac_low", "train/kl", "train/response_len", "train/sandbox_pass_rate",
+                "train/function_calls_per_sample"]:
         assert key in metrics
     assert any(p["metric_regex"] and "lazy_ratio" in p["metric_regex"] for p in spec["panels"])
     pytest.importorskip("wandb_workspaces")

@@ -113,7 +113,9 @@ def run(cfg: DictConfig) -> float | None:
     log.info("Instantiating module <%s>", typed.method.module.get("_target_"))
     module = build_module(typed, tokenizer, cfg.get("init_from"))
 
-    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    from tirl.callbacks import ValidateAtEndOfFit
+
+    callbacks = [*instantiate_group(cfg.get("callbacks"), "callbacks"), ValidateAtEndOfFit()]
     loggers = instantiate_group(cfg.get("logger"), "logger")
     register_loggers(loggers)  # closed by task_wrapper even if fit raises
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -44,6 +44,12 @@ class PackedRow:
     seq_lens: list[int]  # lengths of the samples in the row, in order
 
 
+def loss_token_count(item: Example | PackedRow) -> int:
+    """Tokens that receive loss once the model shifts the labels: labelled positions after the first one."""
+    labels = item.labels() if isinstance(item, Example) else item.labels
+    return sum(1 for t in labels[1:] if t != IGNORE)
+
+
 def pad_examples(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: input_ids, attention_mask, labels, each [B, T]."""
     width = max(len(e) for e in examples)

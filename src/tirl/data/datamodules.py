@@ -18,10 +18,18 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from tirl.data.collate import Example, SFTCollator, collate_prompts, pack_examples
+from tirl.data.collate import (
+    Example,
+    SFTCollator,
+    collate_prompts,
+    loss_token_count,
+    pack_examples,
+    pad_examples,
+)
 from tirl.data.prompts import PromptEncoder
 from tirl.data.sources import DataError, RecordStream, load_records
 from tirl.data.synthetic_math import math_rl_prompt, problem_at
@@ -98,9 +106,79 @@ class _ListDataset(Dataset):
         return self.items[i]
 
 
+def _trainer_layout(dm: LightningDataModule) -> tuple[int, int, int, int]:
+    """(accumulate_grad_batches, rank, world_size, epoch) of the trainer running ``dm``; (1, 0, 1, 0) without one."""
+    trainer = getattr(dm, "trainer", None)
+    if trainer is None:
+        return 1, 0, 1, 0
+    return int(trainer.accumulate_grad_batches), trainer.global_rank, trainer.world_size, trainer.current_epoch
+
+
+class _SFTTrainStream(IterableDataset):
+    """One epoch of this rank's SFT micro-batches, grouped by optimizer step.
+
+    Epoch e visits the train items in a permutation seeded by (seed, e), the same on every rank. An optimizer step
+    (an accumulation window) takes the next ``batch_size x accumulate_grad_batches x world_size`` items: on each rank
+    ``accumulate_grad_batches`` micro-batches of ``batch_size``. Every micro-batch carries the loss-token count of its
+    whole window over all ranks (``window_loss_tokens``), so the module can divide each step's summed token losses by
+    that global count, as the RL update does: the step's gradient is then the same however it is split into
+    micro-batches and ranks. The epoch's last window may be short: its items are spread evenly over
+    ceil(n / (batch_size x world_size)) micro-batches per rank, and a micro-batch left with no item is one padding
+    token without loss, so every rank runs as many backward passes (DDP syncs gradients in each).
+    Iterated in the main process (``num_workers`` applies to val/test): collating pre-tokenised items is cheap.
+    """
+
+    def __init__(self, dm: SFTDataModule) -> None:
+        self.dm = dm
+        self.counts = [loss_token_count(item) for item in dm._sets["train"]]
+
+    def plan(self, epoch: int) -> list[tuple[list[int], int, bool]]:
+        """This rank's micro-batches of ``epoch``: (item indices, loss tokens of the window, last of its window)."""
+        k, rank, world, _ = _trainer_layout(self.dm)
+        order = list(range(len(self.counts)))
+        random.Random(f"tirl-sft-epoch:{self.dm.seed}:{epoch}").shuffle(order)
+        step = self.dm.batch_size * k * world
+        out = []
+        for start in range(0, len(order), step):
+            window = order[start:start + step]
+            micro = min(k, -(-len(window) // (self.dm.batch_size * world)))      # micro-batches per rank
+            chunks = micro * world
+            size, extra = divmod(len(window), chunks)
+            bounds = [0]
+            for c in range(chunks):
+                bounds.append(bounds[-1] + size + (c < extra))
+            tokens = sum(self.counts[i] for i in window)
+            for m in range(micro):
+                c = m * world + rank
+                out.append((window[bounds[c]:bounds[c + 1]], tokens, m == micro - 1))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.plan(0))
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = _trainer_layout(self.dm)[3]
+        skip = self.dm._resume_position.get(epoch, 0)
+        items = self.dm._sets["train"]
+        for index, (idx, tokens, last) in enumerate(self.plan(epoch)):
+            if index < skip:
+                continue
+            if idx:
+                batch = self.dm.collator([items[i] for i in idx])
+            else:
+                batch = pad_examples([Example([self.dm.tokenizer.pad_token_id], [0])], self.dm.tokenizer.pad_token_id)
+            batch["window_loss_tokens"] = torch.tensor(float(tokens))
+            batch["window_last"] = torch.tensor(last)
+            batch["stream_position"] = torch.tensor([epoch, index])
+            yield batch
+
+
 class SFTDataModule(LightningDataModule):
     """Chat samples -> ``{"input_ids", "attention_mask", "labels"}`` [B, T] (+ ``position_ids`` when packing).
 
+    Train batches are micro-batches grouped by optimizer step (``_SFTTrainStream``) and also carry
+    ``window_loss_tokens`` (scalar: loss tokens of the step over all its micro-batches and ranks), ``window_last``
+    (bool: the step's last micro-batch) and ``stream_position`` ([epoch, index], for exact resume).
     A sample's own ``loss_on`` wins over the module's default. Samples longer than ``max_length`` are
     truncated (counted in ``self.truncated``). Bad records are errors or skipped (``self.skipped``).
     """
@@ -126,6 +204,7 @@ class SFTDataModule(LightningDataModule):
         self.skipped = 0
         self.truncated = 0
         self._sets: dict[str, list] | None = None
+        self._resume_position: dict[int, int] = {}   # epoch -> first micro-batch not yet trained on
 
     # -------------------------------------------------------------- records -> examples
     def _records(self, spec: Any, split: str) -> list[dict]:
@@ -188,24 +267,35 @@ class SFTDataModule(LightningDataModule):
         if self.truncated:
             log.warning("Truncated %d samples longer than max_length=%d.", self.truncated, self.max_length)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         if self._sets is None:
             self.setup()
-        import torch
-
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(_ListDataset(self._sets[split]), batch_size=self.batch_size, shuffle=shuffle,
-                          generator=generator, collate_fn=self.collator, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(_ListDataset(self._sets[split]), batch_size=self.batch_size, shuffle=False,
+                          collate_fn=self.collator, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        if self._sets is None:
+            self.setup()
+        return DataLoader(_SFTTrainStream(self), batch_size=None, num_workers=0)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # right before each training step, after any prefetching: the micro-batch is now really consumed
+        if isinstance(batch, dict) and "stream_position" in batch:
+            epoch, index = (int(x) for x in batch["stream_position"])
+            self._resume_position = {epoch: index + 1}
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"resume_position": dict(self._resume_position), "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_position = {int(e): int(i) for e, i in state_dict.get("resume_position", {}).items()}
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
 
 # ====================================================================== RL prompts

@@ -24,7 +24,8 @@ PANELS: tuple[PanelSpec, ...] = (
     PanelSpec("Policy", "Clip fraction", ("train/clipfrac_high", "train/clipfrac_low")),
     PanelSpec("Policy", "KL to reference", ("train/kl",)),
     PanelSpec("Rollouts", "Response length", ("train/response_len", "val/response_len")),
-    PanelSpec("Rollouts", "Tool pass rate", ("train/tool_pass_rate",)),
+    PanelSpec("Rollouts", "Sandbox pass rate", ("train/sandbox_pass_rate",)),
+    PanelSpec("Rollouts", "Function calls per sample", ("train/function_calls_per_sample",)),
     PanelSpec("Rollouts", "Lazy reasoning ratio", metric_regex=".*lazy_ratio.*"),
 )
 

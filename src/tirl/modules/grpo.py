@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
 from tirl.data.prompts import PromptEncoder
+from tirl.logging.step_metrics import log_step
 from tirl.models.reference import make_frozen_reference, reference_model
 from tirl.modules.policy import PolicyModule
 from tirl.modules.rl_batch import Sample, SharedContextBatch, TensorBatch, collate_samples
@@ -30,6 +31,7 @@ from tirl.rl import core
 from tirl.rollout.backend import HFBackend, has_plain_kv_cache
 from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import Trajectory
+from tirl.tools.calls import parse_calls, split_reasoning
 from tirl.tools.sandbox import build_sandbox
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,16 @@ def record_kind(record: dict) -> str | None:
     if record.get("level") is not None:
         return f"level{record['level']}"
     return None
+
+
+# tasks whose tool use is text graded against a gold answer, never run: the sandbox is not theirs
+SANDBOX_FREE_TASKS = ("toolcall",)
+
+
+def count_function_calls(response: str) -> int:
+    """Function calls in a response's final answer (the text after ``</think>``); 0 when it is not a call list."""
+    calls = parse_calls(split_reasoning(response)[1])
+    return len(calls) if isinstance(calls, list) else 0
 
 
 ACCURACY_REWARDS = {"math": "math", "toolcall": "toolcall_exact", "toolcall_exact": "toolcall_exact"}
@@ -125,7 +137,7 @@ class GRPOModule(PolicyModule):
             ids = self.encode_prompt(r)
             for _ in range(group_size):
                 prompts.append(ids)
-                metas.append({"group": gi, "id": r.get("id"), "answer": r.get("answer")})
+                metas.append({"group": gi, "id": r.get("id"), "answer": r.get("answer"), "task": r.get("task")})
         return (loop or self.tool_loop).run(prompts, metas)
 
     def score(self, trajs: list[Trajectory], records: list[dict]) -> tuple[list[float], list[float]]:
@@ -348,6 +360,7 @@ class GRPOModule(PolicyModule):
         # the weights along its momentum; such a step is counted without touching the optimizer.
         if tb is not None and (m.loss.kl_coef > 0 or self._all_reduce(float(tb.advantages.abs().sum() > 0)) > 0):
             metrics.update(self.update(tb))
+            metrics["skipped_update"] = 0.0
         else:   # nothing to learn from: keep step/schedule counters moving so runs stay comparable
             metrics["skipped_update"] = 1.0
             opt = self.optimizers()
@@ -364,22 +377,36 @@ class GRPOModule(PolicyModule):
         dm = getattr(self.trainer, "datamodule", None)
         return dm.refill_prompts(n) if dm is not None and hasattr(dm, "refill_prompts") else []
 
+    def uses_sandbox(self, t: Trajectory) -> bool:
+        """Whether the rollout could run code: tool rounds are on and its task executes code (math), not function
+        calling, whose calls are text graded against the gold."""
+        return self.rollout_cfg.max_tool_rounds > 0 and t.meta.get("task") not in SANDBOX_FREE_TASKS
+
     def rollout_metrics(self, trajs: list[Trajectory], rewards: list[float], correct: list[float]) -> dict:
+        """Per-step rollout statistics. Names say what they count: ``sandbox_*`` over rollouts that could run code
+        (absent when none could), ``function_calls_per_sample`` over function-calling rollouts (absent otherwise)."""
         r = torch.tensor(rewards)
-        n_calls = sum(t.num_calls for t in trajs)
         model_tokens = [sum(t.model_mask) for t in trajs]
         ent = [e for t in trajs for e, mm in zip(t.entropies, t.model_mask) if mm]
-        return {
+        out = {
             "reward_mean": r.mean().item(), "reward_std": r.std().item() if len(r) > 1 else 0.0,
             "acc": sum(correct) / max(len(correct), 1),
             "response_len": sum(len(t.response_ids) for t in trajs) / max(len(trajs), 1),
             "model_tokens": sum(model_tokens) / max(len(trajs), 1),
             "entropy": sum(ent) / max(len(ent), 1),
-            "tool_calls_per_sample": n_calls / max(len(trajs), 1),
-            "tool_pass_rate": (sum(c.passed for t in trajs for c in t.calls) / n_calls) if n_calls else 0.0,
-            "corrections": sum(t.corrections for t in trajs) / max(len(trajs), 1),
             "truncated_frac": sum(t.stop_reason == "length" for t in trajs) / max(len(trajs), 1),
         }
+        coded = [t for t in trajs if self.uses_sandbox(t)]
+        if coded:
+            n_runs = sum(t.num_calls for t in coded)
+            out["sandbox_calls_per_sample"] = n_runs / len(coded)
+            out["sandbox_pass_rate"] = (sum(c.passed for t in coded for c in t.calls) / n_runs) if n_runs else 0.0
+            if self.rollout_cfg.self_correction.enabled:
+                out["corrections_per_sample"] = sum(t.corrections for t in coded) / len(coded)
+        calling = [t for t in trajs if t.meta.get("task") in SANDBOX_FREE_TASKS]
+        if calling:
+            out["function_calls_per_sample"] = sum(count_function_calls(self.response_text(t)) for t in calling) / len(calling)
+        return out
 
     def validation_step(self, batch: list[dict], batch_idx: int):
         self._val_outputs += self.evaluate_records(batch)
@@ -439,7 +466,9 @@ class GRPOModule(PolicyModule):
         # on its header and doubled the rows
         if not k or self._trainer is None or self.trainer.sanity_checking or self.global_rank != 0:
             return
-        rows = [[int(self.global_step), t.meta.get("id"), self.response_text(t), r, c, t.num_calls, t.failed_calls]
+        # the step number of the metrics.csv row this step's (or this validation's) metrics are written in
+        step = log_step(self.trainer)
+        rows = [[step, t.meta.get("id"), self.response_text(t), r, c, t.num_calls, t.failed_calls]
                 for t, r, c in list(zip(trajs, rewards, correct))[:k]]
         cols = ["step", "id", "response", "reward", "correct", "calls", "failed_calls"]
         for logger in self.loggers:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from tirl.config.schema import MethodConfig, ModelConfig
+from tirl.logging.step_metrics import forget_step_metrics
 from tirl.models.load import LoraSpec, load_policy
 from tirl.models.reference import is_lora
 
@@ -103,6 +104,7 @@ class PolicyModule(L.LightningModule):
         self._resume_rng = checkpoint.get("tirl_rng")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        forget_step_metrics(self.trainer)   # a step's metrics row holds only what that step logs
         rng = getattr(self, "_resume_rng", None)
         if rng:
             torch.set_rng_state(rng["torch"])
