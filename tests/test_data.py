@@ -53,6 +53,11 @@ def test_record_validation_reasons():
     assert rl_problem(tool) is None and rl_problem({**tool, "answer": []}) is None
     assert "one-key object" in rl_problem({**tool, "answer": [{"f": {}, "g": {}}]})
     assert "list of allowed values" in rl_problem({**tool, "answer": [{"f": {"a": 1}}]})
+    # a call list as text is refused with the form expected, never read as "no call expected"
+    assert "is not one: give each argument its list of allowed values" in rl_problem(
+        {**tool, "answer": '[get_weather(city="Paris")]'})
+    assert 'give "answer": []' in rl_problem({**tool, "category": "irrelevance"})
+    assert rl_problem({**tool, "answer": [], "category": "live_relevance"}) is None
     assert "at least one assistant" in sft_problem({"messages": MATH_SFT["messages"][:2]})
     assert "valid roles" in sft_problem({"messages": [{"role": "bot", "content": "x"}]})
     assert '"loss_on"' in sft_problem({**MATH_SFT, "loss_on": "all"})

@@ -174,7 +174,9 @@ def _params(doc: dict[str, Any] | None) -> tuple[dict[str, Any] | None, list[str
         return None, None
     params = doc["parameters"]
     properties = params.get("properties")
-    return (properties if isinstance(properties, dict) else {}), list(params.get("required") or [])
+    if not isinstance(properties, dict):  # not a JSON-schema-style doc (e.g. xLAM's {param: spec} form)
+        return None, None
+    return properties, list(params.get("required") or [])
 
 
 def call_matches(pred: dict[str, Any], gold: GoldCall, doc: dict[str, Any] | None = None) -> bool:
