@@ -4,7 +4,14 @@ import random
 
 import pytest
 
-from tirl.tools.calls import ParseError, decode_bfcl_calls, format_calls, looks_like_calls, parse_calls, split_reasoning
+from tirl.tools.calls import (
+    ParseError,
+    decode_bfcl_calls,
+    format_calls,
+    looks_like_calls,
+    parse_calls,
+    split_reasoning,
+)
 
 
 def call(name, **arguments):
