@@ -1,5 +1,8 @@
 """Tool-call text <-> call dicts: BFCL python-list calls and Qwen/Hermes `<tool_call>` JSON blocks.
 
+`parse_calls` is the strict reader (keyword arguments only; Hermes blocks too) for data the project writes;
+`decode_bfcl_calls` reads model answers exactly as bfcl-eval's prompting decoder does, for the reward.
+
 Model text is untrusted: it is parsed with `ast.parse` + `ast.literal_eval` (python form) or `json.loads`
 (Hermes form) and never evaluated. A call is `{"name": str, "arguments": dict}`.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,7 +163,9 @@ def decode_bfcl_calls(answer_text: str) -> list[dict[str, Any]] | ParseError:
     if _nesting_depth(text) > MAX_NESTING:
         return ParseError(f"nested deeper than {MAX_NESTING} brackets")
     try:
-        tree = ast.parse(text, mode="eval").body
+        with warnings.catch_warnings():  # model text like `1f` would print a SyntaxWarning every step
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(text, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
         return ParseError(f"not Python syntax: {type(err).__name__}")
     try:
