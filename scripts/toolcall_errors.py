@@ -64,7 +64,8 @@ def main() -> None:
     counts: dict[str, Counter] = defaultdict(Counter)
     for t in trajs:
         record = records[t.meta["group"]]
-        kind = toolcall_error(module.response_text(t), record["answer"], record["messages"][-1]["content"])
+        kind = toolcall_error(module.response_text(t), record["answer"], record["messages"][-1]["content"],
+                              record.get("tools"), record.get("category"))
         counts[prompt_group(record)][kind] += 1
         counts["all"][kind] += 1
     module.teardown("validate")

@@ -4,7 +4,14 @@ import random
 
 import pytest
 
-from tirl.tools.calls import ParseError, format_calls, looks_like_calls, parse_calls, split_reasoning
+from tirl.tools.calls import (
+    ParseError,
+    decode_bfcl_calls,
+    format_calls,
+    looks_like_calls,
+    parse_calls,
+    split_reasoning,
+)
 
 
 def call(name, **arguments):
@@ -126,3 +133,42 @@ def test_split_reasoning(response, expected):
 )
 def test_looks_like_calls(text, expected):
     assert looks_like_calls(text) is expected
+
+
+# ---------------------------------------------------------------- BFCL's prompting decoder (the reward's reader)
+
+
+@pytest.mark.parametrize("text, calls", [
+    ("[f(a=1), g(b='x')]", [("f", {"a": 1}), ("g", {"b": "x"})]),
+    ("f(a=1), g(b='x')", [("f", {"a": 1}), ("g", {"b": "x"})]),        # brackets added
+    ("[f(a=1)", [("f", {"a": 1})]),                                     # a list cut before its ] is closed
+    ("```\n[f(a=1)]\n```", [("f", {"a": 1})]),                          # backticks stripped
+    ('get_weather("Paris")', [("get_weather", {})]),                   # positional arguments dropped
+    ('f(**{"city": "Paris"})', [("f", {None: {"city": "Paris"}})]),   # ** unpacking: an argument named None
+    ("[m.n.f(x=Paris, y=g(1), z=h(k=2), w=a[0])]", [("m.n.f", {"x": "Paris", "y": "g(1)", "z": {"h": {"k": 2}},
+                                                              "w": "a[0]"})]),
+    ("[f(a=+5, b=not True, c=-2.5)]", [("f", {"a": -5, "b": -1, "c": -2.5})]),  # BFCL negates any unary operand
+    ("[f(a=2*3+1, b=7/2, c=(1, [2]))]", [("f", {"a": 7, "b": 3.5, "c": (1, [2])})]),
+    ("", []),
+    ("[]", []),
+])
+def test_decode_bfcl_calls_reads_what_bfcl_reads(text, calls):
+    assert decode_bfcl_calls(text) == [{"name": n, "arguments": a} for n, a in calls]
+
+
+@pytest.mark.parametrize("text", [
+    "```python\n[f(a=1)]\n```",          # the language tag becomes part of the expression
+    "[f(a=1)]\nThose are the calls.",    # trailing text
+    "Calls: [f(a=1)]",
+    "[f(a=1), 3]",
+    "'[f(a=1)]'",                        # quotes are stripped only after brackets were added around them
+    "[f(a=__import__('os').getcwd() + 'x')]",   # not numeric arithmetic: refused, never evaluated
+    "[f(a=lambda: 1)]",
+    "[f(a=1/0)]",
+    "[f(a={1, 2})]",
+    "[f(a=-x)]",
+    "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>",
+    "[" * 100 + "]" * 100,
+])
+def test_decode_bfcl_calls_refuses_what_bfcl_cannot_decode(text):
+    assert isinstance(decode_bfcl_calls(text), ParseError)

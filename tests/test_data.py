@@ -11,6 +11,7 @@ import torch
 from tirl.data.chat import OUTPUT_BLOCK, encode_conversation
 from tirl.data.collate import IGNORE, Example, collate_packed, pack_examples, pad_examples
 from tirl.data.datamodules import RLPromptDataModule, SFTDataModule
+from tirl.data.prompts import task_messages
 from tirl.data.sources import DataError, load_records, rl_problem, sft_problem, write_records
 from tirl.data.synthetic_math import make_math_rl_prompts
 from tirl.data.synthetic_toolcall import make_toolcall_rl_prompts, make_toolcall_sft_samples
@@ -52,6 +53,11 @@ def test_record_validation_reasons():
     assert rl_problem(tool) is None and rl_problem({**tool, "answer": []}) is None
     assert "one-key object" in rl_problem({**tool, "answer": [{"f": {}, "g": {}}]})
     assert "list of allowed values" in rl_problem({**tool, "answer": [{"f": {"a": 1}}]})
+    # a call list as text is refused with the form expected, never read as "no call expected"
+    assert "is not one: give each argument its list of allowed values" in rl_problem(
+        {**tool, "answer": '[get_weather(city="Paris")]'})
+    assert 'give "answer": []' in rl_problem({**tool, "category": "irrelevance"})
+    assert rl_problem({**tool, "answer": [], "category": "live_relevance"}) is None
     assert "at least one assistant" in sft_problem({"messages": MATH_SFT["messages"][:2]})
     assert "valid roles" in sft_problem({"messages": [{"role": "bot", "content": "x"}]})
     assert '"loss_on"' in sft_problem({**MATH_SFT, "loss_on": "all"})
@@ -399,9 +405,13 @@ def test_rl_resume_through_lightning_checkpoint(tmp_path, tok):
 @pytest.mark.skipif(importlib.util.find_spec("bfcl_eval") is None, reason="bfcl-eval is not installed")
 def test_bfcl_items_are_rl_prompts(tok):
     records = list(load_records("bfcl:simple", kind="rl"))
-    # BFCL's own system prompt lists the functions, so the records carry no "tools" (shown once)
-    assert len(records) == 400 and all(r["task"] == "toolcall" and "tools" not in r for r in records)
+    # BFCL's own system prompt lists the functions; the records carry them as "tools" for the reward only
+    assert len(records) == 400 and all(r["task"] == "toolcall" and r["tools_in_messages"] and r["tools"]
+                                       for r in records)
     assert records[0]["messages"][0]["role"] == "system" and records[0]["messages"][-1]["role"] == "user"
+    # shown once: the prompt is BFCL's messages as they are, with no second listing of the functions
+    messages, template_tools = task_messages(records[0])
+    assert messages == records[0]["messages"] and template_tools is None
     irrelevance = list(load_records("bfcl:irrelevance", kind="rl"))
     assert irrelevance and all(r["answer"] == [] for r in irrelevance)
     with pytest.raises(DataError, match="multi-turn"):

@@ -235,10 +235,14 @@ def test_toolcall_error_kinds_by_hand():
     for response, kind in cases.items():
         assert toolcall_error(response, gold, request) == kind, response
     assert set(cases.values()) | {"called_irrelevant"} == set(KINDS)
-    # no call expected: a refusal is right, any call attempt is not
+    # no call expected: a refusal is right, a call BFCL decodes (positional too) or a <tool_call> block is not;
+    # a fragment BFCL cannot decode is no call, as its checker says
     assert toolcall_error(think + "I cannot do that.", [], "Tell me a joke.") == "ok"
     assert toolcall_error(think + '[get_weather(city="Paris")]', [], "Tell me a joke.") == "called_irrelevant"
-    assert toolcall_error(think + "[get_weather(", [], "Tell me a joke.") == "called_irrelevant"
+    assert toolcall_error(think + 'get_weather("Paris")', [], "Tell me a joke.") == "called_irrelevant"
+    assert toolcall_error(think + '<tool_call>{"name": "f"}</tool_call>', [], "Hi.") == "called_irrelevant"
+    assert toolcall_error(think + "[get_weather(", [], "Tell me a joke.") == "ok"
+    assert toolcall_error(think + "I cannot do that.", [], "Hi.", category="live_relevance") == "declined"
     assert not think_restates_request("no numbered lines here", request)
     assert think_restates_request("1. Get the weather in Paris.", request)    # without the function name too
     assert think_restates_request("1. Get the weather in Paris: get_time, not given.", request)

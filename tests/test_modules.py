@@ -495,3 +495,25 @@ def test_sft_resume_mid_epoch_continues_with_the_same_micro_batches(train_cfg, t
     assert sorted(full) == [0, 1, 2, 3] and sorted(resumed) == [2, 3]
     for s in resumed:
         assert resumed[s] == pytest.approx(full[s], abs=1e-5), s
+
+
+def test_score_hands_the_reward_the_tools_and_category_columns():
+    """The reward needs what BFCL's checker uses: an integer-typed doc fails `f(n=2.0)`, a float-typed one passes
+    it, and an irrelevance category turns `[]`-gold prose into a pass; the module must pass those columns on."""
+    from types import SimpleNamespace
+
+    from tirl.rewards import get_reward
+
+    def doc(kind):
+        return [{"name": "f", "parameters": {"type": "dict", "required": ["n"], "properties": {"n": {"type": kind}}}}]
+
+    records = [{"answer": [{"f": {"n": [2]}}], "tools": doc("float"), "category": "simple"},
+               {"answer": [{"f": {"n": [2]}}], "tools": doc("integer"), "category": "simple"},
+               {"answer": [], "tools": doc("integer"), "category": "live_relevance"}]
+    trajs = [SimpleNamespace(meta={"group": g}, text=text)
+             for g, text in [(0, "[f(n=2.0)]"), (1, "[f(n=2.0)]"), (2, "[f(n=2.0)]"), (2, "No.")]]
+    fake = SimpleNamespace(reward_text=lambda t: t.text, reward_fn=get_reward("toolcall"),
+                           accuracy_fn=get_reward("toolcall_exact"))
+    rewards, correct = GRPOModule.score(fake, trajs, records)
+    assert correct == [1.0, 0.0, 1.0, 0.0]
+    assert rewards[0] == 3.0 and rewards[1] < 3.0 and rewards[2] == 3.0 and rewards[3] == -3.0

@@ -178,8 +178,9 @@ def test_exact_match_with_and_without_think_format():
     assert dcore_reward("[get_weather(city='Paris')]", WEATHER) == 3.0
     # Reasoning present but not in the exact `<think>\n…\n</think>\n\n` shape: no format point.
     assert dcore_reward("<think>hm</think>[get_weather(city='Paris')]", WEATHER) == 3.0
+    # A Hermes block is not BFCL's format (its checker fails it): never credited, as a call or as an abstention.
     hermes = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
-    assert dcore_reward(THINK + hermes, WEATHER) == 4.0
+    assert dcore_reward(THINK + hermes, WEATHER) == -2.0 and dcore_reward(THINK + hermes, []) == -2.0
 
 
 def test_partial_worked_example_from_docstring():
@@ -218,10 +219,18 @@ def test_partial_scores_by_hand(gold, response, expected):
         ("", "[]", 3.0),  # an empty call list abstains too
         ([], "[get_weather(city='Paris')]", -3.0),  # a call where none was expected
         ([], "<tool_call>{broken</tool_call>", -3.0),
-        ([], "[get_weather(city=", -3.0),  # a broken call attempt is not an abstention
+        ([], "[get_weather(city=", 3.0),  # BFCL cannot decode it: no call, and its checker passes the item
+        ([], "get_weather('Paris')", -3.0),  # BFCL decodes these three as calls (positional args dropped) ...
+        ([], "f('a'), g('b')", -3.0),
+        ([], "f(**{'city': 'Paris'})", -3.0),  # ... this one as f with an argument named None
+        ([], "```\n[get_weather(city='Paris')]\n```", -3.0),  # a bare fence is stripped
+        ([], "[get_weather(city='Paris')]\nThat is all.", 3.0),  # trailing text: BFCL cannot decode it
         (WEATHER, "The weather in Paris is nice.", -3.0),  # text where a call was expected
         (WEATHER, "[]", -3.0),
-        (WEATHER, "[get_weather('Paris')]", -3.0),  # unparsable (positional)
+        # positional args are dropped, as BFCL drops them: get_weather() -> names J 1, param J 0/1 = 0, right values:
+        # city 0 + unit (optional, left out) 1 -> S 2 of M 1 + 3 = 4 -> -3 + 6 * 2 / 4 = 0
+        (WEATHER, "[get_weather('Paris')]", 0.0),
+        (WEATHER, "```python\n[get_weather(city='Paris')]\n```", -3.0),  # BFCL cannot decode a tagged fence
         (WEATHER, "", -3.0),
     ],
 )
@@ -238,8 +247,11 @@ def test_parallel_calls_are_order_insensitive():
     gold = [{"f": {"x": [1]}}, {"f": {"x": [2]}}, {"g": {}}]
     for text in ["[f(x=1), f(x=2), g()]", "[g(), f(x=2), f(x=1)]", "[f(x=2), g(), f(x=1)]"]:
         assert dcore_reward(THINK + text, gold) == 4.0
-    # Greedy assignment would pair gold 0 with f(x=1) and strand f(x=2); a matching exists the other way.
-    assert dcore_reward("[f(x=1), f(x=2)]", [{"f": {"x": [1, 2]}}, {"f": {"x": [1]}}]) == 3.0
+    # BFCL's parallel checker assigns greedily: gold 0 takes f(x=1) and strands f(x=2), so the item fails although
+    # a matching exists the other way. Partial credit: names J 1; gold 0 -> f(x=1) 1 + 1, gold 1 -> f(x=2) 1 + 0
+    # -> S 4 of M 5 -> -3 + 6 * 4 / 5 = 1.8
+    assert dcore_reward("[f(x=1), f(x=2)]", [{"f": {"x": [1, 2]}}, {"f": {"x": [1]}}]) == pytest.approx(1.8)
+    assert dcore_reward("[f(x=2), f(x=1)]", [{"f": {"x": [1, 2]}}, {"f": {"x": [1]}}]) == 3.0
     assert dcore_reward("[f(x=1), f(x=1), g()]", gold) < 3.0
 
 
@@ -257,8 +269,68 @@ def test_value_matching_rules():
 def test_bad_gold_is_a_clear_error():
     with pytest.raises(GoldAnswerError, match="list of allowed values"):
         dcore_reward("[f(a=1)]", [{"f": {"a": 1}}])
-    with pytest.raises(GoldAnswerError, match="must be a list"):
+    with pytest.raises(GoldAnswerError, match="must be a BFCL possible-answer list"):
         dcore_reward("[f(a=1)]", {"f": {"a": [1]}})
+    for unreadable in ["get_weather('Paris')", "[get_weather(city='Paris')", "f(a=1), g(2)"]:
+        with pytest.raises(GoldAnswerError, match="looks like calls but is not readable"):
+            dcore_reward("[f(a=1)]", unreadable)
+    with pytest.raises(GoldAnswerError, match="expects no call"):
+        dcore_reward("I cannot.", WEATHER, category="irrelevance")
+    with pytest.raises(GoldAnswerError, match="passes with any call"):
+        dcore_reward("[f(a=1)]", WEATHER, category="live_relevance")
+
+
+@pytest.mark.parametrize("gold", [
+    [{"get_weather": {"city": ["Paris"]}}],
+    '[{"get_weather": {"city": ["Paris"]}}]',
+    '[get_weather(city="Paris")]',                  # a Python call-list string: once read as "no call expected"
+    'get_weather(city="Paris")',
+    '```python\n[get_weather(city="Paris")]\n```',
+    [{"name": "get_weather", "arguments": {"city": "Paris"}}],
+    '[{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+])
+def test_every_gold_form_is_understood(gold):
+    assert dcore_reward(THINK + "[get_weather(city='Paris')]", gold) == 4.0
+    assert dcore_reward(THINK + "[get_weather(city='Rome')]", gold) < 4.0
+    assert dcore_reward(THINK + "No function fits.", gold) == -2.0   # not an irrelevance item
+
+
+def test_irrelevance_follows_the_checker():
+    # The issue's inputs: each was +3 and toolcall_exact=True on an irrelevance prompt; BFCL decodes each as a call.
+    for text in ['get_weather("Paris")', 'f("a"), g("b")', 'f(**{"city": "Paris"})']:
+        for category in (None, "irrelevance", "live_irrelevance"):
+            assert dcore_reward(THINK + text, [], category=category) == -2.0
+            assert not toolcall_exact(THINK + text, [], category=category)
+    assert toolcall_exact(THINK + "None of the functions can do that.", [], category="irrelevance")
+    # live_relevance: BFCL has no possible answer; any decoded call passes, prose does not.
+    assert toolcall_exact(THINK + "[anything(x=1)]", [], category="live_relevance")
+    assert dcore_reward(THINK + "Sorry, I cannot.", [], category="live_relevance") == -2.0
+    # nothing after the reasoning is never right (stricter than BFCL, which decodes "" as no call)
+    assert dcore_reward("<think>\nhmm", [], category="irrelevance") == -3.0
+
+
+def test_docs_decide_types_and_required_parameters():
+    def doc(**types):
+        return [{"name": "f", "parameters": {"type": "dict", "required": list(types),
+                                             "properties": {k: {"type": v} for k, v in types.items()}}}]
+    assert toolcall_exact("[f(n=2)]", [{"f": {"n": [2.0]}}], doc(n="float"))           # an int passes for a float
+    assert not toolcall_exact("[f(n=2.0)]", [{"f": {"n": [2]}}], doc(n="integer"))     # a float is not an integer
+    assert toolcall_exact("[f(n=2)]", [{"f": {"n": [2.0]}}], doc(n="number"))          # JSON-schema number = float
+    assert not toolcall_exact("[f(b=1)]", [{"f": {"b": [True]}}], doc(b="boolean"))    # 1 is not True
+    assert toolcall_exact("[f(s='New-York')]", [{"f": {"s": ["new york"]}}], doc(s="string"))  # BFCL standardises
+    assert not toolcall_exact("[f(v=(1, 2))]", [{"f": {"v": [[1, 2]]}}], doc(v="array"))  # a tuple is no array...
+    assert toolcall_exact("[f(v=(1, 2))]", [{"f": {"v": [[1, 2]]}}], doc(v="tuple"))      # ... but is a tuple
+    # the doc requires b although the possible answer marks it optional: BFCL fails the call without it
+    gold = [{"f": {"a": [1], "b": ["", 2]}}]
+    assert toolcall_exact("[f(a=1)]", gold) and not toolcall_exact("[f(a=1)]", gold, doc(a="integer", b="integer"))
+    # a parameter the doc does not offer fails even when the gold lists it
+    assert not toolcall_exact("[f(a=1, z=2)]", [{"f": {"a": [1], "z": [2]}}], doc(a="integer"))
+    # the reward callables read the tools and category columns
+    exact = ToolCallExactReward()(["[f(n=2.0)]"] * 2, answer=[[{"f": {"n": [2]}}]] * 2,
+                                  tools=[doc(n="float"), doc(n="integer")], category=["simple", "simple"])
+    assert exact == [1.0, 0.0]
+    with pytest.raises(ValueError, match="1 'tools' values"):
+        ToolCallReward()(["[f(n=2)]"] * 2, answer=[[]] * 2, tools=[None])
 
 
 def test_reward_stays_in_range_on_garbage_and_random_calls():

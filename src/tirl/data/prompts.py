@@ -65,7 +65,8 @@ def task_messages(record: dict, tool_prompt: str = "system") -> tuple[list[dict]
 
     ``task == "math"``: the math system prompt first unless the record has its own system message. Tools (any task):
     ``tool_prompt="system"`` lists them in the system message (template tools None), ``"template"`` returns them for
-    the chat template. Raises ValueError for an unknown ``tool_prompt``.
+    the chat template; a record with ``tools_in_messages`` true shows its own listing (its ``tools`` are then only
+    for the reward). Raises ValueError for an unknown ``tool_prompt``.
     """
     if tool_prompt not in TOOL_PROMPTS:
         raise ValueError(f"tool_prompt='{tool_prompt}' must be one of {list(TOOL_PROMPTS)}.")
@@ -73,6 +74,8 @@ def task_messages(record: dict, tool_prompt: str = "system") -> tuple[list[dict]
     if record.get("task") == "math":
         messages = _with_system(messages, MATH_SYSTEM_PROMPT, append=False)
     tools = record.get("tools") or None
+    if tools and record.get("tools_in_messages"):   # the messages list them already (BFCL's own system prompt)
+        return messages, None
     if tools and tool_prompt == "system":
         return _with_system(messages, toolcall_system_prompt(tools), append=True), None
     return messages, tools

@@ -73,7 +73,10 @@ def _tools_problem(record: dict) -> str | None:
 def _possible_answer_problem(answer: Any) -> str | None:
     """BFCL possible answer: a list of one-key dicts {fn: {arg: [allowed values]}}; [] = no call expected."""
     if not isinstance(answer, list):
-        return f'a toolcall "answer" must be a list like [{{"fn": {{"arg": [values]}}}}], got {type(answer).__name__}'
+        hint = (" (a call list written as text, like \"[fn(arg=1)]\", is not one: give each argument its list of "
+                "allowed values)") if isinstance(answer, str) else ""
+        return (f'a toolcall "answer" must be a list like [{{"fn": {{"arg": [values]}}}}] ([] when no call is '
+                f'expected), got {type(answer).__name__}{hint}')
     for call in answer:
         if not (isinstance(call, dict) and len(call) == 1):
             return f'each gold call must be a one-key object {{"fn": {{"arg": [values]}}}}, got {call!r}'
@@ -116,7 +119,18 @@ def rl_problem(record: Any) -> str | None:
     if record["task"] == "math" and not isinstance(record["answer"], str):
         return f'a math "answer" must be a string, got {type(record["answer"]).__name__}'
     if record["task"] == "toolcall":
-        return _possible_answer_problem(record["answer"])
+        return _possible_answer_problem(record["answer"]) or _category_problem(record)
+    return None
+
+
+def _category_problem(record: dict) -> str | None:
+    """BFCL's relevance categories have no possible answer: irrelevance passes with no call, live_relevance with any."""
+    category = record.get("category")
+    if category is not None and not isinstance(category, str):
+        return f'"category" must be a string like "simple" or "irrelevance", got {type(category).__name__}'
+    if category and "relevance" in category and record["answer"]:
+        return (f'a "{category}" prompt has no possible answer (irrelevance: no call is right; live_relevance: any '
+                'call is); give "answer": []')
     return None
 
 
@@ -157,7 +171,9 @@ def _decode_columnar(row: dict) -> dict | _Malformed:
             try:
                 row[key] = json.loads(row[key])
             except json.JSONDecodeError:
-                return _Malformed(f'column "{key}" holds text that is not valid JSON')
+                form = ' (a toolcall answer is the JSON text of a list like [{"fn": {"arg": [values]}}])' \
+                    if key == "answer" else ""
+                return _Malformed(f'column "{key}" holds text that is not valid JSON{form}')
     return row
 
 
@@ -272,10 +288,10 @@ def _read_bfcl(spec: str) -> Iterator[Located]:
     except BFCLDataError as err:
         raise DataError(str(err)) from err
     for n, item in enumerate(items, 1):
-        # BFCL's own prompting-mode system prompt already lists the functions (as BFCL evaluation shows them), so the
-        # record carries no "tools": the task prompt would list them a second time
-        record = {"id": item.id, "task": "toolcall", "messages": build_messages(item),
-                  "answer": item.ground_truth or [], "category": item.category}
+        # BFCL's own prompting-mode system prompt lists the functions (as BFCL evaluation shows them): the task prompt
+        # must not list them again, but the reward types arguments by these docs, as BFCL's checker does
+        record = {"id": item.id, "task": "toolcall", "messages": build_messages(item), "tools": item.functions,
+                  "tools_in_messages": True, "answer": item.ground_truth or [], "category": item.category}
         yield f"bfcl:{category} item {n}", record
 
 

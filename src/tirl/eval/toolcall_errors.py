@@ -9,7 +9,7 @@ is how those figures are measured. Kinds, checked in this order:
 - ``no_answer``: nothing after the reasoning (cut inside ``<think>``, or empty);
 - ``declined``: plain text where calls were expected;
 - ``unparsable``: a call attempt that does not parse (cut short, broken syntax);
-- ``called_irrelevant``: any call, or a call attempt, where none was expected;
+- ``called_irrelevant``: a call (as BFCL decodes it), or a `<tool_call>` block, where none was expected;
 - ``n_calls``: parsed, but a different number of calls than the gold;
 - ``names``: the right number of calls, with different function names;
 - ``values_think_ok`` / ``values_think_bad``: the right functions, some argument wrong; split by whether every
@@ -22,8 +22,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tirl.rewards.toolcall import parse_gold, toolcall_exact
-from tirl.tools.calls import ParseError, parse_calls, split_reasoning
+from tirl.rewards.toolcall import answer_text, decode_answer, parse_gold, toolcall_exact
+from tirl.tools.calls import ParseError, split_reasoning
 
 KINDS = ("ok", "no_answer", "declined", "unparsable", "called_irrelevant", "n_calls", "names", "values_think_ok",
          "values_think_bad")
@@ -43,18 +43,22 @@ def think_restates_request(reasoning: str, request: str) -> bool:
     return bool(steps) and all(step in request.lower() for step in steps)
 
 
-def toolcall_error(response: str, answer: Any, request: str = "") -> str:
-    """The error kind (see the module docstring) of one response against its BFCL possible answer."""
-    if toolcall_exact(response, answer):
+def toolcall_error(response: str, answer: Any, request: str = "", tools: list[dict] | None = None,
+                   category: str | None = None) -> str:
+    """The error kind (see the module docstring) of one response against its gold answer, read as the reward reads
+    them (the offered functions' docs `tools` and the `category` as in the RL record)."""
+    if toolcall_exact(response, answer, tools, category):
         return "ok"
     gold = parse_gold(answer)
-    reasoning, text = split_reasoning(response)
-    text = text.strip()
+    reasoning = split_reasoning(response)[0]
+    text = answer_text(response).strip()
     if not text:
         return "no_answer"
+    if not gold and "relevance" in str(category or "").replace("irrelevance", ""):
+        return "declined"   # live_relevance: any call was wanted
     if not gold:
         return "called_irrelevant"
-    preds = parse_calls(text)
+    preds = decode_answer(text)
     if isinstance(preds, ParseError) or not preds:
         return "unparsable" if isinstance(preds, ParseError) and _looks_like_call(text) else "declined"
     if len(preds) != len(gold):

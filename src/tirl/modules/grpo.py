@@ -142,9 +142,11 @@ class GRPOModule(PolicyModule):
 
     def score(self, trajs: list[Trajectory], records: list[dict]) -> tuple[list[float], list[float]]:
         texts = [self.reward_text(t) for t in trajs]
-        answers = [records[t.meta["group"]].get("answer") for t in trajs]
-        rewards = [float(x) for x in self.reward_fn(texts, answer=answers)]
-        correct = [float(x) for x in self.accuracy_fn(texts, answer=answers)]
+        # the columns a reward needs besides the answer: BFCL's checker types arguments by the offered functions'
+        # docs and reads relevance from the category
+        columns = {key: [records[t.meta["group"]].get(key) for t in trajs] for key in ("answer", "tools", "category")}
+        rewards = [float(x) for x in self.reward_fn(texts, **columns)]
+        correct = [float(x) for x in self.accuracy_fn(texts, **columns)]
         return rewards, correct
 
     # ------------------------------------------------------------------ building the training batch

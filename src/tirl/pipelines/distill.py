@@ -180,7 +180,8 @@ class Distiller:
                 if item.tool_results is not None:
                     convo.append({"role": "tool", "content": item.tool_results[i]})
         composed = [c for calls in step_calls for c in calls]
-        if not calls_match_exactly(parse_calls(format_calls(composed)), gold):  # AST round trip of the final list
+        # AST round trip of the final list, checked as the reward and BFCL check it (types from the docs)
+        if not calls_match_exactly(parse_calls(format_calls(composed)), gold, item.tools):
             return ItemResult("dropped", "calls_not_gold")
         if not sequential:
             sample = {"task": "toolcall", "messages": item.messages + [

@@ -1,56 +1,114 @@
 """D-CORE tool-call reward in [-3, 4] = format (0 or 1) + correctness (in [-3, 3]), per DESIGN.md.
 
-The gold `answer` is a BFCL possible-answer list `[{"fn": {"arg": [allowed values]}}]` ("" among the
-allowed values marks the argument optional), or a plain string / empty list when no call is expected
-(irrelevance). Predictions are parsed from the text after `</think>` by `tirl.tools.calls.parse_calls`.
+The verdict follows BFCL's checker, so the reward optimises what the benchmark scores: the text after the last
+`</think>` is decoded as bfcl-eval's Python prompting decoder decodes it (`tirl.tools.calls.decode_bfcl_calls`)
+and matched by BFCL's AST-checker rules (`tirl.rewards.call_match`), using the offered functions' docs (the RL
+record's `tools`) for types and required parameters, and the record's `category` for what is expected:
+
+- calls (a non-empty gold): the checker's verdict -> 3, else partial credit below 3 (`partial_score`); nothing
+  decodable -> -3;
+- no call (`[]` or plain-text gold, or an `irrelevance` category): 3 when nothing decodes to a call (prose, `[]`,
+  text BFCL cannot decode), -3 for any decoded call — including `f("Paris")` and `f(**{...})`, which BFCL decodes;
+- any call (`live_relevance`, whose gold BFCL leaves empty): 3 for any decoded call, -3 otherwise.
+
+Stricter than the checker, never more lenient, in two places: an empty answer (nothing after the reasoning, or
+generation cut inside it) is -3 everywhere, and a Qwen/Hermes `<tool_call>` block, which BFCL's prompting
+decoder does not read, is -3 everywhere (never credited as a call, never as an abstention).
+
+Gold forms understood (`parse_gold`): a BFCL possible-answer list `[{"fn": {"arg": [allowed values]}}]` ("" among
+the allowed values marks the argument optional) as a list or JSON text; a list of `{"name", "arguments"}` objects
+(each value exact); a Python call list with keyword arguments as text (`'[fn(arg=1)]'`, each value exact); `[]` or
+plain text for "no call". Anything else that looks like calls is a `GoldAnswerError`.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
+from tirl.rewards.call_match import OPTIONAL as _OPTIONAL
+from tirl.rewards.call_match import GoldCall, calls_match, param_value_ok
 from tirl.rewards.math import completion_text
-from tirl.tools.calls import ParseError, parse_calls, split_reasoning
+from tirl.tools.calls import ParseError, decode_bfcl_calls, parse_calls, split_reasoning
 
 EXACT, WORST = 3.0, -3.0
+# A non-exact answer's partial credit stays below the exact score, so the reward never ranks an answer the checker
+# fails (e.g. one BFCL's greedy parallel matching cannot assign) equal to a correct one.
+BEST_PARTIAL = EXACT - 1e-3
 _THINK_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n\n", re.DOTALL)
-_OPTIONAL = ""  # BFCL marks an optional argument by "" among its allowed values
+_THINK_CLOSE = "</think>"
+_GOLD_FORMS = ("a BFCL possible-answer list [{'fn': {'arg': [allowed values]}}], a list of {'name', 'arguments'} "
+               "objects, a Python call list with keyword arguments like '[fn(arg=1)]', or [] / plain text when no "
+               "call is expected")
+
+__all__ = ["EXACT", "WORST", "GoldAnswerError", "GoldCall", "ToolCallExactReward", "ToolCallReward",
+           "answer_text", "calls_match_exactly", "correctness_reward", "dcore_reward", "decode_answer",
+           "format_reward", "parse_gold", "partial_score", "toolcall_exact"]
 
 
 class GoldAnswerError(ValueError):
-    """A gold answer is not in BFCL possible-answer form."""
+    """A gold answer in none of the forms the reward understands, or at odds with its category."""
 
 
-@dataclass(frozen=True)
-class GoldCall:
-    name: str
-    allowed: dict[str, list[Any]]  # argument -> allowed values
+def _plain(value: Any) -> Any:
+    """Python literal -> JSON-like value (tuples become lists), as BFCL's possible answers are JSON."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
-    @property
-    def required(self) -> set[str]:
-        return {arg for arg, values in self.allowed.items() if _OPTIONAL not in values}
+
+def _looks_like_calls(text: str) -> bool:
+    if text.startswith(("[", "{", "```")) or "<tool_call>" in text:
+        return True
+    try:
+        body = ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return isinstance(body, ast.Call) or (
+        isinstance(body, (ast.List, ast.Tuple)) and any(isinstance(e, ast.Call) for e in body.elts))
+
+
+def _gold_from_text(text: str) -> Any:
+    stripped = text.strip()
+    try:
+        decoded = json.loads(stripped)
+    except (json.JSONDecodeError, RecursionError):
+        decoded = None
+    if isinstance(decoded, (list, dict)):
+        return decoded
+    calls = parse_calls(stripped)
+    if not isinstance(calls, ParseError):
+        return [{"name": c["name"], "arguments": c["arguments"]} for c in calls]
+    if _looks_like_calls(stripped):
+        raise GoldAnswerError(f"The gold answer {stripped[:80]!r} looks like calls but is not readable "
+                              f"({calls.reason}); write it as {_GOLD_FORMS}.")
+    return []  # plain text: the query needs no call
 
 
 def parse_gold(answer: Any) -> list[GoldCall]:
-    """BFCL possible answer -> gold calls; [] means no call is expected (plain-text answer)."""
+    """Gold answer in any understood form (module doc) -> gold calls; [] means no call is expected.
+
+    Raises GoldAnswerError, naming the forms expected, for anything else.
+    """
     if isinstance(answer, str):
-        stripped = answer.strip()
-        if not stripped.startswith("["):
-            return []  # a plain-text gold answer: the query needs no call
-        try:
-            answer = json.loads(stripped)
-        except json.JSONDecodeError:
-            return []
+        answer = _gold_from_text(answer)
     if not isinstance(answer, list):
-        raise GoldAnswerError(f"A tool-call answer must be a list like [{{'fn': {{'arg': [values]}}}}], got {type(answer).__name__}.")
+        raise GoldAnswerError(f"A tool-call answer must be {_GOLD_FORMS}; got a {type(answer).__name__}.")
     gold = []
     for item in answer:
+        if isinstance(item, dict) and set(item) == {"name", "arguments"}:
+            if not (isinstance(item["name"], str) and isinstance(item["arguments"], dict)):
+                raise GoldAnswerError(f"Gold call {item!r} needs a string 'name' and an 'arguments' object.")
+            gold.append(GoldCall(item["name"], {k: [_plain(v)] for k, v in item["arguments"].items()}))
+            continue
         if not (isinstance(item, dict) and len(item) == 1):
-            raise GoldAnswerError(f"Each gold call must be a one-key dict {{'fn': {{'arg': [values]}}}}, got {item!r}.")
+            raise GoldAnswerError(f"Each gold call must be a one-key dict {{'fn': {{'arg': [values]}}}} or a "
+                                  f"{{'name', 'arguments'}} object, got {item!r}.")
         (name, args), = item.items()
         if not isinstance(args, dict) or not all(isinstance(v, list) for v in args.values()):
             raise GoldAnswerError(f"Gold call {name!r} must map each argument to a list of allowed values, got {args!r}.")
@@ -58,72 +116,41 @@ def parse_gold(answer: Any) -> list[GoldCall]:
     return gold
 
 
-def _normalise(value: Any) -> Any:
-    """JSON has no tuples: compare (1, 2) and [1, 2] as equal, recursively."""
-    if isinstance(value, (list, tuple)):
-        return [_normalise(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _normalise(v) for k, v in value.items()}
-    return value
+def _expectation(gold: list[GoldCall], category: Any) -> str:
+    """"calls", "no_call" or "any_call" (BFCL's live_relevance: any call passes, its gold is empty)."""
+    category = category if isinstance(category, str) else ""
+    if "irrelevance" in category:
+        if gold:
+            raise GoldAnswerError(f"An {category!r} item expects no call but its answer has {len(gold)}; "
+                                  "give answer [] or fix the category.")
+        return "no_call"
+    if "relevance" in category:
+        if gold:
+            raise GoldAnswerError(f"A {category!r} item passes with any call and has no possible answer; "
+                                  "give answer [] or fix the category.")
+        return "any_call"
+    return "calls" if gold else "no_call"
 
 
-def value_allowed(value: Any, allowed: list[Any]) -> bool:
-    """Is `value` equal to one of the allowed values?
-
-    Beyond plain equality this follows BFCL's nested form: an allowed dict whose values are all lists
-    is itself a possible answer (each key -> allowed values), and lists are matched element-wise.
-    Booleans only equal booleans (True is not 1); ints equal floats (2 == 2.0).
-    """
-    value = _normalise(value)
-    return any(_matches(value, _normalise(option)) for option in allowed)
+def answer_text(response: str) -> str:
+    """The answer as BFCL reads it: the text after the last `</think>` (its Qwen handler's rule); "" when
+    generation was cut inside the reasoning (the text opens `<think>` and never closes it)."""
+    if _THINK_CLOSE in response:
+        return response.rsplit(_THINK_CLOSE, 1)[1]
+    return split_reasoning(response)[1]
 
 
-def _matches(value: Any, option: Any) -> bool:
-    if isinstance(value, bool) or isinstance(option, bool):
-        return type(value) is type(option) and value == option
-    if isinstance(value, dict) and isinstance(option, dict):
-        if value.keys() == option.keys() and all(_matches(value[k], option[k]) for k in value):
-            return True
-        return all(isinstance(v, list) for v in option.values()) and _dict_matches(value, option)
-    if isinstance(value, list) and isinstance(option, list):
-        return len(value) == len(option) and all(_matches(v, o) for v, o in zip(value, option, strict=True))
-    return value == option
+def decode_answer(text: str) -> list[dict[str, Any]] | ParseError:
+    """Calls in answer text as the reward (and BFCL) read them; a `<tool_call>` block is not BFCL's format."""
+    if "<tool_call>" in text:
+        return ParseError("a <tool_call> block is not BFCL's Python call-list format")
+    return decode_bfcl_calls(text)
 
 
-def _dict_matches(value: dict, option: dict[str, list[Any]]) -> bool:
-    if not set(value) <= set(option):
-        return False
-    for key, allowed in option.items():
-        if key in value:
-            if not value_allowed(value[key], allowed):
-                return False
-        elif _OPTIONAL not in allowed:
-            return False
-    return True
-
-
-def _call_matches(pred: dict[str, Any], gold: GoldCall) -> bool:
-    args = pred["arguments"]
-    return (
-        pred["name"] == gold.name
-        and set(args) <= set(gold.allowed)
-        and gold.required <= set(args)
-        and all(value_allowed(v, gold.allowed[k]) for k, v in args.items())
-    )
-
-
-def calls_match_exactly(preds: list[dict[str, Any]], gold: list[GoldCall]) -> bool:
-    """Every gold call matched by a distinct prediction, no extra predictions, order-insensitive."""
-    if len(preds) != len(gold):
-        return False
-    ok = [[_call_matches(p, g) for p in preds] for g in gold]  # ok[gold][pred]
-
-    def assign(gi: int, used: frozenset[int]) -> bool:  # backtracking: same-name calls may swap
-        if gi == len(gold):
-            return True
-        return any(ok[gi][pi] and pi not in used and assign(gi + 1, used | {pi}) for pi in range(len(preds)))
-
-    return assign(0, frozenset())
+def calls_match_exactly(preds: list[dict[str, Any]], gold: list[GoldCall],
+                        tools: list[dict[str, Any]] | None = None) -> bool:
+    """BFCL's AST verdict (`tirl.rewards.call_match.calls_match`), with the functions' docs when given."""
+    return calls_match(preds, gold, tools)
 
 
 def _jaccard(a: Counter, b: Counter) -> float:
@@ -131,26 +158,27 @@ def _jaccard(a: Counter, b: Counter) -> float:
     return 1.0 if union == 0 else sum((a & b).values()) / union
 
 
-def _call_score(pred: dict[str, Any], gold: GoldCall) -> float:
-    """Jaccard(param names) + #gold params whose value is right; at most 1 + len(gold.allowed)."""
+def _call_score(pred: dict[str, Any], gold: GoldCall, tools: list[dict[str, Any]] | None) -> float:
+    """Jaccard(param names) + #gold params whose value passes the checker's value check; at most 1 + len(gold.allowed)."""
     args = pred["arguments"]
     # Optional gold params the prediction leaves out are not missing names.
     gold_names = gold.required | (set(gold.allowed) & set(args))
     name_overlap = _jaccard(Counter(set(args)), Counter(gold_names))
-    right_values = sum(
-        (value_allowed(args[k], allowed) if k in args else _OPTIONAL in allowed) for k, allowed in gold.allowed.items()
-    )
+    right_values = sum((param_value_ok(gold, k, args[k], tools) if k in args else _OPTIONAL in allowed)
+                       for k, allowed in gold.allowed.items())
     return name_overlap + right_values
 
 
-def partial_score(preds: list[dict[str, Any]], gold: list[GoldCall]) -> float:
-    """Partial-credit correctness in [-3, 3] for a call list that is not an exact match.
+def partial_score(preds: list[dict[str, Any]], gold: list[GoldCall], tools: list[dict[str, Any]] | None = None) -> float:
+    """Partial-credit correctness in [-3, 3) for a call list the checker fails.
 
     S = Jaccard(multiset of predicted names, multiset of gold names)
         + Σ over gold calls (in order) of the best still-unused same-name prediction's
           [Jaccard(its param names, the gold's param names) + #gold params with an allowed value],
-    where an omitted optional gold param counts as neither a missing name nor a wrong value.
-    Normalised by its maximum M = 1 + Σ_gold (1 + #params) and mapped linearly: -3 + 6·S/M.
+    where an omitted optional gold param counts as neither a missing name nor a wrong value, and "allowed"
+    is the checker's per-value rule (`tirl.rewards.call_match.value_ok`, with the doc's types from `tools`).
+    Normalised by its maximum M = 1 + Σ_gold (1 + #params), mapped linearly -3 + 6·S/M, and capped at
+    BEST_PARTIAL (just below 3).
 
     Worked example. Gold [{"get_weather": {"city": ["Paris"], "unit": ["celsius", ""]}},
     {"get_time": {"tz": ["CET"]}}], prediction [get_weather(city="Paris", unit="kelvin")]:
@@ -161,13 +189,13 @@ def partial_score(preds: list[dict[str, Any]], gold: list[GoldCall]) -> float:
     score = _jaccard(Counter(p["name"] for p in preds), Counter(g.name for g in gold))
     used: set[int] = set()
     for g in gold:
-        candidates = [(_call_score(p, g), i) for i, p in enumerate(preds) if i not in used and p["name"] == g.name]
+        candidates = [(_call_score(p, g, tools), i) for i, p in enumerate(preds) if i not in used and p["name"] == g.name]
         if candidates:
             best, index = max(candidates, key=lambda c: (c[0], -c[1]))
             score += best
             used.add(index)
     maximum = 1 + sum(1 + len(g.allowed) for g in gold)
-    return WORST + (EXACT - WORST) * score / maximum
+    return min(WORST + (EXACT - WORST) * score / maximum, BEST_PARTIAL)
 
 
 def format_reward(response: str) -> float:
@@ -175,53 +203,69 @@ def format_reward(response: str) -> float:
     return 1.0 if _THINK_FORMAT.match(response) else 0.0
 
 
-def correctness_reward(answer_text: str, answer: Any) -> float:
-    """Correctness in [-3, 3] of the text after `</think>` against a BFCL possible answer.
-
-    No call expected: plain text or `[]` -> 3, any call -> -3. Calls expected: exact -> 3, else
-    `partial_score`; plain text, `[]` or unparsable -> -3. An empty answer (e.g. cut inside the
-    reasoning) is -3 either way.
-    """
+def _judge(text: str, answer: Any, tools: list[dict[str, Any]] | None, category: Any) -> tuple[float, bool]:
+    """(correctness in [-3, 3], the checker's verdict) of answer text; see the module doc for the rules."""
     gold = parse_gold(answer)
-    text = answer_text.strip()
-    if not text:
-        return WORST
-    preds = parse_calls(text)
-    if not gold:
-        if isinstance(preds, ParseError):
-            # Prose abstains; a broken call attempt (a `<tool_call>` or a leading `[`) does not.
-            return WORST if ("<tool_call>" in text or text.startswith("[")) else EXACT
-        return EXACT if not preds else WORST
-    if isinstance(preds, ParseError) or not preds:
-        return WORST
-    return EXACT if calls_match_exactly(preds, gold) else partial_score(preds, gold)
+    expected = _expectation(gold, category)
+    if not text.strip() or "<tool_call>" in text:
+        return WORST, False
+    preds = decode_answer(text)
+    called = not isinstance(preds, ParseError) and bool(preds)
+    if expected == "no_call":
+        return (WORST, False) if called else (EXACT, True)
+    if expected == "any_call":
+        return (EXACT, True) if called else (WORST, False)
+    if not called:
+        return WORST, False
+    if calls_match(preds, gold, tools):
+        return EXACT, True
+    return partial_score(preds, gold, tools), False
 
 
-def dcore_reward(response: str, answer: Any) -> float:
-    """D-CORE reward in [-3, 4]: `format_reward` + `correctness_reward` of the text after `</think>`."""
-    _, answer_text = split_reasoning(response)
-    return format_reward(response) + correctness_reward(answer_text, answer)
+def correctness_reward(answer_text: str, answer: Any, tools: list[dict[str, Any]] | None = None,
+                       category: str | None = None) -> float:
+    """Correctness in [-3, 3] of the answer text (after `</think>`) against a gold answer, given the offered
+    functions' docs (`tools`) and the BFCL category when known. Raises GoldAnswerError for an unreadable gold."""
+    return _judge(answer_text, answer, tools, category)[0]
 
 
-def toolcall_exact(response: str, answer: Any) -> bool:
-    """Accuracy: the calls after `</think>` match the gold exactly, or the model correctly made no call."""
-    _, answer_text = split_reasoning(response)
-    return correctness_reward(answer_text, answer) == EXACT
+def dcore_reward(response: str, answer: Any, tools: list[dict[str, Any]] | None = None,
+                 category: str | None = None) -> float:
+    """D-CORE reward in [-3, 4]: `format_reward` + `correctness_reward` of the text after the last `</think>`."""
+    return format_reward(response) + correctness_reward(answer_text(response), answer, tools, category)
+
+
+def toolcall_exact(response: str, answer: Any, tools: list[dict[str, Any]] | None = None,
+                   category: str | None = None) -> bool:
+    """Accuracy, BFCL's verdict: the calls after `</think>` pass the AST checker, or the model correctly made no
+    call (irrelevance), or made one (live_relevance)."""
+    return _judge(answer_text(response), answer, tools, category)[1]
+
+
+def _column(values: list[Any] | None, n: int, name: str) -> list[Any]:
+    if values is None:
+        return [None] * n
+    if len(values) != n:
+        raise ValueError(f"Got {n} completions but {len(values)} {name!r} values; pass one per completion.")
+    return list(values)
 
 
 class ToolCallReward:
-    """Reward callable over completions and the dataset's `answer` column (D-CORE reward)."""
+    """Reward callable over completions and the dataset's `answer` (and, when present, `tools` and `category`)
+    columns: the D-CORE reward."""
 
-    def __call__(self, completions: list[Any], answer: list[Any], **columns: Any) -> list[float]:
-        if len(completions) != len(answer):
-            raise ValueError(f"Got {len(completions)} completions but {len(answer)} answers; pass one answer per completion.")
-        return [dcore_reward(completion_text(c), a) for c, a in zip(completions, answer, strict=True)]
+    score = staticmethod(dcore_reward)
+
+    def __call__(self, completions: list[Any], answer: list[Any], tools: list[Any] | None = None,
+                 category: list[Any] | None = None, **columns: Any) -> list[float]:
+        n = len(completions)
+        answers = _column(answer, n, "answer")
+        tools, category = _column(tools, n, "tools"), _column(category, n, "category")
+        return [float(self.score(completion_text(c), a, t, k))
+                for c, a, t, k in zip(completions, answers, tools, category, strict=True)]
 
 
-class ToolCallExactReward:
-    """Reward callable: 1.0 for an exact call match or a correct abstention, else 0.0."""
+class ToolCallExactReward(ToolCallReward):
+    """Reward callable: 1.0 for BFCL's verdict "correct" (exact calls, or a correct abstention), else 0.0."""
 
-    def __call__(self, completions: list[Any], answer: list[Any], **columns: Any) -> list[float]:
-        if len(completions) != len(answer):
-            raise ValueError(f"Got {len(completions)} completions but {len(answer)} answers; pass one answer per completion.")
-        return [float(toolcall_exact(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]
+    score = staticmethod(toolcall_exact)
