@@ -27,6 +27,7 @@ from tirl.config import (
     task_wrapper,
     validate,
 )
+from tirl.config.preflight import preflight_train
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def run(cfg: DictConfig) -> float | None:
     typed = validate(cfg)
     check_trainer_keys(cfg.trainer)
     check_accelerator(cfg.trainer)
+    preflight_train(cfg, typed, CONFIG_DIR)   # method vs data, paths, rollout backend: before any model loads
 
     import lightning.pytorch as pl
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tirl.config.validate import ConfigError, TypedConfig, check_overrides, check_trainer_keys, validate
 from tirl.config.wrapper import register_loggers, task_wrapper
+from tirl.errors import UserError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -57,16 +60,20 @@ def _in_multirun() -> bool:
 
 @contextlib.contextmanager
 def exit_on_config_error() -> Iterator[None]:
-    """Turn a ConfigError into its one-sentence message and exit status 2.
+    """Turn any ``UserError`` (config, data, path, missing package or device) into its one sentence on stderr
+    and exit status 2, with no traceback unless ``HYDRA_FULL_ERROR=1``.
 
     In a multirun job it is re-raised instead, so the sweeper records a failed job and goes on.
     """
     try:
         yield
-    except ConfigError as err:
+    except UserError as err:
         if _in_multirun():
             raise
-        print(f"Config error: {err}", file=sys.stderr)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exc()
+        prefix = "Config error" if isinstance(err, ConfigError) else "Error"
+        print(f"{prefix}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -80,6 +87,7 @@ __all__ = [
     "CONFIG_DIR",
     "ConfigError",
     "TypedConfig",
+    "UserError",
     "check_overrides",
     "check_trainer_keys",
     "exit_on_bad_overrides",

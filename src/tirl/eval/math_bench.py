@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tirl.errors import UserError
+
 PROBLEM_KEYS = ("problem", "Problem", "question", "Question")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "expected_answer")
 ID_KEYS = ("unique_id", "id", "ID", "idx")
@@ -45,7 +47,7 @@ DEFAULT_SOURCES: dict[str, HubSource] = {
 }
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     """A benchmark file or hub id could not be read, or a row lacks a problem or an answer."""
 
 

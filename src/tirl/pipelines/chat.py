@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tirl.data.chat import get_chat_format, render_prompt
+from tirl.errors import UserError
 
 
 class ChatBackendError(RuntimeError):
@@ -31,7 +32,7 @@ class ChatBackendError(RuntimeError):
         self.kind = kind
 
 
-class ChatConfigError(ValueError):
+class ChatConfigError(UserError, ValueError):
     """A chat backend was configured with values it cannot run with."""
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tirl.errors import UserError
 from tirl.pipelines.chat import ChatBackend, ChatParams, build_chat_backend
 from tirl.pipelines.distill import Distiller, DistillSettings
 from tirl.pipelines.runner import drop_counts, run_items, write_atomic, write_jsonl_atomic
@@ -16,7 +17,7 @@ from tirl.pipelines.tirgen import TIRGenerator, TIRGenSettings, call_histogram, 
 SFT_KEYS = ("messages", "tools", "loss_on")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The pipeline input cannot be read."""
 
 

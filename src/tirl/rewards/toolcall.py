@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from tirl.errors import UserError
 from tirl.rewards.math import completion_text
 from tirl.tools.calls import ParseError, parse_calls, split_reasoning
 
@@ -21,7 +22,7 @@ _THINK_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n\n", re.DOTALL)
 _OPTIONAL = ""  # BFCL marks an optional argument by "" among its allowed values
 
 
-class GoldAnswerError(ValueError):
+class GoldAnswerError(UserError, ValueError):
     """A gold answer is not in BFCL possible-answer form."""
 
 

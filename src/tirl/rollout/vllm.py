@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tirl.config.schema import RolloutConfig
+from tirl.errors import UserError
 from tirl.rollout.backend import CLOSE_FENCE, OPEN_FENCE
 from tirl.rollout.types import Generation, SamplingParams
 
@@ -35,7 +36,7 @@ LOGPROBS_K = 20           # top-k log-probs per step that vLLM returns (for the 
 MAX_FENCE_RESUMES = 8     # stops at fences that do not close a ```python block, resumed per sample
 
 
-class VLLMUnavailableError(RuntimeError):
+class VLLMUnavailableError(UserError, RuntimeError):
     """rollout.backend=vllm on a machine that cannot run it."""
 
 

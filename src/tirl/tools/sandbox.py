@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from queue import Queue
 from typing import Protocol
 
+from tirl.errors import UserError
 from tirl.tools import sandbox_worker
 
 ERROR_KINDS = ("timeout", "memory", "syntax", "runtime", "output_limit", "sandbox")
@@ -61,7 +62,7 @@ _UID_BASE = 1_000_000_000  # far above any real account
 _uid_counter = itertools.count()
 
 
-class SandboxConfigError(ValueError):
+class SandboxConfigError(UserError, ValueError):
     """A sandbox was configured with values it cannot run with."""
 
 
