@@ -117,7 +117,7 @@ def resolve_source(bench: str, bench_dir: str | None = None, path: str | None = 
         local = Path(path).expanduser()
         if local.suffix in FILE_SUFFIXES or local.exists():
             if not local.is_file():
-                raise BenchmarkError(f"Benchmark file '{path}' for {bench} does not exist.")
+                raise BenchmarkError(f"Benchmark file '{path}' for {bench} does not exist; fix task.bench_paths.{bench}.")
             return local
         repo, _, split = path.partition(":")   # "owner/name" or "owner/name:split"
         return HubSource(repo, split or "test")
@@ -126,7 +126,8 @@ def resolve_source(bench: str, bench_dir: str | None = None, path: str | None = 
             candidate = Path(bench_dir).expanduser() / f"{bench}{suffix}"
             if candidate.is_file():
                 return candidate
-        raise BenchmarkError(f"No {bench}.jsonl, {bench}.json or {bench}.parquet in task.bench_dir={bench_dir}.")
+        raise BenchmarkError(f"No {bench}.jsonl, {bench}.json or {bench}.parquet in task.bench_dir={bench_dir}; add "
+                             f"it, leave {bench} out of bench=[...], or give its file with task.bench_paths.{bench}=<file>.")
     if bench not in DEFAULT_SOURCES:
         raise BenchmarkError(f"Benchmark '{bench}' has no default source; set task.bench_paths.{bench}=<file>.")
     return DEFAULT_SOURCES[bench]

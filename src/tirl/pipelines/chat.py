@@ -287,6 +287,19 @@ class ScriptedChatBackend:
 BACKEND_KINDS = ("hf", "http", "vllm")
 
 
+def check_chat_backend(cfg: dict, role: str) -> None:
+    """Raise one sentence, before any backend loads a model, if backend ``role`` cannot be built here: an unknown
+    kind, or kind vllm where no vLLM engine can run (the check lives in ``tirl.rollout.vllm``)."""
+    kind = cfg.get("kind", "hf")
+    if kind not in BACKEND_KINDS:
+        raise ChatConfigError(f"Unknown chat backend kind '{kind}' for backends.{role}; valid choices: "
+                              f"{', '.join(BACKEND_KINDS)} (pick one with backend@backends.{role}=<kind>).")
+    if kind == "vllm":
+        from tirl.rollout.vllm import check_vllm_available
+
+        check_vllm_available(f"backend@backends.{role}=vllm", f"backend@backends.{role}=hf or =http")
+
+
 def build_chat_backend(cfg: dict, shared: dict | None = None) -> ChatBackend:
     """A backend from a config dict ``{kind, ...}``; ``shared`` reuses one loaded HF model across roles."""
     cfg = dict(cfg)
