@@ -14,5 +14,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    exit_on_bad_overrides()
+    exit_on_bad_overrides("tirgen")
     main()

@@ -122,5 +122,5 @@ def main() -> None:
             f"tirl-eval needs the configs/ directory of a source checkout (looked in {CONFIG_DIR}); "
             "install with `pip install -e .` from the repository or run `python src/eval.py`."
         )
-    exit_on_bad_overrides()
+    exit_on_bad_overrides("eval")
     hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")(_hydra_task)()

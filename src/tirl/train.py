@@ -158,5 +158,5 @@ def main() -> None:
             f"tirl-train needs the configs/ directory of a source checkout (looked in {CONFIG_DIR}); "
             "install with `pip install -e .` from the repository or run `python src/train.py`."
         )
-    exit_on_bad_overrides()
+    exit_on_bad_overrides("train")
     hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")(_hydra_task)()
