@@ -101,9 +101,9 @@ def metric_value(metrics: Mapping[str, Any], name: str | None) -> float | None:
 def run(cfg: DictConfig) -> float | None:
     """Train (and test) as configured; return the value of ``cfg.optimized_metric``."""
     typed = validate(cfg)
+    preflight_train(cfg, typed, CONFIG_DIR)   # method vs data, paths, rollout backend: before any model loads
     check_trainer_keys(cfg.trainer)
     check_accelerator(cfg.trainer)
-    preflight_train(cfg, typed, CONFIG_DIR)   # method vs data, paths, rollout backend: before any model loads
 
     import lightning.pytorch as pl
 
