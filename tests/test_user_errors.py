@@ -69,6 +69,14 @@ def test_runs_that_fit_together_pass_the_start_checks(train_cfg, overrides):
     preflight(train_cfg, *overrides)
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_pairs_its_method_with_fitting_data(train_cfg, preset):
+    from tirl.config.preflight import check_method_data
+
+    cfg = train_cfg(f"experiment={preset}", f"data.train={SMALL_MATH}")   # presets on files need data.train
+    check_method_data(validate(cfg), CONFIG_DIR)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine could run vLLM")
 def test_vllm_rollouts_where_none_can_run_fail_at_start(train_cfg):
     from tirl.pipelines.chat import ChatConfigError, check_chat_backend
