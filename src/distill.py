@@ -3,17 +3,16 @@
 import hydra
 from omegaconf import DictConfig
 
-from tirl.pipelines.chat import ChatConfigError
-from tirl.pipelines.jobs import InputError, run_distill
+from tirl.config import exit_on_bad_overrides, exit_on_config_error
+from tirl.pipelines.jobs import run_distill
 
 
 @hydra.main(config_path="../configs", config_name="distill", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    try:
+    with exit_on_config_error():  # a user's mistake (input, backend config, sandbox): one sentence, exit 2
         return run_distill(cfg)["keep_rate"]
-    except (InputError, ChatConfigError) as err:  # a user's mistake: one sentence, no traceback
-        raise SystemExit(f"distill: {err}") from None
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides("distill")
     main()

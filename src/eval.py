@@ -15,5 +15,5 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    exit_on_bad_overrides()
+    exit_on_bad_overrides("eval")
     main()

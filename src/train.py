@@ -14,5 +14,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    exit_on_bad_overrides()  # `method=thorr` → one sentence with the valid options, before Hydra composes
+    exit_on_bad_overrides("train")  # `method=thorr` → one sentence with the valid options, before Hydra composes
     main()

@@ -25,7 +25,8 @@ PYTHON = sys.executable
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # what a user sees: HYDRA_FULL_ERROR (set for the test session) would add tracebacks to user errors
+    env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([PYTHON, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -240,12 +241,15 @@ def stub_cfg(tmp_path: Path, *extra: str):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    sft_dir = tmp_path / "sft"   # init_from must exist at start: an HF directory the stub module only records
+    sft_dir.mkdir(exist_ok=True)
+    (sft_dir / "config.json").write_text("{}")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True, overrides=[
             "method=thor", "method.module._target_=test_entrypoints.StubModule", "method.lr=0.02",
             "data._target_=test_entrypoints.StubDataModule", "trainer.max_steps=6", "trainer.val_check_interval=3",
-            "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false", "init_from=/ckpt/sft",
+            "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false", f"init_from={sft_dir}",
             *extra,
         ])
     return runnable(cfg, str(tmp_path))
@@ -259,7 +263,7 @@ def test_run_wires_typed_groups_into_the_module_and_returns_the_metric(tmp_path)
     assert isinstance(RECEIVED["method"], MethodConfig) and RECEIVED["method"].group_size == 8   # tiny scale
     assert isinstance(RECEIVED["model"], ModelConfig) and RECEIVED["model"].name_or_path == "tiny-warm"
     assert isinstance(RECEIVED["rollout"], RolloutConfig) and isinstance(RECEIVED["sandbox"], SandboxConfig)
-    assert RECEIVED["init_from"] == "/ckpt/sft" and RECEIVED["data"].batch_size == 8   # = method.prompts_per_step (tiny scale)
+    assert RECEIVED["init_from"] == str(tmp_path / "sft") and RECEIVED["data"].batch_size == 8   # = method.prompts_per_step (tiny scale)
     assert RECEIVED["tokenizer"].padding_side == "left" and RECEIVED["tool_prompt"] == "system"
     # the returned value is the last logged val/acc (the test stage logs test/acc, which must not replace it)
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))

@@ -27,7 +27,8 @@ from tirl.config import (
     register_loggers,
     task_wrapper,
 )
-from tirl.eval.task_config import MathTaskConfig, validate_eval
+from tirl.config.preflight import check_paths, check_rollout_backend
+from tirl.eval.task_config import MathTaskConfig, check_eval_sources, validate_eval
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Evaluate the configured model on the configured task; return every reported metric as a float."""
     typed, task = validate_eval(cfg)
     device = resolve_device(str(cfg.get("device", "auto")))
+    check_paths(cfg, None)          # init_from
+    check_eval_sources(task)        # every benchmark file, before the model loads
+    check_rollout_backend(typed)
 
     import torch
 
@@ -118,5 +122,5 @@ def main() -> None:
             f"tirl-eval needs the configs/ directory of a source checkout (looked in {CONFIG_DIR}); "
             "install with `pip install -e .` from the repository or run `python src/eval.py`."
         )
-    exit_on_bad_overrides()
+    exit_on_bad_overrides("eval")
     hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")(_hydra_task)()

@@ -27,6 +27,7 @@ from tirl.config import (
     task_wrapper,
     validate,
 )
+from tirl.config.preflight import preflight_train
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def metric_value(metrics: Mapping[str, Any], name: str | None) -> float | None:
 def run(cfg: DictConfig) -> float | None:
     """Train (and test) as configured; return the value of ``cfg.optimized_metric``."""
     typed = validate(cfg)
+    preflight_train(cfg, typed, CONFIG_DIR)   # method vs data, paths, rollout backend: before any model loads
     check_trainer_keys(cfg.trainer)
     check_accelerator(cfg.trainer)
 
@@ -157,5 +159,5 @@ def main() -> None:
             f"tirl-train needs the configs/ directory of a source checkout (looked in {CONFIG_DIR}); "
             "install with `pip install -e .` from the repository or run `python src/train.py`."
         )
-    exit_on_bad_overrides()
+    exit_on_bad_overrides("train")
     hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")(_hydra_task)()

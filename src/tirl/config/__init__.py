@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tirl.config.validate import ConfigError, TypedConfig, check_overrides, check_trainer_keys, validate
 from tirl.config.wrapper import register_loggers, task_wrapper
+from tirl.errors import UserError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -57,29 +60,62 @@ def _in_multirun() -> bool:
 
 @contextlib.contextmanager
 def exit_on_config_error() -> Iterator[None]:
-    """Turn a ConfigError into its one-sentence message and exit status 2.
+    """Turn any ``UserError`` (config, data, path, missing package or device) into its one sentence on stderr
+    and exit status 2, with no traceback unless ``HYDRA_FULL_ERROR=1``.
 
     In a multirun job it is re-raised instead, so the sweeper records a failed job and goes on.
     """
     try:
         yield
-    except ConfigError as err:
+    except UserError as err:
         if _in_multirun():
             raise
-        print(f"Config error: {err}", file=sys.stderr)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exc()
+        prefix = "Config error" if isinstance(err, ConfigError) else "Error"
+        print(f"{prefix}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def exit_on_bad_overrides(argv: list[str] | None = None, config_dir: Path = CONFIG_DIR) -> None:
-    """Check command-line overrides before Hydra composes (unknown group option or schema key → exit 2)."""
+def exit_on_bad_overrides(config_name: str | None = None, argv: list[str] | None = None,
+                          config_dir: Path = CONFIG_DIR) -> None:
+    """Check command-line overrides before Hydra composes (unknown group option or key → exit 2); with
+    ``config_name`` (the entry point's primary config), rewrite ``sys.argv`` so valid keys absent from the yaml
+    get Hydra's ``++`` (see ``check_overrides``). ``--help`` hides the schema entry of each group."""
+    args = sys.argv[1:] if argv is None else argv
     with exit_on_config_error():
-        check_overrides(sys.argv[1:] if argv is None else argv, config_dir)
+        checked = check_overrides(args, config_dir, config_name)
+    if argv is None:
+        sys.argv[1:] = checked
+    if "--help" in args or "-h" in args:
+        _hide_schema_in_help()
+
+
+def _hide_schema_in_help() -> None:
+    """Drop the ``_schema`` option from the groups ``--help`` lists: it is the typed base every option of a group
+    extends (``register_schemas``), not a choice. Hydra has no switch for this, so its group listing is filtered;
+    should a Hydra release rename the method, help simply lists ``_schema`` again."""
+    import re
+
+    from hydra._internal import hydra as hydra_internal
+
+    original = getattr(hydra_internal.Hydra, "format_config_groups", None)
+    if original is None or getattr(original, "hides_schema", False):
+        return
+
+    def format_config_groups(self, predicate, compact: bool = True) -> str:
+        text = original(self, predicate, compact)
+        return re.sub(r"(?m)(?<=: )_schema(, |$)|^\s*_schema\n", "", text)
+
+    format_config_groups.hides_schema = True
+    hydra_internal.Hydra.format_config_groups = format_config_groups
 
 
 __all__ = [
     "CONFIG_DIR",
     "ConfigError",
     "TypedConfig",
+    "UserError",
     "check_overrides",
     "check_trainer_keys",
     "exit_on_bad_overrides",

@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tirl.config.schema import DataConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+from tirl.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config the user wrote or composed is invalid; the message says what and how to fix it."""
 
 
@@ -61,6 +62,31 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.backend": ("hf", "vllm"),
     "sandbox.kind": ("local", "fusion"),
     "data.on_bad_line": ("error", "skip"),
+}
+
+# Numeric keys with a range (dotted path → (lowest, highest, whether the lowest itself is allowed)).
+BOUNDS: dict[str, tuple[float, float | None, bool]] = {
+    "method.lr": (0, None, False),
+    "method.group_size": (1, None, True),
+    "method.prompts_per_step": (1, None, True),
+    "method.micro_batch_size": (1, None, True),
+    "method.ppo_epochs": (1, None, True),
+    "method.val_samples": (1, None, True),
+    "method.loss.clip_low": (0, None, True),
+    "method.loss.clip_high": (0, None, True),
+    "method.loss.kl_coef": (0, None, True),
+    "data.batch_size": (1, None, True),
+    "data.max_length": (1, None, True),
+    "data.val_size": (0, None, True),
+    "rollout.max_prompt_tokens": (1, None, True),
+    "rollout.max_new_tokens": (1, None, True),
+    "rollout.max_total_tokens": (1, None, True),
+    "rollout.temperature": (0, None, True),
+    "rollout.top_p": (0, 1, False),
+    "rollout.top_k": (0, None, True),
+    "rollout.max_tool_rounds": (0, None, True),
+    "sandbox.workers": (1, None, True),
+    "sandbox.timeout_s": (0, None, False),
 }
 
 # Top-level keys of train.yaml / eval.yaml besides the schema groups; anything else is a typo.
@@ -160,6 +186,19 @@ def _check_choices(typed: TypedConfig) -> None:
             raise ConfigError(f"Config key '{dotted}' is {obj!r}; valid choices: {', '.join(allowed)}.")
 
 
+def _check_bounds(typed: TypedConfig) -> None:
+    for dotted, (low, high, low_ok) in BOUNDS.items():
+        obj: Any = typed
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        if (obj < low or (obj == low and not low_ok)) or (high is not None and obj > high):
+            span = f"{'at least' if low_ok else 'above'} {low}" + (f" and at most {high}" if high is not None else "")
+            raise ConfigError(f"Config key '{dotted}' is {obj!r}; it must be {span}.")
+    if typed.method.kind == "rl" and typed.method.group_size < 2:
+        raise ConfigError(f"Config key 'method.group_size' is {typed.method.group_size}; GRPO compares samples within "
+                          "a group, so RL needs at least 2.")
+
+
 def _group_values(cfg: DictConfig, group: str) -> Any:
     """A group's values with interpolations resolved against the whole config (missing stays ???)."""
     node = cfg.get(group)
@@ -183,6 +222,7 @@ def validate(cfg: DictConfig) -> TypedConfig:
     groups = {name: _to_dataclass(name, _group_values(cfg, name), schema) for name, schema in SCHEMAS.items()}
     typed = TypedConfig(**groups)
     _check_choices(typed)
+    _check_bounds(typed)
     # yaml `???` merged onto a schema default keeps the default (None), so required values are checked here
     if typed.sandbox.kind == "fusion" and not typed.sandbox.url:
         raise ConfigError("sandbox=fusion needs the server address: 'sandbox.url' is required; set sandbox.url=http://host:port.")
@@ -231,12 +271,114 @@ def check_value_type(group: str, path: Sequence[str], value: str) -> None:
         ) from None
 
 
-def check_overrides(argv: Sequence[str], config_dir: Path) -> None:
-    """Reject an unknown group option (``method=thorr``) or schema key (``method.loss.clip_hgih=1``) in argv.
+def check_overrides(argv: Sequence[str], config_dir: Path, config_name: str | None = None) -> list[str]:
+    """Reject an unknown group option (``method=thorr``) or key (``method.loss.clip_hgih=1``, ``trainer.max_stepz=5``,
+    ``init_form=x``) in argv; return argv with ``++`` added where a valid key is absent from the yaml.
 
-    Hydra would reject both too, with a multi-line message; this names the closest valid choice in one sentence.
+    Hydra would reject these too, with a multi-line message advising ``+key`` (wrong advice for a typo); this names
+    the closest valid key in one sentence. With ``config_name`` (the entry point's primary config), keys outside the
+    schema groups are checked against the composed config as well, and a key that is valid but not in any yaml — a
+    Trainer argument such as ``trainer.gradient_clip_val``, an entry of a dict field such as
+    ``task.bench_paths.math500`` — is passed on as ``++key=value``, so no key needs a ``+`` on the command line.
     Sweep syntax (``a,b``) is checked per item; functions like ``choice(...)`` and interpolations are left to Hydra.
     """
+    _check_groups_and_schema_keys(argv, config_dir)
+    if config_name is None:
+        return list(argv)
+    return _check_other_keys(argv, config_dir, config_name)
+
+
+def _plain_key(arg: str) -> str | None:
+    """The dotted key of a ``key=value`` override without ``+``/``~`` and outside ``hydra.*`` (else None)."""
+    if arg.startswith(("-", "+", "~")) or "=" not in arg:
+        return None
+    key = arg.split("=", 1)[0]
+    return None if key.startswith("hydra") or "@" in key else key
+
+
+def _compose_choices(argv: Sequence[str], config_dir: Path, config_name: str) -> DictConfig:
+    """The primary config composed with the argv's group choices only (first item of a sweep), to read its keys."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    choices = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        if (config_dir / key.lstrip("+~").split("@", 1)[0]).is_dir():
+            choices.append(f"{key}={value.split(',', 1)[0]}" if not any(c in value for c in "([") else f"{key}={value}")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            return compose(config_name, overrides=choices)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _open_dict(path: Sequence[str], cfg: DictConfig) -> bool:
+    """Whether the node at ``path`` is a dict field of a schema (any key allowed): ``method.reward.kwargs``,
+    ``method.module``, eval's ``task.bench_paths``."""
+    schema: Any
+    if path and path[0] in SCHEMAS:
+        schema, rest = SCHEMAS[path[0]], path[1:]
+    elif path and path[0] == "task" and OmegaConf.select(cfg, "task.name") is not None:
+        from tirl.eval.task_config import TASKS
+
+        schema, rest = TASKS.get(str(cfg.task.name)), path[1:]
+    else:
+        return False
+    hint: Any = schema
+    for part in rest:
+        nested = _nested_schema(hint)
+        if nested is None or part not in _field_types(nested):
+            return False
+        hint = _field_types(nested)[part]
+    return typing.get_origin(hint) is dict or hint is dict
+
+
+def _trainer_arguments() -> list[str]:
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    return [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+
+
+def _check_other_keys(argv: Sequence[str], config_dir: Path, config_name: str) -> list[str]:
+    keyed = [(arg, _plain_key(arg)) for arg in argv]
+    if not any(key and not (config_dir / key).is_dir() for _, key in keyed):
+        return list(argv)   # only group choices: nothing to look up, no compose
+    cfg = _compose_choices(argv, config_dir, config_name)
+    out = []
+    for arg, key in keyed:
+        if key is None or (config_dir / key).is_dir():
+            out.append(arg)
+            continue
+        parts = key.split(".")
+        node: Any = cfg
+        for depth, part in enumerate(parts):
+            if not isinstance(node, DictConfig):
+                break   # a list index or a leaf replaced by a mapping: left to Hydra
+            if part in node:
+                node = node._get_node(part)
+                continue
+            path = parts[:depth]
+            if path == ["trainer"] and depth == len(parts) - 1:
+                valid = _trainer_arguments()
+                if part not in valid:
+                    raise ConfigError(unknown_key_message("trainer", part, valid))
+                arg = "++" + arg   # a Lightning Trainer argument the yaml does not set
+            elif _open_dict(path, cfg):
+                arg = "++" + arg   # a new entry of a dict field, e.g. task.bench_paths.<bench>
+            else:
+                raise ConfigError(unknown_key_message(".".join(path), part, [str(k) for k in node]))
+            break
+        out.append(arg)
+    return out
+
+
+def _check_groups_and_schema_keys(argv: Sequence[str], config_dir: Path) -> None:
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from tirl.errors import UserError
+
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
@@ -54,6 +56,14 @@ def _output_dir(cfg: DictConfig) -> str | None:
         return None
 
 
+def _to_log_files(message: str) -> None:
+    """Write an error record to the file handlers only (the console gets the user's sentence once, on stderr)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def task_wrapper(task: Callable[[DictConfig], R]) -> Callable[[DictConfig], R]:
     """Decorate ``task(cfg)``: close loggers and W&B on success and failure, log the output dir, re-raise."""
 
@@ -66,6 +76,9 @@ def task_wrapper(task: Callable[[DictConfig], R]) -> Callable[[DictConfig], R]:
             result = task(cfg)
             status = "success"
             return result
+        except UserError as err:  # the entry point prints its sentence; the job's log file keeps it too
+            _to_log_files(f"Task {task.__name__} stopped: {err}")
+            raise
         except Exception:
             log.exception("Task %s failed.", task.__name__)  # into the job's log file, before re-raising
             raise

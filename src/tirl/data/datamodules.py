@@ -7,7 +7,8 @@ argument is an error naming the closest valid one.
 
 Validation / test sets: ``val`` / ``test`` sources when given; otherwise, for a synthetic train source, the
 first ``val_size`` (val) and next ``val_size`` (test) distinct held-out problems (a hash split that never
-overlaps the train stream); for a file train source, ``val_size`` records held out from a seeded shuffle.
+overlaps the train stream); for a file train source, ``val_size`` records held out from a seeded shuffle, at most a
+fifth of the file (``heldout_count``).
 """
 
 from __future__ import annotations
@@ -84,10 +85,25 @@ def _train_split(options: dict) -> str:
     return split
 
 
+MAX_HELDOUT_FRACTION = 0.2   # a train file gives at most a fifth of its records to validation
+
+
+def heldout_count(n_records: int, val_size: int) -> int:
+    """How many of a train file's ``n_records`` are held out for validation: ``val_size``, capped at a fifth of the
+    file so a small file still trains (10 records → 2 held out, fewer than 5 → none)."""
+    return max(0, min(val_size, int(n_records * MAX_HELDOUT_FRACTION)))
+
+
 def _split_off(records: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held) with ``n`` records held out by a seeded shuffle; order of the rest is kept."""
-    if n <= 0 or len(records) <= n:
-        raise DataError(f"Cannot hold out val_size={n} of {len(records)} records; lower data.val_size or give data.val.")
+    """(train, held) with up to ``n`` records held out by a seeded shuffle (see ``heldout_count``); order of the
+    rest is kept. A one-line notice says when the cap applies."""
+    wanted, n = n, heldout_count(len(records), n)
+    if n < wanted:
+        what = f"holding out {n} (a fifth)" if n else "too few to hold any out, so there is no validation"
+        log.warning("data.val_size=%d but the train file has %d records: %s; give data.val=<file> for a separate "
+                    "validation set.", wanted, len(records), what)
+    if n == 0:
+        return list(records), []
     held = set(random.Random(f"tirl-holdout:{seed}").sample(range(len(records)), n))
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 

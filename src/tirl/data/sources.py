@@ -20,13 +20,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tirl.errors import UserError
+
 ROLES = ("system", "user", "assistant", "tool")
 KINDS = ("sft", "rl", "auto")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 JSON_COLUMNS = ("tools", "answer")  # stored as JSON text in parquet: their shapes differ row to row
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source or record is not usable; the message names where and why."""
 
 

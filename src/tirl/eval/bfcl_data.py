@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tirl.errors import UserError
+
 FILE_PREFIX = "BFCL_v4"
 
 # Our BFCLv3 names → the package's v4 file stems. The item ids inside the files keep the v4 stem
@@ -44,7 +46,7 @@ MULTI_TURN_FUNC_DOC_FILES = {
 }
 
 
-class BFCLDataError(ValueError):
+class BFCLDataError(UserError, ValueError):
     """A BFCL data file is missing, malformed, or a category name is unknown."""
 
 

@@ -22,6 +22,7 @@ from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
 
+from tirl.errors import UserError
 from tirl.eval.bfcl_data import BFCLItem, canonical_category
 from tirl.eval.bfcl_prompt import split_reasoning
 
@@ -30,7 +31,7 @@ from tirl.eval.bfcl_prompt import split_reasoning
 BFCL_MODEL_NAME = "Qwen/Qwen3-8B"
 
 
-class BFCLUnavailableError(RuntimeError):
+class BFCLUnavailableError(UserError, RuntimeError):
     """bfcl-eval (or an import its checkers need) is missing."""
 
 

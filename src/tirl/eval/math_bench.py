@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tirl.errors import UserError
+
 PROBLEM_KEYS = ("problem", "Problem", "question", "Question")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "expected_answer")
 ID_KEYS = ("unique_id", "id", "ID", "idx")
@@ -45,7 +47,7 @@ DEFAULT_SOURCES: dict[str, HubSource] = {
 }
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     """A benchmark file or hub id could not be read, or a row lacks a problem or an answer."""
 
 
@@ -115,7 +117,7 @@ def resolve_source(bench: str, bench_dir: str | None = None, path: str | None = 
         local = Path(path).expanduser()
         if local.suffix in FILE_SUFFIXES or local.exists():
             if not local.is_file():
-                raise BenchmarkError(f"Benchmark file '{path}' for {bench} does not exist.")
+                raise BenchmarkError(f"Benchmark file '{path}' for {bench} does not exist; fix task.bench_paths.{bench}.")
             return local
         repo, _, split = path.partition(":")   # "owner/name" or "owner/name:split"
         return HubSource(repo, split or "test")
@@ -124,7 +126,8 @@ def resolve_source(bench: str, bench_dir: str | None = None, path: str | None = 
             candidate = Path(bench_dir).expanduser() / f"{bench}{suffix}"
             if candidate.is_file():
                 return candidate
-        raise BenchmarkError(f"No {bench}.jsonl, {bench}.json or {bench}.parquet in task.bench_dir={bench_dir}.")
+        raise BenchmarkError(f"No {bench}.jsonl, {bench}.json or {bench}.parquet in task.bench_dir={bench_dir}; add "
+                             f"it, leave {bench} out of bench=[...], or give its file with task.bench_paths.{bench}=<file>.")
     if bench not in DEFAULT_SOURCES:
         raise BenchmarkError(f"Benchmark '{bench}' has no default source; set task.bench_paths.{bench}=<file>.")
     return DEFAULT_SOURCES[bench]

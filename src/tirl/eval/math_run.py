@@ -25,8 +25,10 @@ def evaluate_math(task: MathTaskConfig, generator: EvalGenerator, out_dir: str |
     results: dict[str, dict[str, Any]] = {}
     tables: dict[str, tuple[list[str], list]] = {}
     tag = settings_hash({**settings, "n_samples": task.n_samples})
-    for bench in task.bench:
-        problems = load_benchmark(bench, task.bench_dir, task.bench_paths.get(bench), task.limit)
+    # read every benchmark before generating any, so a bad file or an unreachable hub id fails before hours of work
+    benchmarks = {bench: load_benchmark(bench, task.bench_dir, task.bench_paths.get(bench), task.limit)
+                  for bench in task.bench}
+    for bench, problems in benchmarks.items():
         cache = GenerationCache(Path(out_dir) / "generations" / f"{bench}-{tag}.jsonl")
         todo = [p for p in problems if p.id not in cache]
         batches = [todo[i:i + task.batch_size] for i in range(0, len(todo), task.batch_size)]

@@ -13,10 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tirl.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A generation cache file holds a line that is not an {"id", "record"} JSON object."""
 
 

@@ -7,6 +7,7 @@ sandbox, ...) are checked by ``tirl.config.validate`` exactly as for training, t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -99,3 +100,21 @@ def _check_task(task: MathTaskConfig | BFCLTaskConfig) -> None:
                 raise ConfigError(str(err)) from None
     if task.batch_size < 1:
         raise ConfigError(f"task.batch_size is {task.batch_size}; it must be at least 1.")
+
+
+def check_eval_sources(task: MathTaskConfig | BFCLTaskConfig) -> None:
+    """Every benchmark source the task reads can be found, before a model loads or anything is generated: a missing
+    file in ``task.bench_dir`` or ``task.bench_paths`` fails here, not after the benchmarks before it were generated
+    (hub ids are fetched when read). BFCL: the installed package's data or the ``task.source`` directory exists."""
+    if isinstance(task, MathTaskConfig):
+        from tirl.eval.math_bench import resolve_source
+
+        for name in task.bench:
+            resolve_source(name, task.bench_dir, task.bench_paths.get(name))
+    elif task.source == "package":
+        from tirl.eval.bfcl_data import package_data_dir
+
+        package_data_dir()
+    elif not Path(task.source).expanduser().is_dir():
+        raise ConfigError(f"task.source={task.source} is not a directory; point it at a directory of BFCL_v4_*.json "
+                          "files, or use task.source=package with bfcl-eval installed (scripts/install_bfcl.sh).")

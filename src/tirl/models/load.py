@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tirl.errors import UserError
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer, tiny_warm_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(UserError, RuntimeError):
     """The model id/path could not be loaded (missing directory, no network, typo)."""
 
 

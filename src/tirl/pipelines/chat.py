@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from tirl.data.chat import encode_environment, encode_text, split_model_and_tool
 from tirl.data.prompts import PromptEncoder
+from tirl.errors import UserError
 
 
 class ChatBackendError(RuntimeError):
@@ -32,7 +33,7 @@ class ChatBackendError(RuntimeError):
         self.kind = kind
 
 
-class ChatConfigError(ValueError):
+class ChatConfigError(UserError, ValueError):
     """A chat backend was configured with values it cannot run with."""
 
 
@@ -292,6 +293,19 @@ class ScriptedChatBackend:
 
 
 BACKEND_KINDS = ("hf", "http", "vllm")
+
+
+def check_chat_backend(cfg: dict, role: str) -> None:
+    """Raise one sentence, before any backend loads a model, if backend ``role`` cannot be built here: an unknown
+    kind, or kind vllm where no vLLM engine can run (the check lives in ``tirl.rollout.vllm``)."""
+    kind = cfg.get("kind", "hf")
+    if kind not in BACKEND_KINDS:
+        raise ChatConfigError(f"Unknown chat backend kind '{kind}' for backends.{role}; valid choices: "
+                              f"{', '.join(BACKEND_KINDS)} (pick one with backend@backends.{role}=<kind>).")
+    if kind == "vllm":
+        from tirl.rollout.vllm import check_vllm_available
+
+        check_vllm_available(f"backend@backends.{role}=vllm", f"backend@backends.{role}=hf or =http")
 
 
 def build_chat_backend(cfg: dict, shared: dict | None = None) -> ChatBackend:

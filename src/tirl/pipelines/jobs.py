@@ -8,7 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tirl.pipelines.chat import ChatBackend, ChatParams, build_chat_backend
+from tirl.errors import UserError
+from tirl.pipelines.chat import ChatBackend, ChatParams, build_chat_backend, check_chat_backend
 from tirl.pipelines.distill import Distiller, DistillSettings
 from tirl.pipelines.runner import drop_counts, run_items, write_atomic, write_jsonl_atomic
 from tirl.pipelines.tirgen import TIRGenerator, TIRGenSettings, call_histogram, select_samples
@@ -16,7 +17,7 @@ from tirl.pipelines.tirgen import TIRGenerator, TIRGenSettings, call_histogram, 
 SFT_KEYS = ("messages", "tools", "loss_on")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The pipeline input cannot be read."""
 
 
@@ -63,11 +64,11 @@ def chat_params(node: Any) -> ChatParams:
 
 def _backends(cfg: Any, roles: tuple[str, str]) -> dict[str, ChatBackend]:
     shared: dict = {}
-    out = {}
-    for role in roles:
-        node = cfg.backends[role]
-        out[role] = build_chat_backend(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node), shared)
-    return out
+    nodes = {role: OmegaConf.to_container(cfg.backends[role], resolve=True) if isinstance(cfg.backends[role], DictConfig)
+             else dict(cfg.backends[role]) for role in roles}
+    for role, node in nodes.items():   # every role can run here before the first one loads a model
+        check_chat_backend(node, role)
+    return {role: build_chat_backend(node, shared) for role, node in nodes.items()}
 
 
 def _finish(out: Path, samples: list[dict], report: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from tirl.errors import UserError
 from tirl.rewards.math import MathAnswerReward
 from tirl.rewards.toolcall import ToolCallExactReward, ToolCallReward
 
@@ -17,7 +18,7 @@ _REWARDS: dict[str, Callable[..., RewardFn]] = {
 }
 
 
-class UnknownRewardError(ValueError):
+class UnknownRewardError(UserError, ValueError):
     """A reward name that is not registered."""
 
 

@@ -29,6 +29,7 @@ import re
 from collections import Counter
 from typing import Any
 
+from tirl.errors import UserError
 from tirl.rewards.call_match import OPTIONAL as _OPTIONAL
 from tirl.rewards.call_match import GoldCall, calls_match, param_value_ok
 from tirl.rewards.math import completion_text
@@ -49,7 +50,7 @@ __all__ = ["EXACT", "WORST", "GoldAnswerError", "GoldCall", "ToolCallExactReward
            "format_reward", "parse_gold", "partial_score", "toolcall_exact"]
 
 
-class GoldAnswerError(ValueError):
+class GoldAnswerError(UserError, ValueError):
     """A gold answer in none of the forms the reward understands, or at odds with its category."""
 
 

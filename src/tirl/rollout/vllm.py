@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tirl.config.schema import RolloutConfig
+from tirl.errors import UserError
 from tirl.rollout.backend import CLOSE_FENCE, OPEN_FENCE
 from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
 
@@ -36,23 +37,28 @@ LOGPROBS_K = 20           # top-k log-probs per step that vLLM returns (for the 
 MAX_FENCE_RESUMES = 8     # stops at fences that do not close a ```python block, resumed per sample
 
 
-class VLLMUnavailableError(RuntimeError):
+class VLLMUnavailableError(UserError, RuntimeError):
     """rollout.backend=vllm on a machine that cannot run it."""
 
 
-def check_vllm_available() -> None:
-    """Raise one sentence when there is no CUDA device or no vllm package."""
+def check_vllm_available(what: str = "rollout=vllm", instead: str = "rollout=hf (the default)") -> None:
+    """Raise one sentence when no vLLM engine can run here (no CUDA device, or no vllm package).
+
+    The one place that decides whether vLLM can run: training and evaluation (``rollout=vllm``) and the data
+    pipelines (``backend@backends.<role>=vllm``) call it before loading any model. ``what`` names the setting that
+    asked for vLLM and ``instead`` the one to use here. Widen it here when vLLM gains other devices (CPU builds).
+    """
     import torch
 
     if not torch.cuda.is_available():
         raise VLLMUnavailableError(
-            "rollout=vllm needs a CUDA GPU but none is available here; use rollout=hf (the default) on this machine."
+            f"{what} needs a CUDA GPU but none is available here; use {instead} on this machine."
         )
     try:
         import vllm  # noqa: F401
     except ImportError as e:
         raise VLLMUnavailableError(
-            f"rollout=vllm needs the vllm package ({e}); install it with `pip install -e '.[vllm]'` or use rollout=hf."
+            f"{what} needs the vllm package ({e}); install it with `pip install -e '.[vllm]'` or use {instead}."
         ) from None
 
 

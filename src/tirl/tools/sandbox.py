@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from queue import Queue
 from typing import Protocol
 
+from tirl.errors import UserError
 from tirl.tools import sandbox_worker
 
 ERROR_KINDS = ("timeout", "memory", "syntax", "runtime", "output_limit", "sandbox")
@@ -76,7 +77,7 @@ THREATS = {
 ISOLATION_LAYERS = ("namespaces", "landlock")
 
 
-class SandboxConfigError(ValueError):
+class SandboxConfigError(UserError, ValueError):
     """A sandbox was configured with values it cannot run with."""
 
 
