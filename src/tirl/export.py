@@ -40,16 +40,19 @@ def check_args(argv: Sequence[str] | None = None) -> None:
 
 def run(cfg: DictConfig) -> str:
     """Write ``cfg.out`` from ``cfg.ckpt``; return the directory. Raises ConfigError for a user's mistake."""
-    from tirl.models.load import ModelNotFoundError
-    from tirl.modules.policy import PolicyModule
-
     for key, example in (("ckpt", "logs/<task>/runs/<run>/checkpoints/last.ckpt"), ("out", "exported/my_model")):
         if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
             raise ConfigError(f"Config value '{key}' is required; set it on the command line, e.g. {key}={example}.")
+    if not Path(str(cfg.ckpt)).expanduser().is_file():   # before the seconds of importing torch and Lightning
+        raise ConfigError(f"ckpt='{cfg.ckpt}' does not exist; pass the path of a tirl .ckpt file, e.g. "
+                          f"ckpt=logs/<task>/runs/<run>/checkpoints/last.ckpt.")
     out = Path(str(cfg.out)).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"out='{cfg.out}' already exists and is not an empty directory; pick a new directory "
                           f"(files left from an earlier export would be mixed with this one).")
+    from tirl.models.load import ModelNotFoundError
+    from tirl.modules.policy import PolicyModule
+
     try:
         module = PolicyModule.load_from_checkpoint(str(cfg.ckpt))
         module.export_hf(str(out), merge_lora=bool(cfg.merge_lora))
