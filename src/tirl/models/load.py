@@ -102,8 +102,8 @@ def read_checkpoint(ckpt_path: str) -> tuple[dict[str, torch.Tensor], LoraSpec |
     if not Path(ckpt_path).expanduser().is_file():
         raise ModelNotFoundError(f"Checkpoint '{ckpt_path}' does not exist; pass the path of a tirl .ckpt file "
                                  f"(e.g. logs/<task>/runs/<run>/checkpoints/last.ckpt).")
-    try:
-        ckpt = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=False)
+    try:   # tirl saves plain containers only, so no pickled code from a downloaded file ever runs
+        ckpt = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=True)
     except Exception as err:   # a truncated file, an HF .bin, a pickle of something else
         raise ModelNotFoundError(f"'{ckpt_path}' could not be read as a Lightning checkpoint ({type(err).__name__}); "
                                  f"pass a .ckpt written by a tirl run.") from None
