@@ -16,7 +16,7 @@ from tirl.models.load import ModelNotFoundError, load_policy
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 from tirl.modules.grpo import GRPOModule
 from tirl.modules.policy import PolicyModule
-from tirl.modules.rl_batch import Sample, collate_samples
+from tirl.modules.rl_batch import Sample, TensorBatch, collate_samples
 from tirl.rl import core
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def rl_module(init_from=None, lora: bool = False, lora_dropout: float = 0.0, nam
     return module
 
 
-def probe_batch(module) -> "collate_samples":
+def probe_batch(module) -> TensorBatch:
     """The probe's answer as one response, advantage +1, old log-probs from an eval-mode forward (as a rollout's)."""
     tok = load_tiny_tokenizer()
     prompt, response = PROBE.split("<|im_start|>assistant\n")
@@ -279,7 +279,7 @@ def plain_greedy(model, tok, prompts: list[str]) -> list[list[int]]:
 def test_export_round_trip_loads_in_plain_transformers_and_scores_as_the_ckpt(stages, tmp_path, kind, merge):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tirl.eval.heldout import ROLLOUT, heldout_records
+    from tirl.eval.heldout import heldout_records
 
     ckpt, out = stages[kind], tmp_path / "exported"
     if kind == "lora_ckpt" and merge:   # the command itself, once (a fresh Python costs seconds); else its run()

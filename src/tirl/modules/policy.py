@@ -11,7 +11,14 @@ import numpy as np
 import torch
 
 from tirl.config.schema import MethodConfig, ModelConfig
-from tirl.models.load import LoraSpec, ModelNotFoundError, init_kind, load_policy, load_weights, read_checkpoint
+from tirl.models.load import (
+    LoraSpec,
+    ModelNotFoundError,
+    init_kind,
+    load_policy,
+    load_weights,
+    read_checkpoint,
+)
 from tirl.models.reference import is_lora
 
 
