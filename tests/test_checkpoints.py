@@ -172,13 +172,19 @@ def test_lora_sft_then_lora_rl_logs_zero_kl_at_its_first_step_and_exports_merged
                           atol=1e-4)
 
 
-@pytest.mark.parametrize("path,names", [("/no/such/sft.ckpt", "init_from='/no/such/sft.ckpt' does not exist"),
-                                        ("./missing_dir", "init_from='./missing_dir' does not exist")])
-def test_a_missing_init_from_is_one_sentence_naming_it(path, names):
+@pytest.mark.parametrize("path,says", [
+    ("/no/such/sft.ckpt", "init_from='/no/such/sft.ckpt' does not exist; point it at a tirl .ckpt"),
+    ("./missing_dir", "init_from='./missing_dir' does not exist"),
+    ("EMPTY_DIR", "is not a Hugging Face checkpoint directory; check init_from."),   # e.g. a run's directory
+    ("README.md", "'README.md' could not be read as a Lightning checkpoint"),
+])
+def test_a_bad_init_from_is_one_sentence_naming_it(path, says, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    path = str(tmp_path) if path == "EMPTY_DIR" else path
     module = PolicyModule(MethodConfig(), ModelConfig(name_or_path="tiny"), load_tiny_tokenizer(), init_from=path)
     with pytest.raises(ModelNotFoundError) as err:
         module.configure_model()
-    assert str(err.value).startswith(names) and one_sentence(str(err.value))
+    assert says in str(err.value) and one_sentence(str(err.value))
 
 
 def test_a_ckpt_of_another_model_is_one_sentence(stages, tmp_path):

@@ -17,6 +17,8 @@ its KL reference (the adapter switched off) is that starting model, as with a fu
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer, tiny_warm_dir
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -47,13 +51,13 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
-def _not_found(name: str, err: Exception) -> ModelNotFoundError:
+def _not_found(name: str, err: Exception, key: str = "model.name_or_path") -> ModelNotFoundError:
     if _looks_local(name):
-        msg = f"Model path '{name}' does not exist or is not a Hugging Face checkpoint directory; check model.name_or_path."
+        msg = f"Model path '{name}' does not exist or is not a Hugging Face checkpoint directory; check {key}."
     else:
         msg = (
             f"Model '{name}' is not in the local Hugging Face cache and the Hub could not be reached ({type(err).__name__}); "
-            f"download it where there is network (`hf download {name}`) and set model.name_or_path to that directory."
+            f"download it where there is network (`hf download {name}`) and set {key} to that directory."
         )
     return ModelNotFoundError(msg)
 
@@ -145,15 +149,11 @@ def load_start_weights(model: PreTrainedModel, init_from: str, base: str) -> Pre
         load_weights(peft_model, weights, init_from, base)
         return peft_model.merge_and_unload()
     if kind == "adapter":
-        import json
-
         from peft import PeftModel
 
         wrote = json.loads((Path(init_from).expanduser() / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if wrote and wrote != base:
-            import logging
-
-            logging.getLogger(__name__).warning("The adapter in '%s' was trained on '%s'; it goes onto "
+            log.warning("The adapter in '%s' was trained on '%s'; it goes onto "
                                                 "model.name_or_path='%s'.", init_from, wrote, base)
         try:
             return PeftModel.from_pretrained(model, str(Path(init_from).expanduser())).merge_and_unload()
@@ -177,10 +177,10 @@ def load_policy(
     ``init_from`` (see the module docstring), then optionally wrapped with a fresh LoRA adapter (peft)."""
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype='{dtype}' is not one of {sorted(DTYPES)}.")
-    start = init_kind(init_from) if init_from else None
-    if start == "hf":
-        name_or_path, init_from = str(init_from), None
-    model = _load_model(name_or_path, dtype, attn_implementation, trust_remote_code, seed)
+    key = "model.name_or_path"
+    if init_from and init_kind(init_from) == "hf":
+        name_or_path, init_from, key = str(init_from), None, "init_from"
+    model = _load_model(name_or_path, dtype, attn_implementation, trust_remote_code, seed, key)
     if init_from:
         model = load_start_weights(model, init_from, name_or_path)
     if gradient_checkpointing:
@@ -192,7 +192,7 @@ def load_policy(
 
 
 def _load_model(name_or_path: str, dtype: str, attn_implementation: str | None, trust_remote_code: bool,
-                seed: int) -> PreTrainedModel:
+                seed: int, key: str) -> PreTrainedModel:
     if name_or_path == "tiny":
         model, _ = build_tiny(seed)
         model = model.to(DTYPES[dtype]) if dtype != "auto" else model
@@ -202,6 +202,8 @@ def _load_model(name_or_path: str, dtype: str, attn_implementation: str | None, 
             raise ModelNotFoundError(
                 "The warm tiny checkpoint is missing from tirl/assets/tiny_warm; build it with `python scripts/make_tiny_warm.py`."
             )
+        if _looks_local(path) and Path(path).expanduser().is_dir() and not (Path(path).expanduser() / "config.json").exists():
+            raise _not_found(name_or_path, FileNotFoundError("config.json"), key)   # a run directory, an empty one
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(Path(path).expanduser()) if _looks_local(path) else path,
@@ -210,7 +212,7 @@ def _load_model(name_or_path: str, dtype: str, attn_implementation: str | None, 
                 trust_remote_code=trust_remote_code,
             )
         except OSError as err:
-            raise _not_found(name_or_path, err) from err
+            raise _not_found(name_or_path, err, key) from err
     return model
 
 
