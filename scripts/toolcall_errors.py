@@ -7,7 +7,8 @@ Samples ``--samples`` answers at ``--temperature`` for each of ``--n`` held-out 
 ``val/acc`` is not measured on: `tirl.eval.heldout`'s seed), classifies each with `tirl.eval.toolcall_errors`, and
 prints the fraction of each error kind per category, irrelevance split into small talk and a missing function,
 rows split by how many functions the prompt offers. ``--ckpt`` loads a Lightning checkpoint of an RL run over
-``--model`` (the policy weights; the reference copy in it is ignored).
+``--model`` (through ``init_from``, as training and evaluation read it: the policy weights, LoRA merged; the
+reference copy in it is ignored).
 """
 
 from __future__ import annotations
@@ -18,20 +19,6 @@ from collections import Counter, defaultdict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def load_policy_weights(module, ckpt: str) -> None:
-    import torch
-
-    if not os.path.isfile(ckpt):
-        raise SystemExit(f"--ckpt {ckpt} does not exist; pass a Lightning .ckpt written by an RL run.")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False).get("state_dict", {})
-    wanted = {k for k in module.state_dict() if k.startswith("policy.")}
-    missing = sorted(wanted - set(state))
-    if missing:
-        raise SystemExit(f"{ckpt} lacks {len(missing)} policy weights (e.g. {missing[0]}); was it written for "
-                         f"another --model?")
-    module.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=False)
 
 
 def main() -> None:
@@ -49,16 +36,17 @@ def main() -> None:
     from tirl.config.schema import MethodConfig, ModelConfig, RewardConfig, RolloutConfig, SandboxConfig
     from tirl.eval.heldout import ROLLOUT, heldout_records
     from tirl.eval.toolcall_errors import KINDS, prompt_group, toolcall_error
-    from tirl.models.load import load_tokenizer
+    from tirl.models.load import ModelNotFoundError, load_tokenizer
     from tirl.modules.grpo import GRPOModule
 
     torch.manual_seed(args.seed)
     rollout = RolloutConfig(**ROLLOUT["toolcall"], temperature=args.temperature)
     module = GRPOModule(MethodConfig(reward=RewardConfig(name="toolcall_exact")), ModelConfig(name_or_path=args.model),
-                        rollout, SandboxConfig(workers=1), load_tokenizer(args.model))
-    module.setup("validate")
-    if args.ckpt:
-        load_policy_weights(module, args.ckpt)
+                        rollout, SandboxConfig(workers=1), load_tokenizer(args.model), init_from=args.ckpt)
+    try:
+        module.setup("validate")   # init_from: the checkpoint's policy weights (LoRA merged), as training reads them
+    except ModelNotFoundError as err:
+        raise SystemExit(str(err)) from None
     records = heldout_records("toolcall", args.n)
     trajs = module.rollout_groups(records, args.samples)
     counts: dict[str, Counter] = defaultdict(Counter)

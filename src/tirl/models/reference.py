@@ -1,8 +1,11 @@
 """The reference policy for the KL term, at the lowest memory cost each setup allows.
 
+The reference is always the RL starting point: ``model.name_or_path`` with the ``init_from`` weights, any LoRA
+adapter those carried already merged in (``tirl.models.load``), so the KL is 0 at the first step.
+
 - beta == 0: there is no reference at all (no copy, no forward pass).
-- LoRA: the reference *is* the base model — the same weights with the adapter switched off — so it costs no
-  second model.
+- LoRA: the reference *is* that starting model — the same weights with the RL adapter switched off — so it costs
+  no second model.
 - full fine-tune with beta > 0: a frozen deep copy taken at the start of RL.
 """
 

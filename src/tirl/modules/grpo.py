@@ -23,6 +23,7 @@ import torch.distributed as dist
 from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
 from tirl.data.prompts import PromptEncoder
 from tirl.logging.step_metrics import log_step
+from tirl.models.load import disable_dropout
 from tirl.models.reference import make_frozen_reference, reference_model
 from tirl.modules.policy import PolicyModule
 from tirl.modules.rl_batch import Sample, SharedContextBatch, TensorBatch, collate_samples
@@ -99,6 +100,14 @@ class GRPOModule(PolicyModule):
     # ------------------------------------------------------------------ lifecycle
     def setup(self, stage: str) -> None:
         self.configure_model()
+        if stage == "fit":
+            # RL runs with every dropout off (LoRA's and the model config's), as verl does: old log-probs and the
+            # reference come from eval-mode forwards, so a train-mode dropout in the update alone would move the
+            # ratio off 1 and clip tokens before any weight has changed. SFT keeps its dropout (it has no ratio).
+            was = disable_dropout(self.policy)
+            if was:
+                log.info("RL turns dropout off (ratio and KL need one deterministic policy): %s",
+                         ", ".join(f"{k}={v}" for k, v in sorted(was.items())[:4]) + (" …" if len(was) > 4 else ""))
         if stage == "fit" and self.frozen_ref is None:
             self.frozen_ref = make_frozen_reference(self.policy, self.method_cfg.loss.kl_coef)
         if self.sandbox is None:

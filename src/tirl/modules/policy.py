@@ -12,7 +12,14 @@ import torch
 
 from tirl.config.schema import MethodConfig, ModelConfig
 from tirl.logging.step_metrics import forget_step_metrics
-from tirl.models.load import LoraSpec, load_policy
+from tirl.models.load import (
+    LoraSpec,
+    ModelNotFoundError,
+    init_kind,
+    load_policy,
+    load_weights,
+    read_checkpoint,
+)
 from tirl.models.reference import is_lora
 
 
@@ -54,29 +61,11 @@ class PolicyModule(L.LightningModule):
         lora = None
         if m.lora.enabled:
             lora = LoraSpec(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=list(m.lora.target_modules))
-        from_ckpt = bool(self.init_from) and str(self.init_from).endswith(".ckpt")
         self.policy = load_policy(
-            m.name_or_path if from_ckpt or not self.init_from else self.init_from, dtype=m.dtype,
-            attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
-            gradient_checkpointing=m.gradient_checkpointing, lora=lora, seed=m.seed,
+            m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing, lora=lora,
+            seed=m.seed, init_from=self.init_from,
         )
-        if from_ckpt:
-            self.load_policy_weights(self.init_from)
-
-    def load_policy_weights(self, ckpt_path: str) -> None:
-        """Start from the policy weights of a tirl Lightning checkpoint (e.g. the SFT stage), nothing else."""
-        import os
-
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"init_from='{ckpt_path}' does not exist; point it at a .ckpt file or an HF directory.")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-        weights = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
-        if not weights:
-            raise ValueError(f"init_from='{ckpt_path}' holds no policy weights; is it a tirl checkpoint?")
-        if is_lora(self.policy) and not any("lora_" in k for k in weights):
-            self.policy.get_base_model().load_state_dict(weights, strict=True)   # SFT was full, RL adds an adapter
-        else:
-            self.policy.load_state_dict(weights, strict=True)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -115,13 +104,75 @@ class PolicyModule(L.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
             self._resume_rng = None
 
-    def export_hf(self, out_dir: str, merge_lora: bool = True) -> str:
-        """Write an HF-format directory loadable by ``from_pretrained`` (LoRA merged, or the adapter alone)."""
-        model = self.policy
-        if is_lora(model) and merge_lora:
-            import copy
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str, map_location=None, tokenizer=None, **kwargs):
+        """The module a tirl ``.ckpt`` was saved from, with its policy weights (for export, evaluation, inspection).
 
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(out_dir)
+        Lightning's own ``load_from_checkpoint`` would pass the plain dicts tirl saves as hyper-parameters (so a
+        checkpoint loads with ``weights_only=True``) to a constructor expecting typed configs; this rebuilds them.
+        The policy's structure comes from the run's ``model`` config (and its ``init_from`` when that is an HF
+        directory still on disk); every weight, base included, comes from the checkpoint.
+        ``tokenizer``: defaults to ``model.name_or_path``'s; ``kwargs`` override constructor arguments.
+        Raises ModelNotFoundError for a missing or foreign file, or weights that do not fit the model."""
+        import inspect
+
+        from omegaconf import OmegaConf
+
+        from tirl.config.validate import SCHEMAS
+        from tirl.models.load import load_tokenizer
+
+        weights, _, hparams = read_checkpoint(checkpoint_path)
+        params = inspect.signature(cls.__init__).parameters
+        args = {group: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), hparams.get(group) or {}))
+                for group in ("method", "model", "rollout", "sandbox") if group in params}
+        model_cfg = args["model"]
+        start = hparams.get("init_from")
+        try:
+            structure = start if start and init_kind(start) == "hf" else None
+        except ModelNotFoundError:   # the HF directory it started from is gone: the architecture is the base model's
+            structure = None
+        if tokenizer is None:
+            tokenizer = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+        module = cls(**{**args, "tokenizer": tokenizer, "init_from": structure, **kwargs})
+        module.configure_model()
+        load_weights(module.policy, weights, checkpoint_path, structure or model_cfg.name_or_path)
+        module.init_from = start
+        return module.to(map_location) if map_location is not None else module
+
+    def adapter_base(self) -> str:
+        """The base model a LoRA adapter of this run goes onto: ``model.name_or_path``, or ``init_from`` when that
+        is an HF directory. Raises ValueError when the base exists nowhere on disk (``init_from`` was a .ckpt or an
+        adapter, merged into the base at the start of this run)."""
+        if not self.init_from:
+            return self.model_cfg.name_or_path
+        try:
+            if init_kind(self.init_from) == "hf":
+                return str(self.init_from)
+        except ModelNotFoundError:
+            pass
+        raise ValueError(f"This run's base weights are init_from='{self.init_from}' merged, which no HF directory "
+                         f"holds, so its adapter alone cannot rebuild it; export with merge_lora=true.")
+
+    def export_hf(self, out_dir: str, merge_lora: bool = True) -> str:
+        """Write an HF-format directory loadable by ``from_pretrained``, tokenizer included: the model (a LoRA
+        adapter merged in), or with ``merge_lora=False`` the adapter alone, its ``base_model_name_or_path`` naming
+        ``adapter_base()`` (load it with ``init_from=<dir>`` or peft's ``AutoPeftModelForCausalLM``).
+        Raises ValueError for an adapter-only export whose base exists nowhere (see ``adapter_base``)."""
+        import copy
+        import json
+        from pathlib import Path
+
+        model = self.policy
+        if is_lora(model) and not merge_lora:
+            base = self.adapter_base()
+            model.save_pretrained(out_dir)
+            cfg_path = Path(out_dir) / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = base
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        else:
+            if is_lora(model):
+                model = copy.deepcopy(model).merge_and_unload()
+            model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
         return out_dir
