@@ -15,14 +15,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from tirl.config import CONFIG_DIR
-from tirl.pipelines.chat import ChatBackendError, ChatParams, HFChatBackend, HTTPChatBackend, build_chat_backend
+from tirl.pipelines.chat import (
+    ChatBackendError,
+    ChatParams,
+    HFChatBackend,
+    HTTPChatBackend,
+    build_chat_backend,
+)
 from tirl.pipelines.jobs import run_distill, run_tirgen
 
 pytestmark = pytest.mark.vllm
@@ -115,7 +120,9 @@ def vllm_server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "vllm_serve.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_CI_ENV": "1"}
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
+    # the OpenAI-compatible server `vllm serve` runs; vllm-cpu 0.32.0's `vllm` command itself fails at start (it asks
+    # importlib.metadata for a distribution named "vllm", while this one is "vllm-cpu")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "256", "--seed", "0"]
     if not torch.cuda.is_available():
         cmd.append("--enforce-eager")
