@@ -27,6 +27,14 @@ def test_missing_vllm_is_one_sentence(monkeypatch):
     assert "install_vllm_cpu.sh" in str(e.value) and str(e.value).count(". ") == 0
 
 
+def test_a_pipeline_backend_without_vllm_is_one_sentence(monkeypatch):
+    from tirl.pipelines.chat import ChatConfigError, build_chat_backend
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ChatConfigError, match=r"^backend kind 'vllm' needs the vllm package .* or use backend kind 'hf' or 'http'\.$"):
+        build_chat_backend({"kind": "vllm", "model": "tiny"})
+
+
 def test_a_cuda_build_without_a_gpu_is_one_sentence(monkeypatch):
     from tirl.modules.grpo import make_backend
 

@@ -246,9 +246,9 @@ class VLLMChatBackend:
         from tirl.rollout import vllm as V
 
         try:
-            device = V.check_vllm_available()
+            device = V.check_vllm_available("backend kind 'vllm'", "backend kind 'hf' or 'http'")
         except V.VLLMUnavailableError as err:
-            raise ChatConfigError(f"backend kind 'vllm' cannot start: {err}") from None
+            raise ChatConfigError(str(err)) from None
         model_dir = None
         if model in ("tiny", "tiny-warm"):
             from tirl.models.load import load_policy, load_tokenizer

