@@ -73,8 +73,8 @@ def run_tirl(args) -> dict:
     method = MethodConfig(group_size=args.G, prompts_per_step=args.N, micro_batch_size=args.N * args.G, lr=1e-5,
                           loss=LossConfig(kl_coef=args.beta, agg="token-mean"), log_samples=0)
     model = ModelConfig(name_or_path="tiny", seed=0, lora=LoraConfig(enabled=args.lora, r=8, alpha=16))
-    rollout = RolloutConfig(max_new_tokens=args.max_new, max_total_tokens=args.max_new, max_tool_rounds=0,
-                            max_prompt_tokens=128)
+    rollout = RolloutConfig(backend=args.rollout, max_new_tokens=args.max_new, max_total_tokens=args.max_new,
+                            max_tool_rounds=0, max_prompt_tokens=128)
     module = GRPOModule(method, model, rollout, SandboxConfig(workers=1), tok)
     module.reward_fn = module.accuracy_fn = length_reward
     gen_t, upd_t, sample_t, score_t = Timer(), Timer(), Timer(), Timer()
@@ -204,6 +204,8 @@ def main() -> int:
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rollout", choices=["hf", "vllm"], default="hf",
+                    help="tirl's rollout backend (vllm: run in the vLLM venv; the engine starts in the untimed warm-up step)")
     ap.add_argument("--only", choices=["tirl", "trl"], help="run one implementation in this process (internal)")
     ap.add_argument("--out", default="/tmp/tirl_bench_rl")
     args = ap.parse_args()
@@ -224,7 +226,7 @@ def main() -> int:
             print(done.stderr[-3000:], file=sys.stderr)
             return done.returncode
         results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
-    settings = {k: getattr(args, k) for k in ("N", "G", "max_new", "beta", "lora", "steps", "threads")}
+    settings = {k: getattr(args, k) for k in ("N", "G", "max_new", "beta", "lora", "steps", "threads", "rollout")}
     print(f"workload: {settings}")
     print(f"{'impl':6} {'s/step':>8} {'steps/s':>8} {'rollout tok/s':>14} {'train tok/s':>12} {'peak RSS MB':>12}")
     for r in results.values():

@@ -1,4 +1,5 @@
-"""Test-session defaults: one CPU thread, no network, W&B offline; `@pytest.mark.gpu` skips without CUDA."""
+"""Test-session defaults: one CPU thread, no network, W&B offline; `@pytest.mark.gpu` skips without CUDA and
+`@pytest.mark.vllm` without the vllm package (its own venv: scripts/install_vllm_cpu.sh, see README)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ for _name, _value in {
     "WANDB_MODE": "offline",
     "WANDB_SILENT": "true",
     "HYDRA_FULL_ERROR": "1",
+    "VLLM_CPU_CI_ENV": "1",          # vllm-cpu: no compilation or warm-up at engine start
+    "VLLM_LOGGING_LEVEL": "WARNING",
 }.items():
     os.environ.setdefault(_name, _value)
 
@@ -29,6 +32,15 @@ import wandb  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import importlib.util
+
+    vllm_items = [item for item in items if item.get_closest_marker("vllm")]
+    if vllm_items and importlib.util.find_spec("vllm") is None:
+        if os.environ.get("TIRL_REQUIRE_VLLM") == "1":   # .ci/run's vLLM group: a skip there would hide a broken venv
+            raise pytest.UsageError("TIRL_REQUIRE_VLLM=1 but vllm is not importable here; run scripts/install_vllm_cpu.sh.")
+        skip = pytest.mark.skip(reason="needs vllm: run in the vLLM venv (README: the vLLM test group)")
+        for item in vllm_items:
+            item.add_marker(skip)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return  # don't pay for importing torch when no test asks for a GPU

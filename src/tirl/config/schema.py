@@ -65,10 +65,11 @@ class RolloutConfig:
     max_tool_rounds: int = 5
     max_tool_output_chars: int = 512    # long stdout shown as head … tail
     self_correction: SelfCorrectionConfig = field(default_factory=SelfCorrectionConfig)
-    # vLLM (GPU only)
+    # vLLM: the first three apply on a GPU only (a CPU engine names those it ignores); the KV cache on a CPU is GiB
     gpu_memory_utilization: float = 0.5
     tensor_parallel_size: int = 1
     enable_sleep_mode: bool = True
+    cpu_kvcache_space_gb: int = 1       # VLLM_CPU_KVCACHE_SPACE; on a GPU the memory fraction above sizes it
 
 
 @dataclass

