@@ -99,6 +99,18 @@ def split_continuation(messages: list[dict]) -> tuple[list[dict], str | None]:
     return messages, None
 
 
+def conversation_ids(prompts: PromptEncoder, messages: list[dict]) -> list[int]:
+    """Prompt ids of a chat request, token-in-token-out as rollouts build them: the conversation through the one prompt
+    encoder (the model's template, generation prompt included), then a partial assistant turn to continue appended as
+    its own ids — its recorded tool output (``env_spans``, else ```output blocks) as plain tokens. In-process backends
+    (HF, vLLM) both send these ids, so they continue exactly the same text."""
+    convo, partial = split_continuation(messages)
+    ids = prompts.ids({"messages": convo})
+    for seg, model_written in split_model_and_tool(partial or "", messages[-1].get("env_spans") if partial else None):
+        ids += encode_text(prompts.tokenizer, seg) if model_written else encode_environment(prompts.tokenizer, seg)
+    return ids
+
+
 # ---------------------------------------------------------------- in-process HF model
 
 class HFChatBackend:
@@ -129,11 +141,7 @@ class HFChatBackend:
         from tirl.rollout.types import SamplingParams
 
         self.stats.add(requests=1)
-        convo, partial = split_continuation(messages)
-        ids = self.prompts.ids({"messages": convo})
-        if partial:   # a continued turn: its recorded tool output (env_spans, else ```output blocks) stays plain tokens
-            for seg, model_written in split_model_and_tool(partial, messages[-1].get("env_spans")):
-                ids += encode_text(self.tokenizer, seg) if model_written else encode_environment(self.tokenizer, seg)
+        ids = conversation_ids(self.prompts, messages)
         sampling = SamplingParams(max_new_tokens=params.max_tokens, temperature=params.temperature,
                                   top_p=params.top_p, stop_at_code=False)
         with self._lock:  # the model and torch's global RNG are shared by every thread
@@ -271,20 +279,21 @@ class VLLMChatBackend:
             if model_dir:
                 shutil.rmtree(model_dir, ignore_errors=True)   # read once at start-up
         self.enable_thinking = enable_thinking
+        # the prompt as training and the HF backend build it (vLLM's own chat() renders a continued turn through the
+        # template, which for Qwen3 inserts an empty think block the model never wrote)
+        self.prompts = PromptEncoder(self.llm.get_tokenizer(), enable_thinking)
         self.stats = BackendStats()
         self._lock = threading.Lock()
 
     def complete(self, messages: list[dict], params: ChatParams) -> list[str]:
         from vllm import SamplingParams
 
-        _, partial = split_continuation(messages)
         sampling = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                   max_tokens=params.max_tokens, stop=params.stop or None, seed=params.seed)
         self.stats.add(requests=1)
+        request = {"prompt_token_ids": conversation_ids(self.prompts, messages)}
         with self._lock:
-            out = self.llm.chat(plain_messages(messages), sampling, use_tqdm=False, add_generation_prompt=partial is None,
-                                continue_final_message=partial is not None,
-                                chat_template_kwargs={"enable_thinking": self.enable_thinking})
+            out = self.llm.generate([request], sampling, use_tqdm=False)
         self.stats.add(ok=1)
         return [o.text for o in out[0].outputs]
 
