@@ -61,6 +61,7 @@ def build_datamodule(typed: TypedConfig, tokenizer: Any) -> Any:
     how the model's prompts are made (thinking switch, tool rendering) and, for SFT, the loss turns."""
     kwargs = dataclasses.asdict(typed.data)
     cls = get_class(kwargs.pop("_target_"))
+    kwargs.pop("task")   # picks the reward (tirl.config.tasks), not a datamodule argument
     kwargs["synthetic"] = {k: v for k, v in kwargs["synthetic"].items() if v is not None}
     kwargs["enable_thinking"] = typed.model.enable_thinking
     kwargs["tool_prompt"] = typed.model.tool_prompt

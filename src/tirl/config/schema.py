@@ -125,7 +125,7 @@ class StepLevelConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "math"                  # math | toolcall (D-CORE) | toolcall_exact
+    name: str | None = None             # math | toolcall (D-CORE) | toolcall_exact; null: data.task's (tirl.config.tasks)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -159,6 +159,12 @@ class MethodConfig:
     # SFT
     loss_on: str = "assistant"          # assistant | last_assistant
 
+    def __post_init__(self) -> None:
+        # From the config tree, validate() has already set the reward from data.task; a MethodConfig built in Python
+        # without one scores math answers (the GRPO base's task).
+        if self.reward.name is None:
+            self.reward.name = "math"
+
 
 @dataclass
 class SyntheticConfig:
@@ -178,6 +184,7 @@ class DataConfig:
     """One datamodule; ``_target_`` picks it, the rest are its arguments."""
 
     _target_: str = "tirl.data.datamodules.RLPromptDataModule"
+    task: str | None = None             # math | toolcall: the prompts' task, which picks the reward; null: from the sources
     train: Any = None                   # source: path (jsonl/parquet), HF id, `synthetic:math`, `synthetic:toolcall`, bfcl:<category>
     val: Any = None
     test: Any = None

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tirl.config.schema import DataConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+from tirl.config.tasks import TASK_REWARDS, TASKS, data_task, is_local_path
 from tirl.errors import UserError
 
 
@@ -47,22 +48,35 @@ SCHEMAS: dict[str, type] = {
     "sandbox": SandboxConfig,
 }
 
-# Keys whose value must be one of a few names (dotted path from the config root).
+# Keys whose value must be one of a few names (dotted path from the config root); a None value passes where the
+# schema allows None (e.g. data.task). Names that tirl/rl/core.py selects from a registry are read from it
+# (``registry_choices``), so a name core accepts is never refused here.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "model.tool_prompt": ("system", "template"),
     "method.kind": ("rl", "sft"),
     "method.lr_schedule": ("constant", "cosine", "linear"),
     "method.metric_mode": ("max", "min"),
-    "method.advantage.scale": ("group", "batch", "none"),
-    "method.loss.agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-    "method.loss.kl_kind": ("k1", "k2", "k3"),
     "method.shaping.kind": ("none", "da_grpo"),
     "method.loss_on": ("assistant", "last_assistant"),
     "rollout.backend": ("hf", "vllm"),
     "sandbox.kind": ("local", "fusion"),
     "data.on_bad_line": ("error", "skip"),
+    "data.task": TASKS,
 }
+
+
+@functools.cache
+def registry_choices() -> dict[str, tuple[str, ...]]:
+    """Choices of the keys that name an entry of a registry in ``tirl.rl.core`` (imported on first use: torch)."""
+    from tirl.rl import core
+
+    return {
+        "method.advantage.scale": tuple(core.ADVANTAGE_SCALES),
+        "method.loss.agg": tuple(core.LOSS_AGGREGATIONS),
+        "method.loss.kl_kind": tuple(core.KL_ESTIMATORS),
+    }
+
 
 # Numeric keys with a range (dotted path → (lowest, highest, whether the lowest itself is allowed)).
 BOUNDS: dict[str, tuple[float, float | None, bool]] = {
@@ -178,11 +192,11 @@ def _to_dataclass(group: str, node: Any, schema: type) -> Any:
 
 
 def _check_choices(typed: TypedConfig) -> None:
-    for dotted, allowed in CHOICES.items():
+    for dotted, allowed in {**CHOICES, **registry_choices()}.items():
         obj: Any = typed
         for part in dotted.split("."):
             obj = getattr(obj, part)
-        if obj not in allowed:
+        if obj is not None and obj not in allowed:
             raise ConfigError(f"Config key '{dotted}' is {obj!r}; valid choices: {', '.join(allowed)}.")
 
 
@@ -214,12 +228,32 @@ def _group_values(cfg: DictConfig, group: str) -> Any:
     return node
 
 
+def _reward_from_task(method: Any, data: DataConfig, training: bool) -> None:
+    """Fill in ``method.reward.name`` (the method group's values, before they become a dataclass) from the data's
+    task when the method names no reward. A training run whose task nothing tells stops here in one sentence."""
+    if not isinstance(method, dict) or method.get("kind", "rl") != "rl":
+        return
+    reward = method.setdefault("reward", {})
+    if not isinstance(reward, dict) or reward.get("name") is not None:
+        return
+    task = data_task(data)
+    if task is not None:
+        reward["name"] = TASK_REWARDS[task]
+    elif training and data.train is not None and not (is_local_path(data.train) and not Path(str(data.train)).exists()):
+        raise ConfigError(f"Which task data.train={data.train} holds is not known (it picks the reward); set "
+                          "data.task=math or data.task=toolcall, or name the reward: method.reward.name=<reward>.")
+
+
 def validate(cfg: DictConfig) -> TypedConfig:
     """Check ``cfg`` (composed by Hydra) against the schemas; return the typed groups or raise ConfigError."""
     for key in cfg:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(unknown_key_message("", str(key), sorted(TOP_LEVEL_KEYS)))
-    groups = {name: _to_dataclass(name, _group_values(cfg, name), schema) for name, schema in SCHEMAS.items()}
+    nodes = {name: _group_values(cfg, name) for name in SCHEMAS}
+    data = _to_dataclass("data", nodes["data"], DataConfig)
+    _reward_from_task(nodes["method"], data, training=bool(cfg.get("train", False)))
+    groups = {name: data if name == "data" else _to_dataclass(name, nodes[name], schema)
+              for name, schema in SCHEMAS.items()}
     typed = TypedConfig(**groups)
     _check_choices(typed)
     _check_bounds(typed)
