@@ -38,11 +38,13 @@ def register_schemas() -> None:
     overridden from the command line — ``method=dcore method.step_level.enabled=true`` — with no ``+``."""
     from hydra.core.config_store import ConfigStore
 
-    from tirl.config.validate import SCHEMAS
+    from tirl.config.validate import OPTION_SCHEMAS, SCHEMAS
 
     store = ConfigStore.instance()
     for group, schema in SCHEMAS.items():
         store.store(group=group, name="_schema", node=schema)
+    for (group, option), schema in OPTION_SCHEMAS.items():   # groups whose options differ in shape: one per option
+        store.store(group=group, name=f"_schema_{option}", node=schema)
 
 
 register_schemas()
@@ -105,7 +107,7 @@ def _hide_schema_in_help() -> None:
 
     def format_config_groups(self, predicate, compact: bool = True) -> str:
         text = original(self, predicate, compact)
-        return re.sub(r"(?m)(?<=: )_schema(, |$)|^\s*_schema\n", "", text)
+        return re.sub(r"(?m)(?<=: )_schema\w*(, |$)|^\s*_schema\w*\n", "", text)
 
     format_config_groups.hides_schema = True
     hydra_internal.Hydra.format_config_groups = format_config_groups

@@ -20,7 +20,18 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tirl.config.schema import DataConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+from tirl.config.schema import (
+    BFCLTaskConfig,
+    DataConfig,
+    HFBackendConfig,
+    HTTPBackendConfig,
+    MathTaskConfig,
+    MethodConfig,
+    ModelConfig,
+    RolloutConfig,
+    SandboxConfig,
+    VLLMBackendConfig,
+)
 from tirl.config.tasks import TASK_REWARDS, TASKS, data_task, is_local_path
 from tirl.errors import UserError
 
@@ -46,6 +57,15 @@ SCHEMAS: dict[str, type] = {
     "data": DataConfig,
     "rollout": RolloutConfig,
     "sandbox": SandboxConfig,
+}
+
+# Groups whose options each have their own shape: (group, option) → schema, registered as <group>/_schema_<option>.
+OPTION_SCHEMAS: dict[tuple[str, str], type] = {
+    ("task", "math"): MathTaskConfig,
+    ("task", "bfcl"): BFCLTaskConfig,
+    ("backend", "hf"): HFBackendConfig,
+    ("backend", "http"): HTTPBackendConfig,
+    ("backend", "vllm"): VLLMBackendConfig,
 }
 
 # Keys whose value must be one of a few names (dotted path from the config root); a None value passes where the
