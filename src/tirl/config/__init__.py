@@ -94,7 +94,7 @@ def exit_on_bad_overrides(config_name: str | None = None, argv: list[str] | None
 
 
 def _hide_schema_in_help() -> None:
-    """Drop the ``_schema`` option from the groups ``--help`` lists: it is the typed base every option of a group
+    """Drop the ``_schema`` (and ``_schema_<option>``) options from the groups ``--help`` lists: it is the typed base every option of a group
     extends (``register_schemas``), not a choice. Hydra has no switch for this, so its group listing is filtered;
     should a Hydra release rename the method, help simply lists ``_schema`` again."""
     import re
@@ -107,7 +107,7 @@ def _hide_schema_in_help() -> None:
 
     def format_config_groups(self, predicate, compact: bool = True) -> str:
         text = original(self, predicate, compact)
-        return re.sub(r"(?m)(?<=: )_schema\w*(, |$)|^\s*_schema\w*\n", "", text)
+        return re.sub(r"(?m)(?<=[:,] )_schema\w*(, |$)|^\s*_schema\w*\n", "", text)
 
     format_config_groups.hides_schema = True
     hydra_internal.Hydra.format_config_groups = format_config_groups
