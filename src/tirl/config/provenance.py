@@ -94,8 +94,9 @@ def provenance(config_name: str, overrides: Sequence[str] = (), config_dir: Path
             loaded = loader._load_single_config(default=default, repo=repo).config
             source = _source_name(path)
             for key, value in _leaves(loaded):
-                if key.split(".", 1)[0] != "hydra":
-                    chains.setdefault(key, []).append((source, value))
+                if key.split(".", 1)[0] == "hydra" or (value == "???" and key in chains):
+                    continue   # OmegaConf merges a missing value (???) over a set one as no change
+                chains.setdefault(key, []).append((source, value))
         for override in parsed:   # key=value ones; group choices (method=thor) are in the defaults list above
             key = override.key_or_group
             if repo.group_exists(key) or key.split(".", 1)[0] == "hydra" or override.is_sweep_override():
