@@ -16,8 +16,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from tirl.config import CONFIG_DIR, ConfigError, validate
+from tirl.config.overrides import group_options
 from tirl.config.provenance import COMMAND_LINE, SCHEMA, overridden, provenance, record_provenance
-from tirl.config.validate import OPTION_SCHEMAS, SCHEMAS, group_options
+from tirl.config.validate import OPTION_SCHEMAS, SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [[], ["method=thor", "model=qwen8b"], ["experiment=dcore_tiny"], ["experiment=thor_qwen8b"],
