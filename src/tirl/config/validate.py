@@ -1,8 +1,8 @@
 """Check a composed config against the typed schemas and turn each group into its dataclass.
 
 Every problem a user can cause here ends in one sentence that names the dotted key and the valid choices:
-a misspelled key (with the closest valid name), a value of the wrong type, a value outside an enum, a
-required value left at ``???``, or an unknown option of a config group on the command line.
+a misspelled key (with the closest valid name), a value of the wrong type, a value outside an enum, or a
+required value left at ``???``. The command line itself is checked before Hydra runs by ``tirl.config.overrides``.
 """
 
 from __future__ import annotations
