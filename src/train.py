@@ -4,6 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from tirl.config import exit_on_bad_overrides, exit_on_config_error
+from tirl.config.provenance import exit_on_provenance_flag
 from tirl.train import run
 
 
@@ -15,4 +16,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     exit_on_bad_overrides("train")  # `method=thorr` → one sentence with the valid options, before Hydra composes
+    exit_on_provenance_flag("train")  # `--provenance`: which file set each value; prints and exits
     main()

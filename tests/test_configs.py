@@ -11,8 +11,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from tirl.config import CONFIG_DIR, ConfigError, check_overrides, check_trainer_keys, runnable, validate
+from tirl.config.overrides import group_options
 from tirl.config.schema import LoraConfig, LossConfig, MethodConfig
-from tirl.config.validate import SCHEMAS, check_key_path, group_options
+from tirl.config.validate import SCHEMAS, check_key_path
 
 MODELS = {  # option → the checkpoint it must name
     "tiny": "tiny-warm",
@@ -64,16 +65,66 @@ def test_every_model_method_hardware_combination_validates(model, method, hardwa
     assert Path(cfg.paths.log_dir).name == "logs"
 
 
-def test_tiny_model_scale_applies_after_the_method_and_only_to_tiny():
+def test_scale_is_chosen_by_the_model_or_explicitly_and_wins_over_the_method():
     tiny = validate(compose_resolved(["method=thor", "model=tiny"])).method
     real = validate(compose_resolved(["method=thor", "model=qwen8b"])).method
     assert (tiny.lr, tiny.group_size, tiny.prompts_per_step) == (1e-4, 8, 8) and (real.lr, real.group_size) == (1e-6, 16)
     assert tiny.loss.clip_high == real.loss.clip_high == 0.28          # the algorithm is THOR's either way
     assert (tiny.step_level.weight, real.step_level.weight) == (0.1, 1.0)   # L_step weighed by its token share at tiny scale
-    # model-scale values win over the rollout/data group yamls too (they come after every group)
+    # scale= picks one against the model's choice: the paper's values on the tiny model, the tiny budget on Qwen3-8B
+    assert validate(compose_resolved(["model=tiny", "scale=paper"])).method.lr == 1e-6
+    assert validate(compose_resolved(["model=qwen8b", "scale=tiny"])).method.lr == 1e-4
+    assert validate(compose_resolved(["model=tiny_scratch"])).method.lr == 1e-4
+    # the scale's values win over the rollout/data group yamls too (they come after every group)
     cfg = validate(compose_resolved(["experiment=thor_tiny"]))
     assert (cfg.method.lr_schedule, cfg.data.val_size, cfg.rollout.max_total_tokens) == ("cosine", 64, 256)
     assert validate(compose_resolved(["model=tiny", "method.lr=0.01"])).method.lr == 0.01   # the command line wins
+
+
+# What the README's commands train with. A change to any of these — in a method preset, scale/, an experiment or the
+# schema — must be deliberate: update the figure here with it. (lr, G, prompts per step, lengths, steps, clip, KL,
+# reward, the parts of each method.)
+PINNED = {
+    (): dict(  # python src/train.py: THOR at the tiny scale
+        lr=1e-4, lr_schedule="cosine", group_size=8, prompts_per_step=8, micro_batch_size=32, clip=(0.2, 0.28, 3.0),
+        kl=(0.0, "k3"), nll_coef=0.01, agg="token-mean", reward="math", task="math", shaping="none",
+        step_level=(True, 4, 0.1), episode_filter=True, rollout=(640, 128, 256, 2, 1.0), steps=(60, 10)),
+    ("method=thor", "model=qwen8b"): dict(  # the paper's THOR values, no experiment
+        lr=1e-6, lr_schedule="constant", group_size=16, prompts_per_step=4, micro_batch_size=8, clip=(0.2, 0.28, 3.0),
+        kl=(0.0, "k3"), nll_coef=0.01, agg="token-mean", reward="math", task="math", shaping="none",
+        step_level=(True, 8, 1.0), episode_filter=True, rollout=(512, 256, 1024, 5, 1.0), steps=(50, 25)),
+    ("experiment=dcore_tiny",): dict(
+        lr=2e-4, lr_schedule="cosine", group_size=8, prompts_per_step=16, micro_batch_size=32, clip=(0.2, 0.2, None),
+        kl=(0.001, "k3"), nll_coef=0.0, agg="token-mean", reward="toolcall", task="toolcall", shaping="da_grpo",
+        step_level=(False, 4, 0.1), episode_filter=False, rollout=(640, 160, 160, 0, 1.0), steps=(180, 20)),
+    ("experiment=thor_qwen8b", "data.train=x.jsonl"): dict(
+        lr=1e-6, lr_schedule="constant", group_size=16, prompts_per_step=32, micro_batch_size=2, clip=(0.2, 0.28, 3.0),
+        kl=(0.0, "k3"), nll_coef=0.01, agg="token-mean", reward="math", task="math", shaping="none",
+        step_level=(True, 8, 1.0), episode_filter=True, rollout=(1024, 4096, 16384, 5, 1.0), steps=(500, 25)),
+    ("experiment=dcore_qwen8b", "data.train=x.jsonl"): dict(
+        lr=1e-6, lr_schedule="constant", group_size=8, prompts_per_step=64, micro_batch_size=4, clip=(0.2, 0.2, None),
+        kl=(0.001, "k3"), nll_coef=0.0, agg="token-mean", reward="toolcall", task="toolcall", shaping="da_grpo",
+        step_level=(False, 8, 1.0), episode_filter=False, rollout=(4096, 4096, 4096, 0, 1.0), steps=(300, 25)),
+}
+
+
+@pytest.mark.parametrize("overrides", list(PINNED), ids=lambda o: " ".join(o) or "default")
+def test_the_readme_commands_train_with_these_values(overrides):
+    cfg = compose_resolved(list(overrides))
+    typed = validate(cfg)
+    m, r = typed.method, typed.rollout
+    got = dict(
+        lr=m.lr, lr_schedule=m.lr_schedule, group_size=m.group_size, prompts_per_step=m.prompts_per_step,
+        micro_batch_size=m.micro_batch_size, clip=(m.loss.clip_low, m.loss.clip_high, m.loss.dual_clip),
+        kl=(m.loss.kl_coef, m.loss.kl_kind), nll_coef=m.loss.nll_coef, agg=m.loss.agg, reward=m.reward.name,
+        task=typed.data.task, shaping=m.shaping.kind,
+        step_level=(m.step_level.enabled, m.step_level.group_size, m.step_level.weight),
+        episode_filter=m.episode_filter.enabled,
+        rollout=(r.max_prompt_tokens, r.max_new_tokens, r.max_total_tokens, r.max_tool_rounds, r.temperature),
+        steps=(cfg.trainer.max_steps, cfg.trainer.val_check_interval),
+    )
+    assert got == PINNED[overrides]
+    assert typed.data.batch_size == m.prompts_per_step   # the RL datamodule batches one step's prompts
 
 
 @pytest.mark.parametrize("overrides, metric, mode", [
@@ -95,7 +146,7 @@ def test_method_presets_carry_the_papers_values():
     assert (dcore.shaping.kind, dcore.shaping.alpha, dcore.shaping.delta) == ("da_grpo", 0.1, 0.5)
     assert (dcore.loss.clip_low, dcore.loss.clip_high, dcore.loss.agg) == (0.2, 0.2, "token-mean")
     assert (dcore.loss.kl_kind, dcore.loss.kl_coef, dcore.group_size, dcore.lr) == ("k3", 0.001, 8, 1e-6)
-    assert dcore.reward.name == "toolcall"
+    assert dcore.reward.name == "math"   # the default data is math: the reward is the task's, D-CORE's on toolcall data
 
     thor_cfg = compose_resolved(["method=thor", "model=qwen8b"])
     thor = validate(thor_cfg).method

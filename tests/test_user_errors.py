@@ -44,9 +44,10 @@ def preflight(train_cfg, *overrides: str) -> None:
     (["method=sft"], ["method=sft", "data=sft_jsonl data.train=<file>", "data=sft_synthetic_math",
                       "data=sft_synthetic_toolcall"]),
     (["data=sft_synthetic_math"], ["method=thor", "RL", "data=jsonl data.train=<file>", "data=synthetic_math"]),
-    (["method=dcore"], ["method=dcore", "data.train=synthetic:math", "data=synthetic_toolcall", "method=thor"]),
+    (["method=dcore", "method.reward.name=toolcall"],   # a reward the method names must fit the data's task
+     ["method=dcore", "data.train=synthetic:math", "data=synthetic_toolcall", "method=thor"]),
     (["data=synthetic_toolcall"], ["method=thor", "math answers", "data=synthetic_math", "method=dcore"]),
-    (["method=grpo", "data=bfcl", "data.train=synthetic:math"], ["data.test=bfcl:simple", "method=dcore"]),
+    (["method=grpo", "data=bfcl", "data.train=synthetic:math"], ["data.train=synthetic:math", "data.task=toolcall"]),
     (["data=jsonl", "data.train=no/such/prompts.jsonl"], ["data.train=no/such/prompts.jsonl", "does not exist"]),
     (["data=jsonl", f"data.train={SMALL_MATH}", "data.val=missing_val.jsonl"], ["data.val=missing_val.jsonl"]),
     (["init_from=no/such/run.ckpt"], ["init_from=no/such/run.ckpt", "does not exist", "init_from=null"]),
@@ -62,7 +63,7 @@ def test_a_run_that_cannot_work_fails_at_start_naming_the_key_to_change(train_cf
 
 
 @pytest.mark.parametrize("overrides", [
-    [], ["method=sft", "data=sft_synthetic_math"], ["method=dcore", "data=synthetic_toolcall"],
+    [], ["method=sft", "data=sft_synthetic_math"], ["method=dcore", "data=synthetic_toolcall"], ["method=dcore"],
     ["method=dcore", "data=bfcl", "data.train=synthetic:toolcall"], ["data=jsonl", f"data.train={SMALL_MATH}"], ["ckpt_path=last"],
 ])
 def test_runs_that_fit_together_pass_the_start_checks(train_cfg, overrides):

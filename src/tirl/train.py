@@ -28,6 +28,7 @@ from tirl.config import (
     validate,
 )
 from tirl.config.preflight import preflight_train
+from tirl.config.provenance import exit_on_provenance_flag, record_provenance
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def build_datamodule(typed: TypedConfig, tokenizer: Any) -> Any:
     how the model's prompts are made (thinking switch, tool rendering) and, for SFT, the loss turns."""
     kwargs = dataclasses.asdict(typed.data)
     cls = get_class(kwargs.pop("_target_"))
+    kwargs.pop("task")   # picks the reward (tirl.config.tasks), not a datamodule argument
     kwargs["synthetic"] = {k: v for k, v in kwargs["synthetic"].items() if v is not None}
     kwargs["enable_thinking"] = typed.model.enable_thinking
     kwargs["tool_prompt"] = typed.model.tool_prompt
@@ -101,6 +103,7 @@ def run(cfg: DictConfig) -> float | None:
     """Train (and test) as configured; return the value of ``cfg.optimized_metric``."""
     typed = validate(cfg)
     preflight_train(cfg, typed, CONFIG_DIR)   # method vs data, paths, rollout backend: before any model loads
+    record_provenance(cfg, OmegaConf.select(cfg, "paths.output_dir"))   # which file set which value, logged and saved
     check_trainer_keys(cfg.trainer)
     check_accelerator(cfg.trainer)
 
@@ -160,4 +163,5 @@ def main() -> None:
             "install with `pip install -e .` from the repository or run `python src/train.py`."
         )
     exit_on_bad_overrides("train")
+    exit_on_provenance_flag("train")
     hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")(_hydra_task)()

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tirl.config.validate import ConfigError, TypedConfig, check_overrides, check_trainer_keys, validate
+from tirl.config.overrides import check_overrides
+from tirl.config.validate import ConfigError, TypedConfig, check_trainer_keys, validate
 from tirl.config.wrapper import register_loggers, task_wrapper
 from tirl.errors import UserError
 
@@ -38,11 +39,13 @@ def register_schemas() -> None:
     overridden from the command line — ``method=dcore method.step_level.enabled=true`` — with no ``+``."""
     from hydra.core.config_store import ConfigStore
 
-    from tirl.config.validate import SCHEMAS
+    from tirl.config.validate import OPTION_SCHEMAS, SCHEMAS
 
     store = ConfigStore.instance()
     for group, schema in SCHEMAS.items():
         store.store(group=group, name="_schema", node=schema)
+    for (group, option), schema in OPTION_SCHEMAS.items():   # groups whose options differ in shape: one per option
+        store.store(group=group, name=f"_schema_{option}", node=schema)
 
 
 register_schemas()
@@ -92,7 +95,7 @@ def exit_on_bad_overrides(config_name: str | None = None, argv: list[str] | None
 
 
 def _hide_schema_in_help() -> None:
-    """Drop the ``_schema`` option from the groups ``--help`` lists: it is the typed base every option of a group
+    """Drop the ``_schema`` (and ``_schema_<option>``) options from the groups ``--help`` lists: it is the typed base every option of a group
     extends (``register_schemas``), not a choice. Hydra has no switch for this, so its group listing is filtered;
     should a Hydra release rename the method, help simply lists ``_schema`` again."""
     import re
@@ -105,7 +108,7 @@ def _hide_schema_in_help() -> None:
 
     def format_config_groups(self, predicate, compact: bool = True) -> str:
         text = original(self, predicate, compact)
-        return re.sub(r"(?m)(?<=: )_schema(, |$)|^\s*_schema\n", "", text)
+        return re.sub(r"(?m)(?<=[:,] )_schema\w*(, |$)|^\s*_schema\w*\n", "", text)
 
     format_config_groups.hides_schema = True
     hydra_internal.Hydra.format_config_groups = format_config_groups

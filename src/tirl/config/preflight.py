@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from tirl.config.schema import EpisodeFilterConfig
+from tirl.config.tasks import REWARD_TASKS, is_local_path, source_task
 from tirl.config.validate import ConfigError, TypedConfig
 
 # What each datamodule feeds: SFT chat samples or RL prompts (a user's own datamodule is not checked).
@@ -21,33 +23,15 @@ DATAMODULE_KINDS: dict[str, str] = {
     "tirl.data.datamodules.SFTDataModule": "sft",
     "tirl.data.datamodules.RLPromptDataModule": "rl",
 }
-# The task each reward scores; a source with a known task (synthetic, BFCL) must match it.
-REWARD_TASKS: dict[str, str] = {"math": "math", "toolcall": "toolcall", "toolcall_exact": "toolcall"}
 # Lightning's own names for a checkpoint to resume (not paths).
 LIGHTNING_CKPT_NAMES = frozenset({"last", "best", "hpc", "registry"})
-
-
-def source_task(spec: Any) -> str | None:
-    """The task of a data source whose kind its name tells: ``synthetic:math`` → math, ``synthetic:toolcall`` and
-    ``bfcl:<category>`` → toolcall; None for files and HF datasets (their records say)."""
-    if not isinstance(spec, str):
-        return None
-    if spec.startswith("synthetic:"):
-        name = spec.removeprefix("synthetic:")
-        return name if name in ("math", "toolcall") else None
-    return "toolcall" if spec.startswith("bfcl:") else None
-
-
-def is_local_path(spec: Any) -> bool:
-    """A data source that names a file or directory (everything but ``synthetic:``, ``bfcl:`` and ``hf:`` specs)."""
-    return isinstance(spec, str) and not spec.startswith(("synthetic:", "bfcl:", "hf:"))
 
 
 @functools.cache
 def _group_yamls(config_dir: Path, group: str) -> dict[str, Any]:
     """Option name → its yaml (as written, not composed) for the options of a config group."""
     root = config_dir / group
-    return {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in sorted(root.glob("*.yaml"))
+    return {p.stem: OmegaConf.to_container(OmegaConf.load(p)) or {} for p in sorted(root.glob("*.yaml"))
             if not p.stem.startswith("_")}
 
 
@@ -59,11 +43,14 @@ def data_groups(config_dir: Path, kind: str) -> list[str]:
 
 
 def method_groups(config_dir: Path, task: str) -> list[str]:
-    """RL ``method=`` options whose reward scores ``task`` (the schema's default reward is math)."""
+    """RL ``method=`` options that can train on ``task``: for toolcall, those whose episode filter keeps answers
+    without ``\\boxed{}`` (each yaml read over the schema defaults; its base preset is not followed)."""
     out = []
     for name, node in _group_yamls(config_dir, "method").items():
-        reward = (node.get("reward") or {}).get("name", "math")
-        if node.get("kind", "rl") == "rl" and REWARD_TASKS.get(reward) == task:
+        if node.get("kind", "rl") != "rl":
+            continue
+        episode = {**vars(EpisodeFilterConfig()), **(node.get("episode_filter") or {})}
+        if task == "math" or not (episode["enabled"] and episode["drop_no_boxed"]):
             out.append(name)
     return out
 
@@ -72,9 +59,14 @@ def _data_hint(config_dir: Path, kind: str) -> str:
     return ", ".join(f"data={n}" + (" data.train=<file>" if "jsonl" in n else "") for n in data_groups(config_dir, kind))
 
 
+def _task_data_hint(task: str) -> str:
+    picks = "data=synthetic_toolcall, data=bfcl" if task == "toolcall" else "data=synthetic_math"
+    return f"{picks} or data=jsonl data.train=<your {task} file>"
+
+
 def check_method_data(typed: TypedConfig, config_dir: Path) -> None:
-    """The method trains on what the data gives: SFT samples for ``method.kind=sft``, RL prompts for ``rl`` whose
-    task (where the source's name tells it) is the one the reward scores."""
+    """The method trains on what the data gives: SFT samples for ``method.kind=sft``; for ``rl``, prompts of the
+    task the reward scores (where a source's name tells it), and a method whose episode filter keeps them."""
     method, data = typed.method, typed.data
     kind = DATAMODULE_KINDS.get(data._target_)
     if kind is not None and kind != method.kind:
@@ -85,18 +77,27 @@ def check_method_data(typed: TypedConfig, config_dir: Path) -> None:
                           f"samples; pick RL data: {_data_hint(config_dir, 'rl')}.")
     if method.kind != "rl":
         return
-    wanted = REWARD_TASKS.get(method.reward.name)
+    wanted = REWARD_TASKS.get(str(method.reward.name))
     for split in ("train", "val", "test"):
         spec = getattr(data, split)
         got = source_task(spec)
         if wanted and got and got != wanted:
-            data_pick = "data=synthetic_toolcall, data=bfcl" if wanted == "toolcall" else "data=synthetic_math"
             methods = ", ".join(f"method={m}" for m in method_groups(config_dir, got))
             raise ConfigError(
-                f"method={method.name} scores {wanted} answers (method.reward.name={method.reward.name}) but "
-                f"data.{split}={spec} gives {got} prompts; pick {wanted} data ({data_pick} or data=jsonl "
-                f"data.train=<your {wanted} file>) or a {got} method ({methods})."
+                f"method={method.name} scores {wanted} answers (method.reward.name={method.reward.name}, "
+                f"data.task={data.task}) but data.{split}={spec} gives {got} prompts; train and evaluate on one "
+                f"task: {wanted} data ({_task_data_hint(wanted)}) or {got} data throughout with a {got} method "
+                f"({methods})."
             )
+    episode = method.episode_filter
+    if wanted == "toolcall" and episode.enabled and episode.drop_no_boxed:
+        methods = ", ".join(f"method={m}" for m in method_groups(config_dir, "toolcall"))
+        raise ConfigError(
+            f"method={method.name} drops every answer without \\boxed{{}} (method.episode_filter.drop_no_boxed=true), "
+            f"so it trains on math answers only, but the data gives toolcall prompts; pick math data "
+            f"({_task_data_hint('math')}), a method for function calling ({methods}) or set "
+            "method.episode_filter.drop_no_boxed=false."
+        )
 
 
 def check_init_from(init_from: str) -> None:

@@ -126,7 +126,7 @@ class StepLevelConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "math"                  # math | toolcall (D-CORE) | toolcall_exact
+    name: str | None = None             # math | toolcall (D-CORE) | toolcall_exact; null: data.task's (tirl.config.tasks)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -160,6 +160,12 @@ class MethodConfig:
     # SFT
     loss_on: str = "assistant"          # assistant | last_assistant
 
+    def __post_init__(self) -> None:
+        # From the config tree, validate() has already set the reward from data.task; a MethodConfig built in Python
+        # without one scores math answers (the GRPO base's task).
+        if self.reward.name is None:
+            self.reward.name = "math"
+
 
 @dataclass
 class SyntheticConfig:
@@ -179,6 +185,7 @@ class DataConfig:
     """One datamodule; ``_target_`` picks it, the rest are its arguments."""
 
     _target_: str = "tirl.data.datamodules.RLPromptDataModule"
+    task: str | None = None             # math | toolcall: the prompts' task, which picks the reward; null: from the sources
     train: Any = None                   # source: path (jsonl/parquet), HF id, `synthetic:math`, `synthetic:toolcall`, bfcl:<category>
     val: Any = None
     test: Any = None
@@ -191,3 +198,84 @@ class DataConfig:
     streaming: bool = False
     packing: bool = False
     val_size: int = 64
+
+
+# ------------------------------------------------------------------ evaluation tasks (configs/task/, eval.yaml)
+
+MATH_BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench")
+BFCL_V3_CATEGORIES = (
+    "simple", "java", "javascript", "multiple", "parallel", "parallel_multiple", "irrelevance",
+    "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance",
+    "live_relevance", "multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context",
+)
+
+
+@dataclass
+class MathTaskConfig:
+    name: str = "math"
+    bench: list[str] = field(default_factory=lambda: list(MATH_BENCHMARKS))
+    bench_dir: str | None = None        # local files <bench_dir>/<bench>.{jsonl,json,parquet} instead of the hub
+    bench_paths: dict[str, str] = field(default_factory=dict)   # per bench: a file or an HF id (wins over bench_dir)
+    limit: int | None = None            # first N problems of each benchmark
+    n_samples: int = 1                  # samples per problem: Avg@n, pass@k for k <= n, best-of-n
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    batch_size: int = 8                 # problems per generation batch (each with n_samples rollouts)
+    temperature: float = 0.6            # overrides rollout.temperature for evaluation
+    top_p: float = 0.95
+    out_dir: str | None = None          # generations cache + results; null = this run's output dir
+
+
+@dataclass
+class BFCLTaskConfig:
+    name: str = "bfcl"
+    categories: list[str] = field(default_factory=lambda: list(BFCL_V3_CATEGORIES))
+    source: str = "package"             # "package" (installed bfcl-eval) or a directory in BFCL's file layout
+    limit: int | None = None            # first N entries of each category
+    max_steps_per_turn: int = 20        # multi-turn: bfcl-eval's MAXIMUM_STEP_LIMIT
+    batch_size: int = 8                 # single-turn prompts per generation batch
+    temperature: float = 0.0            # overrides rollout.temperature (0 = greedy)
+    top_p: float = 1.0
+    lazy_min_reasoning_tokens: int = 200
+    lazy_min_reflective: int = 3
+    out_dir: str | None = None
+
+
+# ------------------------------------------------------------------ chat backends of the data pipelines (configs/backend/)
+
+
+@dataclass
+class HFBackendConfig:
+    """In-process Hugging Face model (``backend@backends.<role>=hf``)."""
+
+    kind: str = "hf"
+    model: str = "tiny"                 # HF hub id, local directory, or tiny / tiny-warm
+    dtype: str = "float32"
+    enable_thinking: bool = True
+    seed: int = 0                       # init seed of `tiny`
+
+
+@dataclass
+class HTTPBackendConfig:
+    """Any OpenAI-compatible server (``backend@backends.<role>=http``)."""
+
+    kind: str = "http"
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "tiny"
+    api_key_env: str | None = None      # name of the env var holding the key, e.g. OPENAI_API_KEY
+    max_concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    extra_body: dict[str, Any] | None = None   # merged into each request body (server-specific options)
+
+
+@dataclass
+class VLLMBackendConfig:
+    """vLLM offline engine (``backend@backends.<role>=vllm``); ``engine`` goes to ``vllm.LLM`` as keyword arguments."""
+
+    kind: str = "vllm"
+    model: str = "Qwen/Qwen3-8B"
+    enable_thinking: bool = True
+    cpu_kvcache_space_gb: int = 1       # KV cache on a CPU (GiB, VLLM_CPU_KVCACHE_SPACE); ignored on a GPU
+    engine: dict[str, Any] = field(default_factory=dict)

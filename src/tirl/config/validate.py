@@ -1,8 +1,8 @@
 """Check a composed config against the typed schemas and turn each group into its dataclass.
 
 Every problem a user can cause here ends in one sentence that names the dotted key and the valid choices:
-a misspelled key (with the closest valid name), a value of the wrong type, a value outside an enum, a
-required value left at ``???``, or an unknown option of a config group on the command line.
+a misspelled key (with the closest valid name), a value of the wrong type, a value outside an enum, or a
+required value left at ``???``. The command line itself is checked before Hydra runs by ``tirl.config.overrides``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tirl.config.schema import DataConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+from tirl.config.schema import (
+    BFCLTaskConfig,
+    DataConfig,
+    HFBackendConfig,
+    HTTPBackendConfig,
+    MathTaskConfig,
+    MethodConfig,
+    ModelConfig,
+    RolloutConfig,
+    SandboxConfig,
+    VLLMBackendConfig,
+)
+from tirl.config.tasks import TASK_REWARDS, TASKS, data_task, is_local_path
 from tirl.errors import UserError
 
 
@@ -47,22 +59,44 @@ SCHEMAS: dict[str, type] = {
     "sandbox": SandboxConfig,
 }
 
-# Keys whose value must be one of a few names (dotted path from the config root).
+# Groups whose options each have their own shape: (group, option) → schema, registered as <group>/_schema_<option>.
+OPTION_SCHEMAS: dict[tuple[str, str], type] = {
+    ("task", "math"): MathTaskConfig,
+    ("task", "bfcl"): BFCLTaskConfig,
+    ("backend", "hf"): HFBackendConfig,
+    ("backend", "http"): HTTPBackendConfig,
+    ("backend", "vllm"): VLLMBackendConfig,
+}
+
+# Keys whose value must be one of a few names (dotted path from the config root); a None value passes where the
+# schema allows None (e.g. data.task). Names that tirl/rl/core.py selects from a registry are read from it
+# (``registry_choices``), so a name core accepts is never refused here.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "model.tool_prompt": ("system", "template"),
     "method.kind": ("rl", "sft"),
     "method.lr_schedule": ("constant", "cosine", "linear"),
     "method.metric_mode": ("max", "min"),
-    "method.advantage.scale": ("group", "batch", "none"),
-    "method.loss.agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-    "method.loss.kl_kind": ("k1", "k2", "k3"),
     "method.shaping.kind": ("none", "da_grpo"),
     "method.loss_on": ("assistant", "last_assistant"),
     "rollout.backend": ("hf", "vllm"),
     "sandbox.kind": ("local", "fusion"),
     "data.on_bad_line": ("error", "skip"),
+    "data.task": TASKS,
 }
+
+
+@functools.cache
+def registry_choices() -> dict[str, tuple[str, ...]]:
+    """Choices of the keys that name an entry of a registry in ``tirl.rl.core`` (imported on first use: torch)."""
+    from tirl.rl import core
+
+    return {
+        "method.advantage.scale": tuple(core.ADVANTAGE_SCALES),
+        "method.loss.agg": tuple(core.LOSS_AGGREGATIONS),
+        "method.loss.kl_kind": tuple(core.KL_ESTIMATORS),
+    }
+
 
 # Numeric keys with a range (dotted path → (lowest, highest, whether the lowest itself is allowed)).
 BOUNDS: dict[str, tuple[float, float | None, bool]] = {
@@ -178,11 +212,11 @@ def _to_dataclass(group: str, node: Any, schema: type) -> Any:
 
 
 def _check_choices(typed: TypedConfig) -> None:
-    for dotted, allowed in CHOICES.items():
+    for dotted, allowed in {**CHOICES, **registry_choices()}.items():
         obj: Any = typed
         for part in dotted.split("."):
             obj = getattr(obj, part)
-        if obj not in allowed:
+        if obj is not None and obj not in allowed:
             raise ConfigError(f"Config key '{dotted}' is {obj!r}; valid choices: {', '.join(allowed)}.")
 
 
@@ -214,12 +248,32 @@ def _group_values(cfg: DictConfig, group: str) -> Any:
     return node
 
 
+def _reward_from_task(method: Any, data: DataConfig, training: bool) -> None:
+    """Fill in ``method.reward.name`` (the method group's values, before they become a dataclass) from the data's
+    task when the method names no reward. A training run whose task nothing tells stops here in one sentence."""
+    if not isinstance(method, dict) or method.get("kind", "rl") != "rl":
+        return
+    reward = method.setdefault("reward", {})
+    if not isinstance(reward, dict) or reward.get("name") is not None:
+        return
+    task = data_task(data)
+    if task is not None:
+        reward["name"] = TASK_REWARDS[task]
+    elif training and data.train is not None and not (is_local_path(data.train) and not Path(str(data.train)).exists()):
+        raise ConfigError(f"Which task data.train={data.train} holds is not known (it picks the reward); set "
+                          "data.task=math or data.task=toolcall, or name the reward: method.reward.name=<reward>.")
+
+
 def validate(cfg: DictConfig) -> TypedConfig:
     """Check ``cfg`` (composed by Hydra) against the schemas; return the typed groups or raise ConfigError."""
     for key in cfg:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(unknown_key_message("", str(key), sorted(TOP_LEVEL_KEYS)))
-    groups = {name: _to_dataclass(name, _group_values(cfg, name), schema) for name, schema in SCHEMAS.items()}
+    nodes = {name: _group_values(cfg, name) for name in SCHEMAS}
+    data = _to_dataclass("data", nodes["data"], DataConfig)
+    _reward_from_task(nodes["method"], data, training=bool(cfg.get("train", False)))
+    groups = {name: data if name == "data" else _to_dataclass(name, nodes[name], schema)
+              for name, schema in SCHEMAS.items()}
     typed = TypedConfig(**groups)
     _check_choices(typed)
     _check_bounds(typed)
@@ -251,15 +305,6 @@ def check_trainer_keys(trainer_cfg: Mapping) -> None:
             raise ConfigError(unknown_key_message("trainer", str(key), valid))
 
 
-# ---------------------------------------------------------------- command-line overrides, before Hydra runs
-
-
-def group_options(config_dir: Path, group: str) -> list[str]:
-    """Option names of a config group directory (yaml files, nested ones as sub/path)."""
-    root = config_dir / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
-
-
 def check_value_type(group: str, path: Sequence[str], value: str) -> None:
     """A command-line value must convert to its schema field's type (Hydra merges overrides into the schema)."""
     try:
@@ -269,137 +314,3 @@ def check_value_type(group: str, path: Sequence[str], value: str) -> None:
         raise ConfigError(
             f"Config key '{group}.{dotted}' got '{value}' (str) but expects {_expected_type(SCHEMAS[group], dotted)}."
         ) from None
-
-
-def check_overrides(argv: Sequence[str], config_dir: Path, config_name: str | None = None) -> list[str]:
-    """Reject an unknown group option (``method=thorr``) or key (``method.loss.clip_hgih=1``, ``trainer.max_stepz=5``,
-    ``init_form=x``) in argv; return argv with ``++`` added where a valid key is absent from the yaml.
-
-    Hydra would reject these too, with a multi-line message advising ``+key`` (wrong advice for a typo); this names
-    the closest valid key in one sentence. With ``config_name`` (the entry point's primary config), keys outside the
-    schema groups are checked against the composed config as well, and a key that is valid but not in any yaml — a
-    Trainer argument such as ``trainer.gradient_clip_val``, an entry of a dict field such as
-    ``task.bench_paths.math500`` — is passed on as ``++key=value``, so no key needs a ``+`` on the command line.
-    Sweep syntax (``a,b``) is checked per item; functions like ``choice(...)`` and interpolations are left to Hydra.
-    """
-    _check_groups_and_schema_keys(argv, config_dir)
-    if config_name is None:
-        return list(argv)
-    return _check_other_keys(argv, config_dir, config_name)
-
-
-def _plain_key(arg: str) -> str | None:
-    """The dotted key of a ``key=value`` override without ``+``/``~`` and outside ``hydra.*`` (else None)."""
-    if arg.startswith(("-", "+", "~")) or "=" not in arg:
-        return None
-    key = arg.split("=", 1)[0]
-    return None if key.startswith("hydra") or "@" in key else key
-
-
-def _compose_choices(argv: Sequence[str], config_dir: Path, config_name: str) -> DictConfig:
-    """The primary config composed with the argv's group choices only (first item of a sweep), to read its keys."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    choices = []
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        if (config_dir / key.lstrip("+~").split("@", 1)[0]).is_dir():
-            choices.append(f"{key}={value.split(',', 1)[0]}" if not any(c in value for c in "([") else f"{key}={value}")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            return compose(config_name, overrides=choices)
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def _open_dict(path: Sequence[str], cfg: DictConfig) -> bool:
-    """Whether the node at ``path`` is a dict field of a schema (any key allowed): ``method.reward.kwargs``,
-    ``method.module``, eval's ``task.bench_paths``."""
-    schema: Any
-    if path and path[0] in SCHEMAS:
-        schema, rest = SCHEMAS[path[0]], path[1:]
-    elif path and path[0] == "task" and OmegaConf.select(cfg, "task.name") is not None:
-        from tirl.eval.task_config import TASKS
-
-        schema, rest = TASKS.get(str(cfg.task.name)), path[1:]
-    else:
-        return False
-    hint: Any = schema
-    for part in rest:
-        nested = _nested_schema(hint)
-        if nested is None or part not in _field_types(nested):
-            return False
-        hint = _field_types(nested)[part]
-    return typing.get_origin(hint) is dict or hint is dict
-
-
-def _trainer_arguments() -> list[str]:
-    import inspect
-
-    from lightning.pytorch import Trainer
-
-    return [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
-
-
-def _check_other_keys(argv: Sequence[str], config_dir: Path, config_name: str) -> list[str]:
-    keyed = [(arg, _plain_key(arg)) for arg in argv]
-    if not any(key and not (config_dir / key).is_dir() for _, key in keyed):
-        return list(argv)   # only group choices: nothing to look up, no compose
-    cfg = _compose_choices(argv, config_dir, config_name)
-    out = []
-    for arg, key in keyed:
-        if key is None or (config_dir / key).is_dir():
-            out.append(arg)
-            continue
-        parts = key.split(".")
-        node: Any = cfg
-        for depth, part in enumerate(parts):
-            if not isinstance(node, DictConfig):
-                break   # a list index or a leaf replaced by a mapping: left to Hydra
-            if part in node:
-                node = node._get_node(part)
-                continue
-            path = parts[:depth]
-            if path == ["trainer"] and depth == len(parts) - 1:
-                valid = _trainer_arguments()
-                if part not in valid:
-                    raise ConfigError(unknown_key_message("trainer", part, valid))
-                arg = "++" + arg   # a Lightning Trainer argument the yaml does not set
-            elif _open_dict(path, cfg):
-                arg = "++" + arg   # a new entry of a dict field, e.g. task.bench_paths.<bench>
-            else:
-                raise ConfigError(unknown_key_message(".".join(path), part, [str(k) for k in node]))
-            break
-        out.append(arg)
-    return out
-
-
-def _check_groups_and_schema_keys(argv: Sequence[str], config_dir: Path) -> None:
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        deleting = key.startswith("~")
-        key = key.lstrip("+~").split("@", 1)[0]
-        if key.startswith("hydra") or any(c in value for c in "([{$"):
-            continue
-        if (config_dir / key).is_dir():
-            if deleting or value in ("", "null"):
-                continue
-            options = group_options(config_dir, key)
-            for option in value.split(","):
-                if option not in options:
-                    close = difflib.get_close_matches(option, options, n=1, cutoff=0.5)
-                    hint = f" did you mean '{close[0]}'?" if close else ""
-                    raise ConfigError(
-                        f"Unknown option '{option}' for config group '{key}';{hint} Valid choices: {', '.join(options)}."
-                    )
-        elif "." in key and key.split(".", 1)[0] in SCHEMAS:
-            group, *path = key.split(".")
-            check_key_path(path, SCHEMAS[group], group)
-            for item in value.split(","):
-                check_value_type(group, path, item)

@@ -111,7 +111,8 @@ def run_tirgen(cfg: Any, backends: dict[str, ChatBackend] | None = None, sandbox
     if own_sandbox:
         from tirl.tools.sandbox import build_sandbox
 
-        sandbox = build_sandbox(**(OmegaConf.to_container(cfg.sandbox) if isinstance(cfg.sandbox, DictConfig) else dict(cfg.sandbox)))
+        spec = OmegaConf.to_container(cfg.sandbox) if isinstance(cfg.sandbox, DictConfig) else dict(cfg.sandbox)
+        sandbox = build_sandbox(**{k: v for k, v in spec.items() if v is not None})   # the sandbox group: url null unless fusion
     f = cfg.filters
     settings = TIRGenSettings(chat_params(cfg.actor_params), chat_params(cfg.critic_params), max_steps=int(cfg.max_steps),
                               min_chars=int(f.min_chars), max_chars=int(f.max_chars),
