@@ -57,7 +57,7 @@ def test_every_model_method_hardware_combination_validates(model, method, hardwa
     assert typed.model.name_or_path == MODELS[model]
     assert typed.method.name == method
     assert cfg.trainer.accelerator == HARDWARE[hardware]
-    # RL datamodules batch prompts_per_step prompts; the interpolation must have resolved to a number
+    # RL datamodules batch rollout_batch_size prompts; the interpolation must have resolved to a number
     assert isinstance(typed.data.batch_size, int) and typed.data.batch_size > 0
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
     assert cfg.callbacks.model_checkpoint.monitor == cfg.optimized_metric == ("val/loss" if method == "sft" else "val/acc")
@@ -67,7 +67,7 @@ def test_every_model_method_hardware_combination_validates(model, method, hardwa
 def test_tiny_model_scale_applies_after_the_method_and_only_to_tiny():
     tiny = validate(compose_resolved(["method=thor", "model=tiny"])).method
     real = validate(compose_resolved(["method=thor", "model=qwen8b"])).method
-    assert (tiny.lr, tiny.group_size, tiny.prompts_per_step) == (1e-4, 8, 8) and (real.lr, real.group_size) == (1e-6, 16)
+    assert (tiny.lr, tiny.group_size, tiny.rollout_batch_size) == (1e-4, 8, 8) and (real.lr, real.group_size) == (1e-6, 16)
     assert tiny.loss.clip_high == real.loss.clip_high == 0.28          # the algorithm is THOR's either way
     assert (tiny.step_level.weight, real.step_level.weight) == (0.1, 1.0)   # L_step weighed by its token share at tiny scale
     # model-scale values win over the rollout/data group yamls too (they come after every group)
@@ -119,7 +119,7 @@ def test_validate_returns_schema_dataclasses_with_defaults_filled_in():
     assert typed.method.loss.kl_kind == "k3"  # not in thor.yaml: the schema default
     assert typed.model.lora == LoraConfig(enabled=True, r=8)
     assert typed.data.seed == 7  # data.seed interpolates the top-level seed
-    assert typed.data.batch_size == typed.method.prompts_per_step
+    assert typed.data.batch_size == typed.method.rollout_batch_size
 
 
 @pytest.mark.parametrize("preset", group_options(CONFIG_DIR, "experiment"))

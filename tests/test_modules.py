@@ -22,7 +22,7 @@ from tirl.modules.grpo import GRPOModule
 from tirl.modules.rl_batch import Sample, collate_samples
 
 TINY_RL = [
-    "model=tiny_scratch", "method.group_size=2", "method.prompts_per_step=2", "method.micro_batch_size=4",
+    "model=tiny_scratch", "method.group_size=2", "method.rollout_batch_size=2", "method.micro_batch_size=4",
     "rollout.max_new_tokens=16", "rollout.max_total_tokens=32", "rollout.max_tool_rounds=1", "data.val_size=2",
     "trainer.val_check_interval=2", "test=false", "method.lr=1e-3", "method.step_level.group_size=2",
 ]
