@@ -461,7 +461,7 @@ class GRPOModule(PolicyModule):
         # With every advantage exactly 0 and no KL term the gradient is exactly 0, but an Adam step would still move
         # the weights along its momentum; such a step is counted without touching the optimizer.
         if tb is not None and (m.loss.kl_coef > 0 or self._all_reduce(float(tb.advantages.abs().sum() > 0)) > 0):
-            metrics.update(self.update(tb, [(s.level, s.group) for s in samples] if samples else None))
+            metrics.update(self.update(tb, [(s.level, s.group) for s in samples]))   # none: the empty batch joins
             metrics["skipped_update"] = 0.0
         else:   # nothing to learn from: keep step/schedule counters moving so runs stay comparable
             metrics["skipped_update"] = 1.0
