@@ -314,3 +314,38 @@ def test_truncated_is_scales_the_policy_loss_token_by_token():
     assert torch.allclose(tb.advantages[keep], (adv * w)[keep], atol=1e-6)
     assert metrics["rollout_correction/weight_max"] == pytest.approx(1.5)
     assert 0 < metrics["rollout_correction/weight_mean"] < 1.5
+
+
+# --------------------------------------------------------------------------- start checks
+
+
+@pytest.mark.parametrize("trainer,callbacks,says", [
+    ({"max_steps": 50}, {}, "trainer.max_steps=50 is not a multiple of 4"),
+    ({"max_steps": 48, "val_check_interval": 10}, {}, "trainer.val_check_interval=10 is not a multiple of 4"),
+    ({"max_steps": 48}, {"model_checkpoint": {"every_n_train_steps": 6}},
+     "callbacks.model_checkpoint.every_n_train_steps=6 is not a multiple of 4"),
+    ({"max_steps": -1}, {}, "decays over trainer.max_steps"),
+])
+def test_step_counts_that_a_round_of_four_steps_would_break_are_one_sentence(trainer, callbacks, says):
+    from omegaconf import OmegaConf
+
+    from tirl.config.preflight import check_step_counts, lightning_step_counts
+    from tirl.config.validate import ConfigError
+
+    typed = SimpleNamespace(method=MethodConfig(rollout_batch_size=32, mini_batch_size=8, lr_schedule="cosine"))
+    cfg = OmegaConf.create({"trainer": trainer, "callbacks": callbacks})
+    with pytest.raises(ConfigError, match=says) as err:
+        check_step_counts(cfg, typed)
+    assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
+    ok = OmegaConf.create({"trainer": {"max_steps": 48, "val_check_interval": 8}, "callbacks": {}})
+    check_step_counts(ok, typed)
+    assert lightning_step_counts(ok, typed) == {"val_check_interval": 2}     # Lightning counts rounds
+
+
+def test_tis_without_recompute_and_a_non_divisor_mini_batch_fail_at_start(train_cfg):
+    from tirl.config.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="set method.old_log_probs=recompute too"):
+        validate(train_cfg("method.rollout_correction.kind=tis"))
+    with pytest.raises(ConfigError, match="must be a multiple of method.mini_batch_size=3"):
+        validate(train_cfg("method.mini_batch_size=3"))

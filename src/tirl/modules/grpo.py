@@ -2,8 +2,9 @@
 
 A step: take prompts → roll out G samples each (no grad, eval mode, through ``tirl.rollout``) → score them with
 the configured reward callable → group advantages → (optional, by config) D-CORE's entropy shaping, THOR's
-episode filter with dynamic sampling and its step-level samples → ``ppo_epochs`` passes of micro-batch
-updates whose token-mean is normalised by the global token count → clip, step, schedule → metrics.
+episode filter with dynamic sampling and its step-level samples → (``old_log_probs=recompute``) the trainer's
+own old log-probs → the round's optimizer steps: ``ppo_epochs`` passes over mini-batches of whole groups
+(``tirl.rl.schedule``), each run in micro-batches normalised by the mini-batch's global token count → metrics.
 
 D-CORE and THOR are this module with parts switched on (``tirl.modules.dcore``, ``tirl.modules.thor``), so any
 combination — DA-GRPO shaping with THOR's step level, say — is a config change.
@@ -399,7 +400,7 @@ class GRPOModule(PolicyModule):
 
     def optimizer_step_and_schedule(self, opt) -> None:
         """One optimizer step and one schedule step. Lightning's ``global_step`` (hence ``trainer.max_steps`` and the
-        schedule's length) counts optimizer steps, so an RL step with ``ppo_epochs`` = k is k of them, skipped or not."""
+        schedule's length) counts optimizer steps, so a round of k mini-batch steps is k of them, skipped or not."""
         opt.step()
         sched = self.lr_schedulers()
         if sched is not None:
