@@ -357,7 +357,7 @@ def test_tiny_dcore_run_under_two_process_ddp_trains_and_logs(tmp_path):
     cmd = [sys.executable, str(REPO / "src" / "train.py"), "model=tiny", "method=dcore", "data=synthetic_toolcall",
            "hardware=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
            "trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_size=2", "validate_before_fit=false",
-           "test=false", "method.group_size=2", "method.rollout_batch_size=2", "method.micro_batch_size=2",
+           "test=false", "method.group_size=2", "method.rollout_batch_size=4", "method.micro_batch_size=2",  # 2 a rank
            "rollout.max_new_tokens=16", "rollout.max_total_tokens=48", "rollout.max_tool_rounds=1",
            "sandbox.workers=1", "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false",
            f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path / 'logs'}"]
