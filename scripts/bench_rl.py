@@ -70,7 +70,7 @@ def run_tirl(args) -> dict:
 
     torch.set_num_threads(args.threads)
     tok = load_tiny_tokenizer()
-    method = MethodConfig(group_size=args.G, prompts_per_step=args.N, micro_batch_size=args.N * args.G, lr=1e-5,
+    method = MethodConfig(group_size=args.G, rollout_batch_size=args.N, micro_batch_size=args.N * args.G, lr=1e-5,
                           loss=LossConfig(kl_coef=args.beta, agg="token-mean"), log_samples=0)
     model = ModelConfig(name_or_path="tiny", seed=0, lora=LoraConfig(enabled=args.lora, r=8, alpha=16))
     rollout = RolloutConfig(backend=args.rollout, max_new_tokens=args.max_new, max_total_tokens=args.max_new,

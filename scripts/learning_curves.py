@@ -53,7 +53,7 @@ def run_one(task: str, method: str, seed: int, args, out: Path) -> Path:
     # the group keys that must match across the two methods of a task (the baseline inherits the preset's)
     match = [f"method.group_size={args.group_size}"]
     if args.prompts is not None:
-        match.append(f"method.prompts_per_step={args.prompts}")
+        match.append(f"method.rollout_batch_size={args.prompts}")
     cmd = [sys.executable, str(ROOT / "src/train.py"), *RUNS[task][method], *match, *shared]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", WANDB_MODE="offline")

@@ -152,7 +152,7 @@ def test_lora_sft_then_lora_rl_logs_zero_kl_at_its_first_step_and_exports_merged
 
     ckpt = train_run(tmp_path / "rl", "model=tiny", "method=grpo", "data=synthetic_math", f"init_from={stages['lora_ckpt']}",
                      "model.lora.enabled=true", "model.lora.r=4", "method.loss.kl_coef=0.1", "method.group_size=2",
-                     "method.prompts_per_step=2", "method.micro_batch_size=64", "method.ppo_epochs=1",
+                     "method.rollout_batch_size=2", "method.micro_batch_size=64", "method.ppo_epochs=1",
                      "rollout.max_new_tokens=16", "rollout.max_total_tokens=16", "rollout.max_tool_rounds=0",
                      "trainer.max_steps=1", "trainer.limit_val_batches=0", "test=false", "validate_before_fit=false",
                      "optimized_metric=null", "callbacks.model_checkpoint.monitor=null",

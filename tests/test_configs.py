@@ -58,7 +58,7 @@ def test_every_model_method_hardware_combination_validates(model, method, hardwa
     assert typed.model.name_or_path == MODELS[model]
     assert typed.method.name == method
     assert cfg.trainer.accelerator == HARDWARE[hardware]
-    # RL datamodules batch prompts_per_step prompts; the interpolation must have resolved to a number
+    # RL datamodules batch rollout_batch_size prompts; the interpolation must have resolved to a number
     assert isinstance(typed.data.batch_size, int) and typed.data.batch_size > 0
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
     assert cfg.callbacks.model_checkpoint.monitor == cfg.optimized_metric == ("val/loss" if method == "sft" else "val/acc")
@@ -68,7 +68,7 @@ def test_every_model_method_hardware_combination_validates(model, method, hardwa
 def test_scale_is_chosen_by_the_model_or_explicitly_and_wins_over_the_method():
     tiny = validate(compose_resolved(["method=thor", "model=tiny"])).method
     real = validate(compose_resolved(["method=thor", "model=qwen8b"])).method
-    assert (tiny.lr, tiny.group_size, tiny.prompts_per_step) == (1e-4, 8, 8) and (real.lr, real.group_size) == (1e-6, 16)
+    assert (tiny.lr, tiny.group_size, tiny.rollout_batch_size) == (1e-4, 8, 8) and (real.lr, real.group_size) == (1e-6, 16)
     assert tiny.loss.clip_high == real.loss.clip_high == 0.28          # the algorithm is THOR's either way
     assert (tiny.step_level.weight, real.step_level.weight) == (0.1, 1.0)   # L_step weighed by its token share at tiny scale
     # scale= picks one against the model's choice: the paper's values on the tiny model, the tiny budget on Qwen3-8B
@@ -83,28 +83,33 @@ def test_scale_is_chosen_by_the_model_or_explicitly_and_wins_over_the_method():
 
 # What the README's commands train with. A change to any of these — in a method preset, scale/, an experiment or the
 # schema — must be deliberate: update the figure here with it. (lr, G, prompts per step, lengths, steps, clip, KL,
-# reward, the parts of each method.)
+# reward, the update schedule (issue 18: the papers' rounds and mini-batches), the parts of each method.)
 PINNED = {
     (): dict(  # python src/train.py: THOR at the tiny scale
-        lr=1e-4, lr_schedule="cosine", group_size=8, prompts_per_step=8, micro_batch_size=32, clip=(0.2, 0.28, 3.0),
+        lr=1e-4, lr_schedule="cosine", group_size=8, rollout_batch_size=8, micro_batch_size=32, clip=(0.2, 0.28, 3.0),
+        schedule=(None, 1, "rollout", "tokens"), filter=(8, 2, False), step_cut=(16, 4),
         kl=(0.0, "k3"), nll_coef=0.01, agg="token-mean", reward="math", task="math", shaping="none",
         step_level=(True, 4, 0.1), episode_filter=True, rollout=(640, 128, 256, 2, 1.0), steps=(60, 10)),
     ("method=thor", "model=qwen8b"): dict(  # the paper's THOR values, no experiment
-        lr=1e-6, lr_schedule="constant", group_size=16, prompts_per_step=4, micro_batch_size=8, clip=(0.2, 0.28, 3.0),
+        lr=1e-6, lr_schedule="constant", group_size=16, rollout_batch_size=5120, micro_batch_size=8, clip=(0.2, 0.28, 3.0),
+        schedule=(128, 1, "recompute", "positive"), filter=(150, 8, True), step_cut=(100, 16),
         kl=(0.0, "k3"), nll_coef=0.01, agg="token-mean", reward="math", task="math", shaping="none",
-        step_level=(True, 8, 1.0), episode_filter=True, rollout=(512, 256, 1024, 5, 1.0), steps=(50, 25)),
+        step_level=(True, 16, 1.0), episode_filter=True, rollout=(512, 256, 1024, 5, 1.0), steps=(400, 40)),
     ("experiment=dcore_tiny",): dict(
-        lr=2e-4, lr_schedule="cosine", group_size=8, prompts_per_step=16, micro_batch_size=32, clip=(0.2, 0.2, None),
+        lr=2e-4, lr_schedule="cosine", group_size=8, rollout_batch_size=16, micro_batch_size=32, clip=(0.2, 0.2, None),
+        schedule=(None, 1, "rollout", "tokens"), filter=(8, 2, False), step_cut=(16, 4),
         kl=(0.001, "k3"), nll_coef=0.0, agg="token-mean", reward="toolcall", task="toolcall", shaping="da_grpo",
         step_level=(False, 4, 0.1), episode_filter=False, rollout=(640, 160, 160, 0, 1.0), steps=(180, 20)),
     ("experiment=thor_qwen8b", "data.train=x.jsonl"): dict(
-        lr=1e-6, lr_schedule="constant", group_size=16, prompts_per_step=32, micro_batch_size=2, clip=(0.2, 0.28, 3.0),
+        lr=1e-6, lr_schedule="constant", group_size=16, rollout_batch_size=5120, micro_batch_size=2, clip=(0.2, 0.28, 3.0),
+        schedule=(128, 1, "recompute", "positive"), filter=(150, 8, True), step_cut=(100, 16),
         kl=(0.0, "k3"), nll_coef=0.01, agg="token-mean", reward="math", task="math", shaping="none",
-        step_level=(True, 8, 1.0), episode_filter=True, rollout=(1024, 4096, 16384, 5, 1.0), steps=(500, 25)),
+        step_level=(True, 16, 1.0), episode_filter=True, rollout=(1024, 4096, 16384, 5, 1.0), steps=(400, 40)),
     ("experiment=dcore_qwen8b", "data.train=x.jsonl"): dict(
-        lr=1e-6, lr_schedule="constant", group_size=8, prompts_per_step=64, micro_batch_size=4, clip=(0.2, 0.2, None),
+        lr=1e-6, lr_schedule="constant", group_size=8, rollout_batch_size=32, micro_batch_size=4, clip=(0.2, 0.2, None),
+        schedule=(8, 1, "recompute", "tokens"), filter=(8, 2, False), step_cut=(16, 8),
         kl=(0.001, "k3"), nll_coef=0.0, agg="token-mean", reward="toolcall", task="toolcall", shaping="da_grpo",
-        step_level=(False, 8, 1.0), episode_filter=False, rollout=(4096, 4096, 4096, 0, 1.0), steps=(300, 25)),
+        step_level=(False, 8, 1.0), episode_filter=False, rollout=(8192, 4096, 4096, 0, 1.0), steps=(300, 20)),
 }
 
 
@@ -114,8 +119,12 @@ def test_the_readme_commands_train_with_these_values(overrides):
     typed = validate(cfg)
     m, r = typed.method, typed.rollout
     got = dict(
-        lr=m.lr, lr_schedule=m.lr_schedule, group_size=m.group_size, prompts_per_step=m.prompts_per_step,
+        lr=m.lr, lr_schedule=m.lr_schedule, group_size=m.group_size, rollout_batch_size=m.rollout_batch_size,
         micro_batch_size=m.micro_batch_size, clip=(m.loss.clip_low, m.loss.clip_high, m.loss.dual_clip),
+        schedule=(m.mini_batch_size, m.ppo_epochs, m.old_log_probs, m.loss.nll_norm),
+        filter=(m.episode_filter.min_response_tokens, m.episode_filter.min_group_survivors,
+                m.episode_filter.drop_zero_variance),
+        step_cut=(m.step_level.suffix_tokens, m.step_level.group_size),
         kl=(m.loss.kl_coef, m.loss.kl_kind), nll_coef=m.loss.nll_coef, agg=m.loss.agg, reward=m.reward.name,
         task=typed.data.task, shaping=m.shaping.kind,
         step_level=(m.step_level.enabled, m.step_level.group_size, m.step_level.weight),
@@ -124,7 +133,7 @@ def test_the_readme_commands_train_with_these_values(overrides):
         steps=(cfg.trainer.max_steps, cfg.trainer.val_check_interval),
     )
     assert got == PINNED[overrides]
-    assert typed.data.batch_size == m.prompts_per_step   # the RL datamodule batches one step's prompts
+    assert typed.data.batch_size == m.rollout_batch_size   # the RL datamodule batches one step's prompts
 
 
 @pytest.mark.parametrize("overrides, metric, mode", [
@@ -170,7 +179,7 @@ def test_validate_returns_schema_dataclasses_with_defaults_filled_in():
     assert typed.method.loss.kl_kind == "k3"  # not in thor.yaml: the schema default
     assert typed.model.lora == LoraConfig(enabled=True, r=8)
     assert typed.data.seed == 7  # data.seed interpolates the top-level seed
-    assert typed.data.batch_size == typed.method.prompts_per_step
+    assert typed.data.batch_size == typed.method.rollout_batch_size
 
 
 @pytest.mark.parametrize("preset", group_options(CONFIG_DIR, "experiment"))

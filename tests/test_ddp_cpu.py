@@ -123,7 +123,8 @@ def fixed_samples(module: GRPOModule) -> list[Sample]:
             logits = module.policy(input_ids=ids).logits[0, len(prompt) - 1:-1]    # [n, V]
             old = core.token_logprobs(logits, torch.tensor(resp), temperature=temperature)
         level = "episode" if i < len(RESPONSE_LENGTHS) else "step"
-        samples.append(Sample(prompt, resp, [1] * n, old.tolist(), [0.0] * n, 1.0 if i % 2 else -1.0, level))
+        samples.append(Sample(prompt, resp, [1] * n, old.tolist(), [0.0] * n, 1.0 if i % 2 else -1.0, level,
+                              group=i // 2))
     return samples
 
 
@@ -233,6 +234,79 @@ def test_split_batch_under_ddp_gives_the_one_process_gradient_even_when_ranks_ar
             assert relative_error(w - start[name].detach(), ref_final[name] - start[name].detach()) < 1e-2, name
 
 
+class MiniBatchRecordingGRPO(FixedRolloutGRPO):
+    """Also records which of the fixed samples each optimizer step's mini-batch held on this rank."""
+
+    def collect(self, records):
+        self.current_ids = SPLITS[self.updates][self.global_rank]
+        return super().collect(records)
+
+    def mini_batch_step(self, batch, rows, opt):
+        self.step_ids = [self.current_ids[r] for r in rows]
+        return super().mini_batch_step(batch, rows, opt)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        torch.save(self.step_ids, os.path.join(self.out_dir, f"ids{self.global_step}_rank{self.global_rank}.pt"))
+        super().on_before_optimizer_step(optimizer)
+
+
+def test_mini_batches_under_ddp_give_the_one_process_gradient_of_each_mini_batch_positive_nll_included(tmp_path):
+    """issue 18: a round split into 2 mini-batches of whole groups on each rank (2 optimizer steps a round), THOR's
+    NLL normalised by the positive-advantage tokens of the mini-batch over both ranks: each step's synced gradient
+    is the one-process gradient of the union of both ranks' shares of that mini-batch."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from tirl.config.schema import LossConfig
+
+    torch.set_num_threads(1)
+    kwargs = module_kwargs()
+    kwargs["method"] = MethodConfig(lr=LR, micro_batch_size=1, max_grad_norm=1e6, group_size=2, rollout_batch_size=4,
+                                    mini_batch_size=2, loss=LossConfig(nll_coef=0.5, nll_norm="positive"))
+    probe = GRPOModule(**kwargs)
+    probe.configure_model()
+    samples = fixed_samples(probe)
+    module = MiniBatchRecordingGRPO(samples, str(tmp_path), **kwargs)
+    prompts = torch.utils.data.DataLoader(list(range(WORLD * len(SPLITS))), batch_size=1, collate_fn=_one_item)
+    strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=30))
+    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=len(SPLITS) * 2,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=prompts)
+
+    ref = GRPOModule(**kwargs)
+    ref.configure_model()
+    checked = 0
+    for step in range(len(SPLITS) * 2):
+        ids = [torch.load(tmp_path / f"ids{step}_rank{r}.pt") for r in range(WORLD)]
+        union = sorted(ids[0] + ids[1])
+        split = SPLITS[step // 2]
+        for rank in range(WORLD):   # whole groups: a group's samples on this rank travel together
+            assert all((i ^ 1) in ids[rank] for i in ids[rank] if i < 4 and (i ^ 1) in split[rank]), (step, ids)
+            assert set(ids[rank]) <= set(split[rank])
+        rec = torch.load(tmp_path / f"step{step}_rank0.pt")
+        if not union:
+            continue
+        with torch.no_grad():
+            for name, p in ref.policy.named_parameters():
+                p.copy_(rec["weights"][name])
+        batch = collate_samples([samples[i] for i in union], ref.tokenizer.pad_token_id)
+        counts = {lv: ref.global_counts(batch, lv) for lv in ("episode", "step")}
+        counts["positive"] = (ref.global_positive_tokens(batch), 0.0)
+        ref.policy.zero_grad(set_to_none=True)
+        ref.micro_batch_loss(batch, counts)[0].backward()
+        for name, p in ref.policy.named_parameters():
+            if p.grad is not None and name in rec["grads"]:
+                assert relative_error(rec["grads"][name], p.grad) < 1e-5, (step, name)
+        checked += 1
+    # both mini-batches of each round together hold the round: every sample of the split, once
+    for r in range(len(SPLITS)):
+        seen = [i for step in (2 * r, 2 * r + 1) for rank in range(WORLD)
+                for i in torch.load(tmp_path / f"ids{step}_rank{rank}.pt")]
+        assert sorted(seen) == sorted(SPLITS[r][0] + SPLITS[r][1])
+    assert checked >= 5
+
+
 SFT_LOSS_TOKENS = [2, 151, 5, 40, 9]   # 5 samples, batch 1 x 2 accumulated x 2 ranks: a step of 4, then one of 1
 
 
@@ -283,7 +357,7 @@ def test_tiny_dcore_run_under_two_process_ddp_trains_and_logs(tmp_path):
     cmd = [sys.executable, str(REPO / "src" / "train.py"), "model=tiny", "method=dcore", "data=synthetic_toolcall",
            "hardware=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
            "trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_size=2", "validate_before_fit=false",
-           "test=false", "method.group_size=2", "method.prompts_per_step=2", "method.micro_batch_size=2",
+           "test=false", "method.group_size=2", "method.rollout_batch_size=4", "method.micro_batch_size=2",  # 2 a rank
            "rollout.max_new_tokens=16", "rollout.max_total_tokens=48", "rollout.max_tool_rounds=1",
            "sandbox.workers=1", "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false",
            f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path / 'logs'}"]

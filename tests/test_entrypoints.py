@@ -263,7 +263,7 @@ def test_run_wires_typed_groups_into_the_module_and_returns_the_metric(tmp_path)
     assert isinstance(RECEIVED["method"], MethodConfig) and RECEIVED["method"].group_size == 8   # tiny scale
     assert isinstance(RECEIVED["model"], ModelConfig) and RECEIVED["model"].name_or_path == "tiny-warm"
     assert isinstance(RECEIVED["rollout"], RolloutConfig) and isinstance(RECEIVED["sandbox"], SandboxConfig)
-    assert RECEIVED["init_from"] == str(tmp_path / "sft") and RECEIVED["data"].batch_size == 8   # = method.prompts_per_step (tiny scale)
+    assert RECEIVED["init_from"] == str(tmp_path / "sft") and RECEIVED["data"].batch_size == 8   # = method.rollout_batch_size (tiny scale)
     assert RECEIVED["tokenizer"].padding_side == "left" and RECEIVED["tool_prompt"] == "system"
     # the returned value is the last logged val/acc (the test stage logs test/acc, which must not replace it)
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))

@@ -22,7 +22,7 @@ from tirl.modules.grpo import GRPOModule
 from tirl.modules.rl_batch import Sample, collate_samples
 
 TINY_RL = [
-    "model=tiny_scratch", "method.group_size=2", "method.prompts_per_step=2", "method.micro_batch_size=4",
+    "model=tiny_scratch", "method.group_size=2", "method.rollout_batch_size=2", "method.micro_batch_size=4",
     "rollout.max_new_tokens=16", "rollout.max_total_tokens=32", "rollout.max_tool_rounds=1", "data.val_size=2",
     "trainer.val_check_interval=2", "test=false", "method.lr=1e-3", "method.step_level.group_size=2",
 ]
@@ -187,12 +187,18 @@ def test_dynamic_sampling_refills_a_batch_of_zero_variance_groups():
         module.teardown("fit")
 
 
-def test_resume_logs_the_same_losses_as_an_uninterrupted_run(train_cfg, tmp_path):
+# issue 18: with 2 mini-batches a round (2 optimizer steps) and recomputed old log-probs, a checkpoint between rounds
+# resumes the same shuffle (a function of the round index) and the same losses
+@pytest.mark.parametrize("schedule", [[], ["method.mini_batch_size=1", "method.old_log_probs=recompute"]],
+                         ids=["one_step_a_round", "two_mini_batches_recompute"])
+def test_resume_logs_the_same_losses_as_an_uninterrupted_run(train_cfg, tmp_path, schedule):
     from tirl.train import run
 
+    every = 2 if schedule else 1
     common = [*TINY_RL, "method=dcore", "data=synthetic_toolcall", "trainer.max_steps=4",
               "trainer.limit_val_batches=0", "optimized_metric=null", "callbacks.model_checkpoint.monitor=null",
-              "callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.model_checkpoint.save_top_k=-1"]
+              f"callbacks.model_checkpoint.every_n_train_steps={every}", "callbacks.model_checkpoint.save_top_k=-1",
+              *schedule]
     a, b = tmp_path / "a", tmp_path / "b"
     run(train_cfg(*common, out=a))
     ckpt = a / "checkpoints" / "step_000002.ckpt"
@@ -204,7 +210,8 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(train_cfg, tmp_path
 
     for key in ("train/entropy", "train/reward_mean", "train/response_len", "train/approx_kl", "train/kl", "train/loss"):
         full, resumed = by_step(rows_of(a), key), by_step(rows_of(b), key)
-        assert set(resumed) == {2, 3}, resumed                      # steps after the checkpoint (0-based)
+        # rows after the checkpoint at optimizer step 2 (metric rows count rounds: 2 rounds of 2 steps, or 4 of 1)
+        assert set(resumed) == ({1} if schedule else {2, 3}), resumed
         assert any(full[s] != 0 for s in full) or key != "train/loss"
         for s in resumed:
             assert resumed[s] == pytest.approx(full[s], abs=1e-6), (key, s)

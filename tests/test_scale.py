@@ -21,7 +21,7 @@ from tirl.config import CONFIG_DIR
 
 torch.set_num_threads(1)
 REPO = CONFIG_DIR.parent
-TINY = ["model=tiny_scratch", "method.group_size=2", "method.prompts_per_step=2", "method.micro_batch_size=4",
+TINY = ["model=tiny_scratch", "method.group_size=2", "method.rollout_batch_size=2", "method.micro_batch_size=4",
         "rollout.max_new_tokens=16", "rollout.max_total_tokens=32", "rollout.max_tool_rounds=1", "data.val_size=2",
         "test=false", "method.step_level.group_size=2", "method.step_level.max_new_tokens=16"]
 

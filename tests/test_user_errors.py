@@ -240,7 +240,7 @@ def test_a_ten_record_file_trains_with_the_default_data_settings(train_cfg, tmp_
     from tirl.train import run
 
     cfg = train_cfg("data=jsonl", f"data.train={SMALL_MATH}", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                    "method.group_size=2", "method.prompts_per_step=2", "method.val_samples=1",
+                    "method.group_size=2", "method.rollout_batch_size=2", "method.val_samples=1",
                     "rollout.max_new_tokens=16", "rollout.max_total_tokens=32", "rollout.max_tool_rounds=1",
                     "method.step_level.enabled=false", "test=false")
     assert cfg.data.val_size == 64   # the default, larger than the file

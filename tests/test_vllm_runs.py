@@ -33,7 +33,7 @@ from tirl.pipelines.jobs import run_distill, run_tirgen
 pytestmark = pytest.mark.vllm
 
 TINY_RL = [
-    "model=tiny_scratch", "method.group_size=2", "method.prompts_per_step=2", "method.micro_batch_size=4",
+    "model=tiny_scratch", "method.group_size=2", "method.rollout_batch_size=2", "method.micro_batch_size=4",
     "rollout.max_new_tokens=16", "rollout.max_total_tokens=32", "rollout.max_tool_rounds=1", "data.val_size=2",
     "trainer.val_check_interval=2", "test=false", "method.lr=1e-3", "method.step_level.group_size=2",
 ]
@@ -50,7 +50,7 @@ def test_three_rl_steps_with_vllm_rollouts_keep_rollout_and_trainer_log_probs_eq
     from tirl.train import run
 
     cfg = train_cfg(*TINY_RL, "model=tiny", f"method={method}", "data=synthetic_math", "rollout=vllm",
-                    "method.group_size=8", "method.prompts_per_step=8", "method.micro_batch_size=32",
+                    "method.group_size=8", "method.rollout_batch_size=8", "method.micro_batch_size=32",
                     "rollout.max_new_tokens=48", "rollout.max_total_tokens=96", "rollout.max_prompt_tokens=256",
                     "rollout.max_tool_rounds=1", "method.ppo_epochs=1", "trainer.max_steps=3")
     value = run(cfg)

@@ -27,7 +27,7 @@ from tirl.config import (
     task_wrapper,
     validate,
 )
-from tirl.config.preflight import preflight_train
+from tirl.config.preflight import lightning_step_counts, preflight_train
 from tirl.config.provenance import exit_on_provenance_flag, record_provenance
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,9 @@ def run(cfg: DictConfig) -> float | None:
     callbacks = [*instantiate_group(cfg.get("callbacks"), "callbacks"), ValidateAtEndOfFit()]
     loggers = instantiate_group(cfg.get("logger"), "logger")
     register_loggers(loggers)  # closed by task_wrapper even if fit raises
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # issue 18: val_check_interval is in optimizer steps; Lightning counts rounds (training_step calls)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                          **lightning_step_counts(cfg, typed))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

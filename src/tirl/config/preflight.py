@@ -140,9 +140,55 @@ def check_rollout_backend(typed: TypedConfig) -> None:
         check_vllm_available()
 
 
+def check_step_counts(cfg: Any, typed: TypedConfig) -> None:
+    """Trainer counts that would silently misbehave under a round of k optimizer steps (issue 18). Lightning's
+    ``global_step`` moves k at a time, so ``trainer.max_steps`` (and the LR decay over it) and a checkpoint's
+    ``every_n_train_steps`` must be multiples of k; ``trainer.val_check_interval`` is in optimizer steps too (tirl
+    hands Lightning ``val_check_interval / k`` rounds, ``lightning_step_counts``). A decaying LR needs max_steps."""
+    from tirl.rl.schedule import steps_per_round
+
+    m = typed.method
+    if m.kind != "rl":
+        return
+    k = steps_per_round(m.rollout_batch_size, m.mini_batch_size, m.ppo_epochs)
+    trainer = cfg.get("trainer") or {}
+    max_steps = trainer.get("max_steps", -1)
+    why = (f"one rollout round is {k} optimizer steps (method.rollout_batch_size={m.rollout_batch_size} / "
+           f"mini_batch_size={m.mini_batch_size or m.rollout_batch_size} x ppo_epochs={m.ppo_epochs})")
+    if m.lr_schedule != "constant" and not (isinstance(max_steps, int) and max_steps > 0):
+        raise ConfigError(f"method.lr_schedule={m.lr_schedule} decays over trainer.max_steps, which is {max_steps}; "
+                          f"set trainer.max_steps (a multiple of {k}) or method.lr_schedule=constant.")
+    counts = {"trainer.max_steps": max_steps if isinstance(max_steps, int) and max_steps > 0 else None}
+    interval = trainer.get("val_check_interval")
+    counts["trainer.val_check_interval"] = interval if isinstance(interval, int) and not isinstance(interval, bool) \
+        else None
+    for name, cb in (cfg.get("callbacks") or {}).items():
+        every = cb.get("every_n_train_steps") if hasattr(cb, "get") else None
+        counts[f"callbacks.{name}.every_n_train_steps"] = every or None
+    for key, value in counts.items():
+        if value is not None and value % k:
+            fix = max(k, round(value / k) * k)
+            raise ConfigError(f"{key}={value} is not a multiple of {k}: {why}, and tirl counts it in optimizer steps; "
+                              f"set {key}={fix}.")
+
+
+def lightning_step_counts(cfg: Any, typed: TypedConfig) -> dict[str, Any]:
+    """Trainer arguments to override so Lightning's batch-counted ones mean optimizer steps: an integer
+    ``val_check_interval`` (Lightning counts training batches, i.e. rounds) becomes ``val_check_interval / k``."""
+    from tirl.rl.schedule import steps_per_round
+
+    m = typed.method
+    interval = (cfg.get("trainer") or {}).get("val_check_interval")
+    if m.kind != "rl" or not isinstance(interval, int) or isinstance(interval, bool):
+        return {}
+    k = steps_per_round(m.rollout_batch_size, m.mini_batch_size, m.ppo_epochs)
+    return {"val_check_interval": max(1, interval // k)} if k > 1 else {}
+
+
 def preflight_train(cfg: Any, typed: TypedConfig, config_dir: Path) -> None:
     """All start checks of a training run (``tirl.train.run``), in the order a user would fix them."""
     check_method_data(typed, config_dir)
     check_paths(cfg, typed)
+    check_step_counts(cfg, typed)
     if typed.method.kind == "rl":
         check_rollout_backend(typed)

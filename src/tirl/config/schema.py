@@ -87,6 +87,8 @@ class LossConfig:
     kl_coef: float = 0.0                # beta; 0 = no reference pass at all
     kl_kind: str = "k3"                 # k1 | k2 | k3 (low_var_kl)
     nll_coef: float = 0.0               # lambda of the NLL term on positive-advantage tokens (THOR: 0.01)
+    nll_norm: str = "tokens"            # tokens: by the level's token-mean count | positive: by the mini-batch's
+                                        #   positive-advantage token count (THOR's release)
     norm_len: int | None = None         # seq-mean-token-sum-norm constant (default: max response tokens)
 
 
@@ -125,6 +127,14 @@ class StepLevelConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """Rollout/trainer mismatch correction (issue 18): token-level truncated IS, needs old_log_probs=recompute."""
+
+    kind: str = "none"                  # none | tis: weight min(pi_old / pi_rollout, cap) on the policy loss
+    cap: float = 2.0                    # C (verl's tis_imp_ratio_cap, TRL's vllm_importance_sampling_cap: 2)
+
+
+@dataclass
 class RewardConfig:
     name: str | None = None             # math | toolcall (D-CORE) | toolcall_exact; null: data.task's (tirl.config.tasks)
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -145,9 +155,14 @@ class MethodConfig:
     max_grad_norm: float = 1.0
     # RL
     group_size: int = 8                 # G samples per prompt
-    prompts_per_step: int = 4
-    ppo_epochs: int = 1                 # optimizer steps per rollout batch (each counts toward trainer.max_steps)
+    # update schedule (issue 18; tirl.rl.schedule): a round of rollout_batch_size prompts, split into mini-batches
+    rollout_batch_size: int = 4         # prompts rolled out per round, over all ranks (the RL data batch size)
+    mini_batch_size: int | None = None  # prompts per optimizer step over all ranks (whole groups); None = the round
+    ppo_epochs: int = 1                 # passes over the round; steps per round = ppo_epochs x rollout/mini
     micro_batch_size: int = 8           # sequences per forward/backward
+    shuffle_seed: int = 0               # seed of the per-epoch shuffle of groups into mini-batches
+    old_log_probs: str = "rollout"      # rollout (sampler's) | recompute (trainer forward before the first update)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     shaping: ShapingConfig = field(default_factory=ShapingConfig)

@@ -77,6 +77,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.kind": ("rl", "sft"),
     "method.lr_schedule": ("constant", "cosine", "linear"),
     "method.metric_mode": ("max", "min"),
+    "method.loss.nll_norm": ("tokens", "positive"),
+    "method.old_log_probs": ("rollout", "recompute"),
+    "method.rollout_correction.kind": ("none", "tis"),
     "method.shaping.kind": ("none", "da_grpo"),
     "method.loss_on": ("assistant", "last_assistant"),
     "rollout.backend": ("hf", "vllm"),
@@ -102,12 +105,13 @@ def registry_choices() -> dict[str, tuple[str, ...]]:
 BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "method.lr": (0, None, False),
     "method.group_size": (1, None, True),
-    "method.prompts_per_step": (1, None, True),
+    "method.rollout_batch_size": (1, None, True),
     "method.micro_batch_size": (1, None, True),
     "method.ppo_epochs": (1, None, True),
     "method.val_samples": (1, None, True),
     "method.loss.clip_low": (0, None, True),
     "method.loss.clip_high": (0, None, True),
+    "method.rollout_correction.cap": (0, None, False),
     "method.loss.kl_coef": (0, None, True),
     "data.batch_size": (1, None, True),
     "data.max_length": (1, None, True),
@@ -228,9 +232,26 @@ def _check_bounds(typed: TypedConfig) -> None:
         if (obj < low or (obj == low and not low_ok)) or (high is not None and obj > high):
             span = f"{'at least' if low_ok else 'above'} {low}" + (f" and at most {high}" if high is not None else "")
             raise ConfigError(f"Config key '{dotted}' is {obj!r}; it must be {span}.")
+    _check_schedule(typed.method)
     if typed.method.kind == "rl" and typed.method.group_size < 2:
         raise ConfigError(f"Config key 'method.group_size' is {typed.method.group_size}; GRPO compares samples within "
                           "a group, so RL needs at least 2.")
+
+
+def _check_schedule(method: MethodConfig) -> None:
+    """The update schedule's keys fit together (issue 18); the world-size checks wait for the trainer."""
+    from tirl.rl.schedule import ScheduleError, mini_batches_per_round
+
+    if method.mini_batch_size is not None and method.mini_batch_size < 1:
+        raise ConfigError(f"Config key 'method.mini_batch_size' is {method.mini_batch_size}; it must be at least 1, "
+                          "or null for one optimizer step per round.")
+    try:
+        mini_batches_per_round(method.rollout_batch_size, method.mini_batch_size)
+    except ScheduleError as err:
+        raise ConfigError(str(err)) from None
+    if method.rollout_correction.kind != "none" and method.old_log_probs != "recompute":
+        raise ConfigError(f"method.rollout_correction.kind={method.rollout_correction.kind} weighs the trainer's "
+                          "recomputed log-probs against the sampler's; set method.old_log_probs=recompute too.")
 
 
 def _group_values(cfg: DictConfig, group: str) -> Any:

@@ -527,9 +527,15 @@ class RLPromptDataModule(LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def _batch(self, b: int) -> PromptBatch:
+        """Global batch ``b`` is ``batch_size`` prompts over all ranks (``method.rollout_batch_size``); this rank
+        takes its contiguous share of ``batch_size / world_size``."""
         rank, world = self._rank()
-        start = (b * world + rank) * self.batch_size
-        batch = PromptBatch(r for r in (self._source.at(p) for p in range(start, start + self.batch_size))
+        if self.batch_size % world:
+            raise DataError(f"data.batch_size={self.batch_size} (method.rollout_batch_size: prompts per round over all "
+                            f"ranks) must be a multiple of the {world} training processes; change one of them.")
+        per_rank = self.batch_size // world
+        start = b * self.batch_size + rank * per_rank
+        batch = PromptBatch(r for r in (self._source.at(p) for p in range(start, start + per_rank))
                             if self._fits(r))
         batch.index = b
         return batch

@@ -2,8 +2,9 @@
 
 A step: take prompts → roll out G samples each (no grad, eval mode, through ``tirl.rollout``) → score them with
 the configured reward callable → group advantages → (optional, by config) D-CORE's entropy shaping, THOR's
-episode filter with dynamic sampling and its step-level samples → ``ppo_epochs`` passes of micro-batch
-updates whose token-mean is normalised by the global token count → clip, step, schedule → metrics.
+episode filter with dynamic sampling and its step-level samples → (``old_log_probs=recompute``) the trainer's
+own old log-probs → the round's optimizer steps: ``ppo_epochs`` passes over mini-batches of whole groups
+(``tirl.rl.schedule``), each run in micro-batches normalised by the mini-batch's global token count → metrics.
 
 D-CORE and THOR are this module with parts switched on (``tirl.modules.dcore``, ``tirl.modules.thor``), so any
 combination — DA-GRPO shaping with THOR's step level, say — is a config change.
@@ -26,9 +27,10 @@ from tirl.logging.step_metrics import log_step
 from tirl.models.load import disable_dropout
 from tirl.models.reference import make_frozen_reference, reference_model
 from tirl.modules.policy import PolicyModule
-from tirl.modules.rl_batch import Sample, SharedContextBatch, TensorBatch, collate_samples
+from tirl.modules.rl_batch import Sample, SharedContextBatch, TensorBatch, collate_samples, window_to_targets
 from tirl.rewards import get_reward
 from tirl.rl import core
+from tirl.rl.schedule import check_world_size, mini_batches_per_round, plan_round, steps_per_round
 from tirl.rollout.backend import HFBackend, has_plain_kv_cache
 from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import Trajectory
@@ -108,6 +110,8 @@ class GRPOModule(PolicyModule):
             if was:
                 log.info("RL turns dropout off (ratio and KL need one deterministic policy): %s",
                          ", ".join(f"{k}={v}" for k, v in sorted(was.items())[:4]) + (" …" if len(was) > 4 else ""))
+        if stage == "fit" and getattr(self, "_trainer", None) is not None:   # issue 18: ranks share rounds evenly
+            check_world_size(self.method_cfg.rollout_batch_size, self.method_cfg.mini_batch_size, self.trainer.world_size)
         if stage == "fit" and self.frozen_ref is None:
             self.frozen_ref = make_frozen_reference(self.policy, self.method_cfg.loss.kl_coef)
         if self.sandbox is None:
@@ -181,7 +185,8 @@ class GRPOModule(PolicyModule):
                 adv = adv / (batch_std + a.eps)
             for i, ai in zip(idx, adv.tolist()):
                 t = trajs[i]
-                samples.append(Sample(t.prompt_ids, t.response_ids, t.model_mask, t.logprobs, t.entropies, ai))
+                samples.append(Sample(t.prompt_ids, t.response_ids, t.model_mask, t.logprobs, t.entropies, ai,
+                                      group=t.meta["group"]))
         stats["groups_kept"] = len(groups)
         return samples, stats
 
@@ -241,7 +246,7 @@ class GRPOModule(PolicyModule):
             kl = core.kl_penalty(logp, ref_logp, loss_cfg.kl_kind)
             loss_tok = loss_tok + loss_cfg.kl_coef * kl
             metrics["kl"] = core.masked_mean(kl.detach(), tok.mask)
-        if loss_cfg.nll_coef > 0:
+        if loss_cfg.nll_coef > 0 and loss_cfg.nll_norm == "tokens":
             loss_tok = loss_tok + loss_cfg.nll_coef * core.nll_on_positive(logp, tok.advantages, tok.mask)
         total = logp.new_zeros(())
         # L = L_episode + w * L_step, each normalised over its own tokens (THOR: w = 1)
@@ -253,6 +258,9 @@ class GRPOModule(PolicyModule):
             n_tok, n_seq = counts[level]
             total = total + weights[level] * core.aggregate(loss_tok[rows], tok.mask[rows], loss_cfg.agg, num_tokens=n_tok,
                                            num_seqs=n_seq, norm_len=loss_cfg.norm_len or self.rollout_cfg.max_total_tokens)
+        if loss_cfg.nll_coef > 0 and loss_cfg.nll_norm == "positive":   # issue 18: THOR's normaliser, both levels
+            total = total + loss_cfg.nll_coef * core.nll_positive_mean(logp, tok.advantages, tok.mask,
+                                                                       counts["positive"][0])
         return total, metrics
 
     def _all_reduce(self, value: float, op: str = "sum") -> float:
@@ -275,42 +283,124 @@ class GRPOModule(PolicyModule):
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return dict(zip(keys, (t / dist.get_world_size()).tolist()))
 
-    def update(self, batch: TensorBatch) -> dict:
+    def global_positive_tokens(self, batch: TensorBatch) -> float:
+        """Positive-advantage loss tokens of ``batch`` over all ranks (the ``positive`` NLL normaliser)."""
+        return self._all_reduce(float(core.positive_token_count(batch.advantages, batch.mask)))
+
+    def steps_per_round(self) -> int:
+        """Optimizer steps of one rollout round (one ``training_step``): mini-batches x ppo_epochs."""
+        m = self.method_cfg
+        return steps_per_round(m.rollout_batch_size, m.mini_batch_size, m.ppo_epochs)
+
+    def update(self, batch: TensorBatch, groups: list | None = None) -> dict:
+        """The round's optimizer steps (``tirl.rl.schedule.plan_round``): per epoch, the groups shuffled into the
+        fixed number of mini-batches, each one step. ``groups``: a key per row (rows sharing a key stay in one
+        mini-batch); None = every row its own group. Per-step metrics land in ``self.last_step_metrics``."""
         m = self.method_cfg
         opt = self.optimizers()
-        counts = {lv: self.global_counts(batch, lv) for lv in ("episode", "step")}
+        keys = groups if groups is not None else list(range(len(batch)))
+        k = self.steps_per_round()
+        plan = plan_round(keys, mini_batches_per_round(m.rollout_batch_size, m.mini_batch_size), m.ppo_epochs,
+                          m.shuffle_seed, self.global_step // k, self.global_rank)
+        self.last_step_metrics = [self.mini_batch_step(batch, rows, opt) for rows in plan]
+        out: dict[str, float] = {}
+        for key in {key for step in self.last_step_metrics for key in step}:
+            out[key] = sum(step.get(key, 0.0) for step in self.last_step_metrics) / len(plan)
+        return out
+
+    def mini_batch_step(self, batch: TensorBatch, rows: list[int], opt) -> dict[str, float]:
+        """One optimizer step on rows ``rows`` of the round: micro-batches normalised by this mini-batch's global
+        counts (all its micro-batches, all ranks), gradient clip, step, schedule. An empty share (this rank got no
+        group for this mini-batch) still joins every gradient sync with zero-weighted passes."""
+        m = self.method_cfg
+        mini = batch.select(rows) if rows else self.empty_batch()
+        counts = {lv: self.global_counts(mini, lv) for lv in ("episode", "step")}
+        if m.loss.nll_coef > 0 and m.loss.nll_norm == "positive":
+            counts["positive"] = (self.global_positive_tokens(mini), 0.0)
         logs: dict[str, list[float]] = defaultdict(list)
-        order = list(range(len(batch)))
+        order = list(range(len(rows)))
         chunks = [order[s:s + m.micro_batch_size] for s in range(0, len(order), m.micro_batch_size)]
         # every rank must run as many backward passes as the busiest one (DDP syncs gradients in each), so
         # ranks with fewer samples add zero-weighted passes
         n_passes = int(self._all_reduce(len(chunks), "max"))
-        for _ in range(m.ppo_epochs):
-            opt.zero_grad(set_to_none=True)
-            for k in range(n_passes):
-                idx, weight = (chunks[k], 1.0) if k < len(chunks) else (chunks[0], 0.0)
-                mb = batch.select(idx).to(self.device)
-                loss, metrics = self.micro_batch_loss(mb, counts)
-                # each rank's loss is already divided by the token count of ALL ranks; DDP/FSDP then average
-                # gradients over ranks, so scale back up to make the result the global token-mean's gradient
-                self.manual_backward(loss * (weight * self.trainer.world_size))
-                if weight:
-                    logs["loss"].append(loss.item())
-                    w = mb.mask.sum().item()
-                    for key, v in metrics.items():
-                        logs[key].append(float(v) * w)
-                    logs["_w"].append(w)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), m.max_grad_norm)
-            logs["grad_norm"].append(float(grad_norm))
-            self.optimizer_step_and_schedule(opt)
+        opt.zero_grad(set_to_none=True)
+        for k in range(n_passes):
+            idx, weight = (chunks[k], 1.0) if k < len(chunks) else ((chunks or [[0]])[0], 0.0)
+            mb = mini.select(idx).to(self.device)
+            loss, metrics = self.micro_batch_loss(mb, counts)
+            # each rank's loss is already divided by the token count of ALL ranks; DDP/FSDP then average
+            # gradients over ranks, so scale back up to make the result the global token-mean's gradient
+            self.manual_backward(loss * (weight * self.trainer.world_size))
+            if weight:
+                logs["loss"].append(loss.item())
+                w = mb.mask.sum().item()
+                for key, v in metrics.items():
+                    logs[key].append(float(v) * w)
+                logs["_w"].append(w)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), m.max_grad_norm)
+        self.optimizer_step_and_schedule(opt)
         wsum = max(sum(logs.pop("_w", [])), 1.0)
-        out = {"loss": sum(logs.pop("loss", [])) / m.ppo_epochs, "grad_norm": sum(logs.pop("grad_norm")) / m.ppo_epochs}
-        out.update({k: sum(v) / wsum / m.ppo_epochs for k, v in logs.items()})
+        out = {"loss": sum(logs.pop("loss", [])), "grad_norm": float(grad_norm)}
+        out.update({key: sum(v) / wsum for key, v in logs.items()})
         return out
+
+    # ------------------------------------------------------------------ issue 18: behaviour log-probs, mismatch
+    @torch.no_grad()
+    def recompute_old_log_probs(self, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainer's own log-probs and full-vocabulary entropies [N, L-1] of every loss token of the round,
+        before any update (verl's ``compute_log_prob``), read the way the update reads them (shared contexts,
+        response windows) so the first step's ratio is 1 to float precision. Other positions keep their values."""
+        m = self.method_cfg
+        temperature = self.rollout_cfg.temperature or 1.0
+        logp_all, ent_all = batch.old_logp.clone(), batch.entropy.clone()
+        order = list(range(len(batch)))
+        chunks = [order[s:s + m.micro_batch_size] for s in range(0, len(order), m.micro_batch_size)]
+        n_passes = int(self._all_reduce(len(chunks), "max"))   # FSDP: every rank joins every forward
+        for k in range(n_passes):
+            idx = chunks[min(k, len(chunks) - 1)]
+            mb = batch.select(idx).to(self.device)
+            shared = mb.shared_contexts() if self.can_share_contexts() else None
+            tok = shared.tokens if shared is not None else mb.response_window()
+            logits = self.sequence_logits(self.policy, tok, shared)
+            if k >= len(chunks):
+                continue
+            logp = window_to_targets(core.token_logprobs(logits, tok.targets, temperature), mb, shared).cpu()
+            ent = window_to_targets(core.token_entropy(logits, temperature), mb, shared).cpu()
+            ix, width, keep = torch.tensor(idx), mb.mask.shape[1], mb.mask.bool().cpu()
+            logp_all[ix, :width] = torch.where(keep, logp.to(logp_all.dtype), logp_all[ix, :width])
+            ent_all[ix, :width] = torch.where(keep, ent.to(ent_all.dtype), ent_all[ix, :width])
+        return logp_all, ent_all
+
+    def behaviour_log_probs(self, tb: TensorBatch) -> dict[str, float]:
+        """With ``method.old_log_probs=recompute``: replace the sampler's log-probs and entropies in ``tb`` by the
+        trainer's (DA-GRPO then shapes with these entropies) and report the mismatch; else nothing."""
+        if self.method_cfg.old_log_probs != "recompute":
+            return {}
+        rollout_logp = tb.old_logp
+        tb.old_logp, tb.entropy = self.recompute_old_log_probs(tb)
+        self._rollout_logp = rollout_logp
+        diff = (tb.old_logp - rollout_logp).abs() * tb.mask
+        return {"rollout_mismatch/kl_k3": core.mismatch_kl_k3(tb.old_logp, rollout_logp, tb.mask).item(),
+                "rollout_mismatch/max_abs_logp_diff": diff.max().item() if diff.numel() else 0.0}
+
+    def correct_rollout_mismatch(self, tb: TensorBatch) -> dict[str, float]:
+        """``method.rollout_correction.kind=tis``: scale each token's advantage by min(π_old/π_rollout, C). The
+        clipped (and dual-clipped) PPO loss is positively homogeneous in A, so this is the policy loss times the
+        weight, as verl and TRL apply it; signs (clip metrics, positive-NLL tokens) are unchanged."""
+        c = self.method_cfg.rollout_correction
+        rollout_logp = getattr(self, "_rollout_logp", None)
+        self._rollout_logp = None
+        if c.kind != "tis" or rollout_logp is None:
+            return {}
+        w = core.truncated_is_weights(tb.old_logp, rollout_logp, tb.mask, c.cap)
+        tb.advantages = tb.advantages * w
+        keep = tb.mask.bool()
+        return {"rollout_correction/weight_mean": core.masked_mean(w, keep).item(),
+                "rollout_correction/weight_max": w[keep].max().item() if keep.any() else 0.0}
 
     def optimizer_step_and_schedule(self, opt) -> None:
         """One optimizer step and one schedule step. Lightning's ``global_step`` (hence ``trainer.max_steps`` and the
-        schedule's length) counts optimizer steps, so an RL step with ``ppo_epochs`` = k is k of them, skipped or not."""
+        schedule's length) counts optimizer steps, so a round of k mini-batch steps is k of them, skipped or not."""
         opt.step()
         sched = self.lr_schedulers()
         if sched is not None:
@@ -362,21 +452,23 @@ class GRPOModule(PolicyModule):
         tb = None
         if self._all_reduce(len(samples)) > 0:   # decided on the global count so every rank agrees
             tb = collate_samples(samples, self.tokenizer.pad_token_id) if samples else self.empty_batch()
+            metrics.update(self.behaviour_log_probs(tb))       # issue 18: recompute before shaping reads entropy
             if m.shaping.kind != "none":
                 from tirl.modules.dcore import shape_advantages
 
                 tb.advantages, shaped = shape_advantages(tb.advantages, tb.entropy, tb.mask, m.shaping)
                 metrics["shaping/shaped_token_frac"] = shaped
+            metrics.update(self.correct_rollout_mismatch(tb))  # issue 18: after shaping, on the final advantages
         # With every advantage exactly 0 and no KL term the gradient is exactly 0, but an Adam step would still move
         # the weights along its momentum; such a step is counted without touching the optimizer.
         if tb is not None and (m.loss.kl_coef > 0 or self._all_reduce(float(tb.advantages.abs().sum() > 0)) > 0):
-            metrics.update(self.update(tb))
+            metrics.update(self.update(tb, [(s.level, s.group) for s in samples]))   # none: the empty batch joins
             metrics["skipped_update"] = 0.0
         else:   # nothing to learn from: keep step/schedule counters moving so runs stay comparable
             metrics["skipped_update"] = 1.0
             opt = self.optimizers()
             opt.zero_grad(set_to_none=True)
-            for _ in range(m.ppo_epochs):   # no gradients: parameters are untouched, but the steps count
+            for _ in range(self.steps_per_round()):   # no gradients: parameters are untouched, but the steps count
                 self.optimizer_step_and_schedule(opt)
         metrics = self.mean_over_ranks(metrics)
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, prog_bar=False, on_step=True,

@@ -18,6 +18,7 @@ class Sample:
     entropies: list[float]
     advantage: float
     level: str = "episode"        # episode | step (THOR)
+    group: int = 0                # samples of one (level, group) share an advantage baseline: a mini-batch keeps them
 
 
 @dataclass
@@ -141,3 +142,16 @@ def collate_samples(samples: list[Sample], pad_id: int) -> TensorBatch:
         ent[i, sl] = torch.tensor(s.entropies)
         adv[i, sl] = s.advantage
     return TensorBatch(ids, attn, ids[:, 1:].clone(), mask, old, ent, adv * mask, [s.level for s in samples])
+
+
+def window_to_targets(values: torch.Tensor, mb: TensorBatch, shared: SharedContextBatch | None) -> torch.Tensor:
+    """Per-token ``values`` of the tensors a loss pass reads (``mb.response_window()`` [N, W], or ``shared.tokens``
+    [N, R]) put back in ``mb``'s target columns [N, L-1]; 0 where the pass read nothing."""
+    out = values.new_zeros(mb.mask.shape)
+    if shared is None:
+        out[:, mb.mask.shape[1] - values.shape[1]:] = values
+        return out
+    valid = shared.tokens.attention_mask.bool()                                        # [N, R]
+    rows = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(valid)
+    out[rows[valid], (shared.position_ids - 1)[valid]] = values[valid]       # continuation k is column ctx_len-1+k
+    return out

@@ -406,3 +406,49 @@ def nll_on_positive(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
     adv = _per_token(advantages, mask, "advantages")
     keep = mask.bool() & (adv > 0)
     return torch.where(keep, -logp, torch.zeros_like(logp))
+
+
+def positive_token_count(advantages: Tensor, mask: Tensor) -> int:
+    """Loss tokens with advantage > 0: the local share of the ``positive`` NLL normaliser (sum it over the
+    mini-batch's micro-batches and ranks before dividing; see ``nll_positive_mean``)."""
+    adv = _per_token(advantages, mask, "advantages")
+    return int((mask.bool() & (adv > 0)).sum())
+
+
+def nll_positive_mean(logp: Tensor, advantages: Tensor, mask: Tensor, num_positive: int | float | Tensor) -> Tensor:
+    """THOR's NLL term as released: -sum of logp over positive-advantage loss tokens / ``num_positive``. Scalar.
+
+    logp, mask: [B, T]; advantages: [B] or [B, T]. ``num_positive`` is the count of positive-advantage tokens over
+    the WHOLE mini-batch (all micro-batches and ranks), so summing the micro-batch results gives the mini-batch's
+    value exactly (THOR's actor divides per micro-batch instead, which makes it depend on the micro-batch size).
+    Source: THOR's released verl fork, actor NLL loss on positive-advantage tokens (coefficient λ = 0.01 there).
+    """
+    return masked_sum(nll_on_positive(logp, advantages, mask), mask) / _as_count(num_positive, mask.to(logp.dtype).sum())
+
+
+# --------------------------------------------------------------------------- rollout / trainer mismatch
+
+
+def truncated_is_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Token-level truncated importance weights min(π_old / π_rollout, cap) [B, T], detached; 0 on padding.
+
+    old_logp: the trainer's recomputed log-probs of the sampled tokens (``method.old_log_probs=recompute``);
+    rollout_logp: the sampler's log-probs of the same tokens, as the sampler reports them. Both [B, T].
+    Raises ValueError for cap <= 0. Source: "truncated importance sampling" for rollout/trainer mismatch
+    (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"; verl's
+    ``tis_imp_ratio_cap``, TRL's ``vllm_importance_sampling_cap``). The log-ratio is clamped to ±20 as the
+    policy loss's is, so a token the sampler gave ~0 mass cannot overflow (it is capped anyway).
+    """
+    if not cap > 0:
+        raise ValueError(f"the truncated-IS cap must be > 0 (verl and TRL use 2), got {cap}.")
+    keep = mask.bool()
+    log_w = torch.where(keep, old_logp - rollout_logp, torch.zeros_like(old_logp)).detach().clamp(-20.0, 20.0)
+    return torch.where(keep, log_w.exp().clamp(max=cap), torch.zeros_like(log_w))
+
+
+def mismatch_kl_k3(trainer_logp: Tensor, rollout_logp: Tensor, mask: Tensor) -> Tensor:
+    """k3 estimate of KL(rollout ‖ trainer) from tokens the sampler drew: mean over mask of r - 1 - log r with
+    r = π_trainer / π_rollout (Schulman's estimator; ≥ 0 per token, 0 when both agree). Scalar, detached."""
+    keep = mask.bool()
+    log_r = torch.where(keep, trainer_logp - rollout_logp, torch.zeros_like(trainer_logp)).detach().clamp(-20.0, 20.0)
+    return masked_mean(log_r.exp() - 1.0 - log_r, keep)
