@@ -12,9 +12,9 @@ import pytest
 
 from tirl.config.schema import RolloutConfig, SelfCorrectionConfig, StepLevelConfig
 from tirl.data.prompts import PromptEncoder, math_record, task_messages
+from tirl.methods.step_level import StepLevel
 from tirl.models.load import load_policy, load_tokenizer
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
-from tirl.modules.thor import StepLevel
 from tirl.rollout.backend import HFBackend
 from tirl.rollout.scripted import ScriptedBackend
 from tirl.rollout.tool_loop import ToolLoop

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from tirl.config.schema import LoraConfig, LossConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+from tirl.models.forward import sequence_logits
 from tirl.models.load import ModelNotFoundError, load_policy
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 from tirl.modules.grpo import GRPOModule
 from tirl.modules.policy import PolicyModule
-from tirl.modules.rl_batch import Sample, TensorBatch, collate_samples
 from tirl.rl import core
+from tirl.rl.batch import Sample, TensorBatch, collate_samples
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 SFT_RUN = ["model=tiny", "method=sft", "data=sft_synthetic_math", "data.synthetic.size=16", "data.batch_size=4",
@@ -238,7 +239,7 @@ def test_first_update_pass_has_ratio_one_and_no_clipping_with_dropout(source, dr
                                      1.0 if k % 2 else -1.0) for k, t in enumerate(trajs)], module.tokenizer.pad_token_id)
         module.policy.train()           # as Lightning leaves it in training_step
         tok = tb.response_window()
-        logp = core.token_logprobs(module.sequence_logits(module.policy, tok, None), tok.targets,
+        logp = core.token_logprobs(sequence_logits(module.policy, tok, None), tok.targets,
                                    temperature=module.rollout_cfg.temperature)
         ratio = torch.exp(logp - tok.old_logp)[tok.mask.bool()]
         # against the sampler's own log-probs: equal up to fp32 resolution (a log-prob near -5 is exact to ~5e-7,
@@ -251,7 +252,7 @@ def test_first_update_pass_has_ratio_one_and_no_clipping_with_dropout(source, dr
         # the update's own forward, twice in train mode, is deterministic: ratio exactly 1 against itself
         tb2 = probe_batch(module)
         tok2 = tb2.response_window()
-        logp2 = core.token_logprobs(module.sequence_logits(module.policy.train(), tok2, None), tok2.targets)
+        logp2 = core.token_logprobs(sequence_logits(module.policy.train(), tok2, None), tok2.targets)
         assert (torch.exp(logp2 - tok2.old_logp)[tok2.mask.bool()] - 1).abs().max() <= 1e-6
     finally:
         module.teardown("fit")

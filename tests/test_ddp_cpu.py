@@ -26,8 +26,8 @@ from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, Sandbox
 from tirl.data.synthetic_toolcall import CATEGORIES
 from tirl.models.tiny import load_tiny_tokenizer
 from tirl.modules.grpo import GRPOModule
-from tirl.modules.rl_batch import Sample, collate_samples
 from tirl.rl import core
+from tirl.rl.batch import Sample, collate_samples
 from tirl.rollout.types import Trajectory
 
 pytestmark = pytest.mark.slow   # each test starts real processes: ~20 s apiece on two loaded cores

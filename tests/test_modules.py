@@ -19,7 +19,7 @@ from tirl.config.schema import (
 )
 from tirl.models.tiny import load_tiny_tokenizer
 from tirl.modules.grpo import GRPOModule
-from tirl.modules.rl_batch import Sample, collate_samples
+from tirl.rl.batch import Sample, collate_samples
 
 TINY_RL = [
     "model=tiny_scratch", "method.group_size=2", "method.prompts_per_step=2", "method.micro_batch_size=4",
@@ -332,7 +332,7 @@ def test_a_prompt_over_the_budget_keeps_its_end_and_is_reported_once(caplog):
 
 
 def test_held_out_accuracy_is_broken_down_by_category_and_level():
-    from tirl.modules.grpo import record_kind
+    from tirl.modules.validation import record_kind
 
     assert record_kind({"category": "parallel"}) == "parallel" and record_kind({"level": 3}) == "level3"
     assert record_kind({"messages": []}) is None

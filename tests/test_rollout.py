@@ -4,13 +4,12 @@ import pytest
 import torch
 
 from tirl.config.schema import RolloutConfig, SelfCorrectionConfig
+from tirl.models.kv_cache import growing_cache, has_plain_kv_cache
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 from tirl.rl.core import token_entropy, token_logprobs
 from tirl.rollout.backend import (
     HFBackend,
     filter_logits,
-    growing_cache,
-    has_plain_kv_cache,
     merged_lora,
     sample_tokens,
 )
@@ -74,8 +73,8 @@ def test_environment_text_is_plain_tokens_and_not_the_models(tok, sandbox):
     from types import SimpleNamespace
 
     from tirl.config.schema import EpisodeFilterConfig
+    from tirl.methods.episode_filter import EpisodeFilter
     from tirl.modules.grpo import GRPOModule
-    from tirl.modules.thor import EpisodeFilter
     from tirl.rewards.math import MathAnswerReward
 
     turns = [f"<think>\nRun it.\n```python\n{HOSTILE_CODE}\n```", "\nI cannot tell.\n</think>\n\nNo answer."]

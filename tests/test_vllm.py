@@ -27,7 +27,7 @@ def test_no_gpu_is_one_sentence(monkeypatch):
 
 
 def test_make_backend_routes_vllm_to_the_same_error(monkeypatch):
-    from tirl.modules.grpo import make_backend
+    from tirl.rollout.backend import make_backend
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(V.VLLMUnavailableError):

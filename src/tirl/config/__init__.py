@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tirl.config.validate import ConfigError, TypedConfig, check_overrides, check_trainer_keys, validate
+from tirl.config.overrides import check_overrides
+from tirl.config.validate import ConfigError, TypedConfig, check_trainer_keys, validate
 from tirl.config.wrapper import register_loggers, task_wrapper
 from tirl.errors import UserError
 

@@ -190,3 +190,45 @@ class DataConfig:
     streaming: bool = False
     packing: bool = False
     val_size: int = 64
+
+
+# ---------------------------------------------------------------- evaluation tasks (configs/task/, eval.yaml)
+MATH_BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench")
+BFCL_V3_CATEGORIES = (
+    "simple", "java", "javascript", "multiple", "parallel", "parallel_multiple", "irrelevance",
+    "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance",
+    "live_relevance", "multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context",
+)
+
+
+@dataclass
+class MathTaskConfig:
+    name: str = "math"
+    bench: list[str] = field(default_factory=lambda: list(MATH_BENCHMARKS))
+    bench_dir: str | None = None        # local files <bench_dir>/<bench>.{jsonl,json,parquet} instead of the hub
+    bench_paths: dict[str, str] = field(default_factory=dict)   # per bench: a file or an HF id (wins over bench_dir)
+    limit: int | None = None            # first N problems of each benchmark
+    n_samples: int = 1                  # samples per problem: Avg@n, pass@k for k <= n, best-of-n
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    batch_size: int = 8                 # problems per generation batch (each with n_samples rollouts)
+    temperature: float = 0.6            # overrides rollout.temperature for evaluation
+    top_p: float = 0.95
+    out_dir: str | None = None          # generations cache + results; null = this run's output dir
+
+
+@dataclass
+class BFCLTaskConfig:
+    name: str = "bfcl"
+    categories: list[str] = field(default_factory=lambda: list(BFCL_V3_CATEGORIES))
+    source: str = "package"             # "package" (installed bfcl-eval) or a directory in BFCL's file layout
+    limit: int | None = None            # first N entries of each category
+    max_steps_per_turn: int = 20        # multi-turn: bfcl-eval's MAXIMUM_STEP_LIMIT
+    batch_size: int = 8                 # single-turn prompts per generation batch
+    temperature: float = 0.0            # overrides rollout.temperature (0 = greedy)
+    top_p: float = 1.0
+    lazy_min_reasoning_tokens: int = 200
+    lazy_min_reflective: int = 3
+    out_dir: str | None = None
+
+
+TASKS: dict[str, type] = {"math": MathTaskConfig, "bfcl": BFCLTaskConfig}

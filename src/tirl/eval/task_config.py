@@ -1,59 +1,23 @@
-"""Typed schemas of the evaluation tasks (``configs/task/{math,bfcl}.yaml``) and the check of a composed eval config.
+"""The check of a composed eval config; the typed task schemas (``configs/task/{math,bfcl}.yaml``) are in
+``tirl.config.schema``.
 
 eval.yaml has a few keys train.yaml does not (``task``, ``bench``, ``device``); the shared groups (model, rollout,
-sandbox, ...) are checked by ``tirl.config.validate`` exactly as for training, the task by the dataclasses here.
+sandbox, ...) are checked by ``tirl.config.validate`` exactly as for training, the task here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from tirl.config import ConfigError, TypedConfig, validate
+from tirl.config.schema import MATH_BENCHMARKS, TASKS, BFCLTaskConfig, MathTaskConfig
 from tirl.config.validate import _group_values, _to_dataclass, unknown_key_message
 
-MATH_BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench")
-BFCL_V3_CATEGORIES = (
-    "simple", "java", "javascript", "multiple", "parallel", "parallel_multiple", "irrelevance",
-    "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance",
-    "live_relevance", "multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context",
-)
+__all__ = ["MATH_BENCHMARKS", "TASKS", "BFCLTaskConfig", "MathTaskConfig", "check_eval_sources", "validate_eval"]
 
-
-@dataclass
-class MathTaskConfig:
-    name: str = "math"
-    bench: list[str] = field(default_factory=lambda: list(MATH_BENCHMARKS))
-    bench_dir: str | None = None        # local files <bench_dir>/<bench>.{jsonl,json,parquet} instead of the hub
-    bench_paths: dict[str, str] = field(default_factory=dict)   # per bench: a file or an HF id (wins over bench_dir)
-    limit: int | None = None            # first N problems of each benchmark
-    n_samples: int = 1                  # samples per problem: Avg@n, pass@k for k <= n, best-of-n
-    pass_k: list[int] = field(default_factory=lambda: [1])
-    batch_size: int = 8                 # problems per generation batch (each with n_samples rollouts)
-    temperature: float = 0.6            # overrides rollout.temperature for evaluation
-    top_p: float = 0.95
-    out_dir: str | None = None          # generations cache + results; null = this run's output dir
-
-
-@dataclass
-class BFCLTaskConfig:
-    name: str = "bfcl"
-    categories: list[str] = field(default_factory=lambda: list(BFCL_V3_CATEGORIES))
-    source: str = "package"             # "package" (installed bfcl-eval) or a directory in BFCL's file layout
-    limit: int | None = None            # first N entries of each category
-    max_steps_per_turn: int = 20        # multi-turn: bfcl-eval's MAXIMUM_STEP_LIMIT
-    batch_size: int = 8                 # single-turn prompts per generation batch
-    temperature: float = 0.0            # overrides rollout.temperature (0 = greedy)
-    top_p: float = 1.0
-    lazy_min_reasoning_tokens: int = 200
-    lazy_min_reflective: int = 3
-    out_dir: str | None = None
-
-
-TASKS: dict[str, type] = {"math": MathTaskConfig, "bfcl": BFCLTaskConfig}
 EVAL_TOP_LEVEL_KEYS = frozenset({"task_name", "tags", "seed", "init_from", "device", "bench", "task", "model",
                                  "method", "rollout", "sandbox", "logger", "paths", "hydra"})
 SHARED_KEYS = ("task_name", "tags", "seed", "init_from", "model", "method", "rollout", "sandbox", "logger", "paths")
@@ -91,7 +55,7 @@ def _check_task(task: MathTaskConfig | BFCLTaskConfig) -> None:
             raise ConfigError(f"task.pass_k holds {too_big} but pass@k needs 1 <= k <= task.n_samples "
                               f"({task.n_samples}); raise task.n_samples or drop those k.")
     else:
-        from tirl.eval.bfcl_data import BFCLDataError, canonical_category
+        from tirl.data.bfcl_files import BFCLDataError, canonical_category
 
         for name in task.categories:
             try:
@@ -112,7 +76,7 @@ def check_eval_sources(task: MathTaskConfig | BFCLTaskConfig) -> None:
         for name in task.bench:
             resolve_source(name, task.bench_dir, task.bench_paths.get(name))
     elif task.source == "package":
-        from tirl.eval.bfcl_data import package_data_dir
+        from tirl.data.bfcl_files import package_data_dir
 
         package_data_dir()
     elif not Path(task.source).expanduser().is_dir():

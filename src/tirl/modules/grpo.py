@@ -5,76 +5,48 @@ the configured reward callable → group advantages → (optional, by config) D-
 episode filter with dynamic sampling and its step-level samples → ``ppo_epochs`` passes of micro-batch
 updates whose token-mean is normalised by the global token count → clip, step, schedule → metrics.
 
-D-CORE and THOR are this module with parts switched on (``tirl.modules.dcore``, ``tirl.modules.thor``), so any
-combination — DA-GRPO shaping with THOR's step level, say — is a config change.
+D-CORE and THOR are this module with parts switched on by their presets (the parts are in ``tirl.methods``;
+``tirl.modules.dcore``/``thor`` only name the presets), so any combination — DA-GRPO shaping with THOR's step
+level, say — is a config change. Collectives are in ``tirl.modules.collectives``, the shared-context forward in
+``tirl.models.forward``, validation outcomes in ``tirl.modules.validation``, the samples table is a callback
+(``tirl.callbacks.SamplesTable``).
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 from collections import defaultdict
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
+from tirl.callbacks.samples_table import SamplesTable
 from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
 from tirl.data.prompts import PromptEncoder
-from tirl.logging.step_metrics import log_step
+from tirl.methods.advantages import episode_samples
+from tirl.methods.episode_filter import EpisodeFilter
+from tirl.methods.shaping import shape_advantages
+from tirl.methods.step_level import StepLevel
+from tirl.models.forward import is_checkpointing, sequence_logits
+from tirl.models.kv_cache import has_plain_kv_cache
 from tirl.models.load import disable_dropout
 from tirl.models.reference import make_frozen_reference, reference_model
+from tirl.modules import collectives
 from tirl.modules.policy import PolicyModule
-from tirl.modules.rl_batch import Sample, SharedContextBatch, TensorBatch, collate_samples
+from tirl.modules.validation import accuracy_by_kind, heldout_outcomes
 from tirl.rewards import get_reward
 from tirl.rl import core
-from tirl.rollout.backend import HFBackend, has_plain_kv_cache
+from tirl.rl.batch import Sample, TensorBatch, collate_samples
+from tirl.rollout.backend import make_backend
+from tirl.rollout.metrics import rollout_metrics
 from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import Trajectory
-from tirl.tools.calls import parse_calls, split_reasoning
-from tirl.tools.sandbox import build_sandbox
+from tirl.tools.sandbox import sandbox_from_config
 
 log = logging.getLogger(__name__)
 
 
-def record_kind(record: dict) -> str | None:
-    """What a held-out prompt's accuracy is broken down by: its BFCL category, else its math level."""
-    if record.get("category"):
-        return str(record["category"])
-    if record.get("level") is not None:
-        return f"level{record['level']}"
-    return None
-
-
-# tasks whose tool use is text graded against a gold answer, never run: the sandbox is not theirs
-SANDBOX_FREE_TASKS = ("toolcall",)
-
-
-def count_function_calls(response: str) -> int:
-    """Function calls in a response's final answer (the text after ``</think>``); 0 when it is not a call list."""
-    calls = parse_calls(split_reasoning(response)[1])
-    return len(calls) if isinstance(calls, list) else 0
-
-
 ACCURACY_REWARDS = {"math": "math", "toolcall": "toolcall_exact", "toolcall_exact": "toolcall_exact"}
-
-
-def sandbox_from_config(s: SandboxConfig):
-    if s.kind == "fusion":
-        return build_sandbox("fusion", url=s.url, timeout_s=s.timeout_s)
-    return build_sandbox(s.kind, workers=s.workers, timeout_s=s.timeout_s, memory_mb=s.memory_mb,
-                         max_output_bytes=s.max_output_bytes, require_isolation=s.require_isolation)
-
-
-def make_backend(cfg: RolloutConfig, policy, tokenizer):
-    if cfg.backend == "hf":
-        return HFBackend(policy, tokenizer)
-    if cfg.backend == "vllm":
-        from tirl.rollout.vllm import VLLMBackend
-
-        return VLLMBackend.colocated(policy, tokenizer, cfg)
-    raise ValueError(f"rollout.backend='{cfg.backend}' must be 'hf' or 'vllm'.")
 
 
 class GRPOModule(PolicyModule):
@@ -87,13 +59,11 @@ class GRPOModule(PolicyModule):
         self.prompts = PromptEncoder(tokenizer, model.enable_thinking, model.tool_prompt)
         self.reward_fn = get_reward(method.reward.name, **method.reward.kwargs)
         self.accuracy_fn = get_reward(ACCURACY_REWARDS.get(method.reward.name, method.reward.name))
-        # the method parts live with their method; imported here because those files subclass this module
-        from tirl.modules.thor import EpisodeFilter, StepLevel
-
         self.episode_filter = EpisodeFilter(method.episode_filter) if method.episode_filter.enabled else None
         self.step_level = StepLevel(method.step_level) if method.step_level.enabled else None
         self.frozen_ref = None
         self.share_contexts = True   # read a context shared by several samples once per micro-batch
+        self._plain_cache: bool | None = None
         self.sandbox = None
         self._val_outputs: list[dict] = []
 
@@ -158,32 +128,8 @@ class GRPOModule(PolicyModule):
         correct = [float(x) for x in self.accuracy_fn(texts, **columns)]
         return rewards, correct
 
-    # ------------------------------------------------------------------ building the training batch
     def episode_samples(self, trajs: list[Trajectory], rewards: list[float], G: int) -> tuple[list[Sample], dict]:
-        """Group-normalised advantages (over survivors of THOR's filter when it is on) → one Sample per trajectory."""
-        keep = [True] * len(trajs)
-        stats: dict = {}
-        if self.episode_filter is not None:
-            keep, rewards, stats = self.episode_filter(trajs, rewards, G, self.tokenizer)
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, t in enumerate(trajs):
-            if keep[i]:
-                groups[t.meta["group"]].append(i)
-        samples = []
-        a = self.method_cfg.advantage
-        if a.scale == "batch":
-            kept = [i for idx in groups.values() for i in idx]
-            batch_std = torch.tensor([rewards[i] for i in kept]).std() if len(kept) > 1 else torch.tensor(0.0)
-        for idx in groups.values():
-            r = torch.tensor([rewards[i] for i in idx], dtype=torch.float64)
-            adv = core.group_advantages(r, len(idx), scale="none" if a.scale == "batch" else a.scale, eps=a.eps)
-            if a.scale == "batch":
-                adv = adv / (batch_std + a.eps)
-            for i, ai in zip(idx, adv.tolist()):
-                t = trajs[i]
-                samples.append(Sample(t.prompt_ids, t.response_ids, t.model_mask, t.logprobs, t.entropies, ai))
-        stats["groups_kept"] = len(groups)
-        return samples, stats
+        return episode_samples(trajs, rewards, self.method_cfg.advantage, self.episode_filter, G, self.tokenizer)
 
     # ------------------------------------------------------------------ the update
     def global_counts(self, batch: TensorBatch, level: str) -> tuple[float, float]:
@@ -191,37 +137,17 @@ class GRPOModule(PolicyModule):
         rows = [i for i, lv in enumerate(batch.level) if lv == level]
         mask = batch.mask[rows] if rows else batch.mask[:0]
         counts = torch.tensor([mask.sum().item(), float((mask.sum(-1) > 0).sum().item())], device=self.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)
+        collectives.all_reduce_(counts)
         return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
-
-    @staticmethod
-    def sequence_logits(model, tok: TensorBatch, shared: SharedContextBatch | None) -> torch.Tensor:
-        """Next-token logits lined up with the per-token tensors of ``tok`` (``shared.tokens`` when contexts are
-        shared; else a response window, whose input ids are the whole sequences)."""
-        if shared is None:
-            keep = tok.mask.shape[1] + 1
-            return model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, logits_to_keep=keep).logits[:, :-1]
-        ctx = model(input_ids=shared.ctx_ids, attention_mask=shared.ctx_attn, position_ids=shared.ctx_pos,
-                    use_cache=True, logits_to_keep=1)
-        cache = ctx.past_key_values
-        cache.batch_select_indices(shared.row_ctx)      # indexing, so gradients from every row add up in the context
-        out = model(input_ids=shared.tokens.input_ids, attention_mask=shared.attention_mask,
-                    position_ids=shared.position_ids, past_key_values=cache, use_cache=True)
-        return torch.cat([ctx.logits[shared.row_ctx], out.logits[:, :-1]], dim=1)              # [N, R, V]
 
     def can_share_contexts(self) -> bool:
         """Reading a shared context once needs a plain full-attention transformers cache the gradient can flow
         through (not with gradient checkpointing, which drops the cache in training)."""
         if not self.share_contexts:
             return False
-        policy = self.policy
-        checkpointing = getattr(policy, "is_activation_checkpointing", None)
-        if checkpointing is None:
-            checkpointing = getattr(policy, "is_gradient_checkpointing", False)
-        if getattr(self, "_plain_cache", None) is None:
-            self._plain_cache = has_plain_kv_cache(policy)
-        return self._plain_cache and not checkpointing
+        if self._plain_cache is None:
+            self._plain_cache = has_plain_kv_cache(self.policy)
+        return self._plain_cache and not is_checkpointing(self.policy)
 
     def micro_batch_loss(self, mb: TensorBatch, counts: dict[str, tuple[float, float]]) -> tuple[torch.Tensor, dict]:
         loss_cfg = self.method_cfg.loss
@@ -230,13 +156,13 @@ class GRPOModule(PolicyModule):
         # token in (prompts cost no lm_head either way)
         tok = shared.tokens if shared is not None else mb.response_window()
         temperature = self.rollout_cfg.temperature or 1.0
-        logits = self.sequence_logits(self.policy, tok, shared)                                 # [B, W, V]
+        logits = sequence_logits(self.policy, tok, shared)                                 # [B, W, V]
         logp = core.token_logprobs(logits, tok.targets, temperature=temperature)
         loss_tok, metrics = core.policy_loss(logp, tok.old_logp, tok.advantages, tok.mask, loss_cfg.clip_low,
                                              loss_cfg.clip_high, loss_cfg.dual_clip)
         if loss_cfg.kl_coef > 0:
             with reference_model(self.policy, self.frozen_ref) as ref, torch.no_grad():
-                ref_logits = self.sequence_logits(ref, tok, shared)
+                ref_logits = sequence_logits(ref, tok, shared)
                 ref_logp = core.token_logprobs(ref_logits, tok.targets, temperature=temperature)
             kl = core.kl_penalty(logp, ref_logp, loss_cfg.kl_kind)
             loss_tok = loss_tok + loss_cfg.kl_coef * kl
@@ -256,24 +182,12 @@ class GRPOModule(PolicyModule):
         return total, metrics
 
     def _all_reduce(self, value: float, op: str = "sum") -> float:
-        if not (dist.is_available() and dist.is_initialized()):
-            return value
-        t = torch.tensor([float(value)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return t.item()
+        return collectives.all_reduce_scalar(value, op, self.device)
 
     def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         """Each rank saw its own share of the prompts: average every metric over ranks so ``train/*`` describes
-        the whole batch. Ranks may hold different keys (a filter reason seen on one rank only), so the key set is
-        agreed first and a missing key counts as 0 on that rank."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return metrics
-        key_sets: list = [None] * dist.get_world_size()
-        dist.all_gather_object(key_sets, sorted(metrics))
-        keys = sorted(set().union(*key_sets))
-        t = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+        the whole batch (``tirl.modules.collectives.mean_over_ranks``)."""
+        return collectives.mean_over_ranks(metrics, self.device)
 
     def update(self, batch: TensorBatch) -> dict:
         m = self.method_cfg
@@ -363,8 +277,6 @@ class GRPOModule(PolicyModule):
         if self._all_reduce(len(samples)) > 0:   # decided on the global count so every rank agrees
             tb = collate_samples(samples, self.tokenizer.pad_token_id) if samples else self.empty_batch()
             if m.shaping.kind != "none":
-                from tirl.modules.dcore import shape_advantages
-
                 tb.advantages, shaped = shape_advantages(tb.advantages, tb.entropy, tb.mask, m.shaping)
                 metrics["shaping/shaped_token_frac"] = shaped
         # With every advantage exactly 0 and no KL term the gradient is exactly 0, but an Adam step would still move
@@ -382,53 +294,27 @@ class GRPOModule(PolicyModule):
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, prog_bar=False, on_step=True,
                       batch_size=len(batch))
         self.log("train/reward", metrics["reward_mean"], prog_bar=True, batch_size=len(batch))
-        self.log_samples("train", trajs, rewards, correct)
+        return {"rollouts": (trajs, rewards, correct)}     # for the samples table (tirl.callbacks.SamplesTable)
 
     def refill_prompts(self, n: int) -> list[dict]:
         dm = getattr(self.trainer, "datamodule", None)
         return dm.refill_prompts(n) if dm is not None and hasattr(dm, "refill_prompts") else []
 
-    def uses_sandbox(self, t: Trajectory) -> bool:
-        """Whether the rollout could run code: tool rounds are on and its task executes code (math), not function
-        calling, whose calls are text graded against the gold."""
-        return self.rollout_cfg.max_tool_rounds > 0 and t.meta.get("task") not in SANDBOX_FREE_TASKS
-
     def rollout_metrics(self, trajs: list[Trajectory], rewards: list[float], correct: list[float]) -> dict:
-        """Per-step rollout statistics. Names say what they count: ``sandbox_*`` over rollouts that could run code
-        (absent when none could), ``function_calls_per_sample`` over function-calling rollouts (absent otherwise)."""
-        r = torch.tensor(rewards)
-        model_tokens = [sum(t.model_mask) for t in trajs]
-        ent = [e for t in trajs for e, mm in zip(t.entropies, t.model_mask) if mm]
-        out = {
-            "reward_mean": r.mean().item(), "reward_std": r.std().item() if len(r) > 1 else 0.0,
-            "acc": sum(correct) / max(len(correct), 1),
-            "response_len": sum(len(t.response_ids) for t in trajs) / max(len(trajs), 1),
-            "model_tokens": sum(model_tokens) / max(len(trajs), 1),
-            "entropy": sum(ent) / max(len(ent), 1),
-            "truncated_frac": sum(t.stop_reason == "length" for t in trajs) / max(len(trajs), 1),
-        }
-        coded = [t for t in trajs if self.uses_sandbox(t)]
-        if coded:
-            n_runs = sum(t.num_calls for t in coded)
-            out["sandbox_calls_per_sample"] = n_runs / len(coded)
-            out["sandbox_pass_rate"] = (sum(c.passed for t in coded for c in t.calls) / n_runs) if n_runs else 0.0
-            if self.rollout_cfg.self_correction.enabled:
-                out["corrections_per_sample"] = sum(t.corrections for t in coded) / len(coded)
-        calling = [t for t in trajs if t.meta.get("task") in SANDBOX_FREE_TASKS]
-        if calling:
-            out["function_calls_per_sample"] = sum(count_function_calls(self.response_text(t)) for t in calling) / len(calling)
-        return out
+        return rollout_metrics(trajs, rewards, correct, self.rollout_cfg, self.response_text)
 
     def validation_step(self, batch: list[dict], batch_idx: int):
-        self._val_outputs += self.evaluate_records(batch)
+        trajs, rewards, correct = self.heldout_rollouts(batch)
+        self._val_outputs += heldout_outcomes(batch, trajs, rewards, correct)
+        return {"rollouts": (trajs, rewards, correct)}     # for the samples table (tirl.callbacks.SamplesTable)
 
     def test_step(self, batch: list[dict], batch_idx: int):
-        self._val_outputs += self.evaluate_records(batch)
+        return self.validation_step(batch, batch_idx)
 
-    def evaluate_records(self, records: list[dict], temperature: float | None = None,
-                         samples: int | None = None) -> list[dict]:
+    def heldout_rollouts(self, records: list[dict], temperature: float | None = None,
+                         samples: int | None = None) -> tuple[list[Trajectory], list[float], list[float]]:
         """Tool-integrated rollouts of held-out prompts (greedy, or ``samples`` at ``temperature`` = Avg@k),
-        scored by the accuracy reward (exact answer / exact calls)."""
+        scored by the reward and by the accuracy reward (exact answer / exact calls)."""
         m = self.method_cfg
         temperature = m.val_temperature if temperature is None else temperature
         samples = (m.val_samples if samples is None else samples) if temperature > 0 else 1
@@ -436,9 +322,12 @@ class GRPOModule(PolicyModule):
         loop = ToolLoop(make_backend(cfg, self.policy, self.tokenizer), self.sandbox, self.tokenizer, cfg)
         trajs = self.rollout_groups(records, samples, loop)
         rewards, correct = self.score(trajs, records)
-        self.log_samples("val", trajs, rewards, correct)
-        return [{"correct": c, "reward": r, "len": len(t.response_ids), "kind": record_kind(records[t.meta["group"]])}
-                for t, r, c in zip(trajs, rewards, correct)]
+        return trajs, rewards, correct
+
+    def evaluate_records(self, records: list[dict], temperature: float | None = None,
+                         samples: int | None = None) -> list[dict]:
+        """Per-sample outcomes (correct, reward, length, kind) of ``heldout_rollouts``."""
+        return heldout_outcomes(records, *self.heldout_rollouts(records, temperature, samples))
 
     def _epoch_end(self, prefix: str) -> None:
         outs, self._val_outputs = self._val_outputs, []
@@ -452,17 +341,7 @@ class GRPOModule(PolicyModule):
             self.log(f"{prefix}/acc/{kind}", acc)   # already the same on every rank
 
     def accuracy_by_kind(self, outs: list[dict]) -> dict[str, float]:
-        """Accuracy per BFCL category or math level, over all ranks: a single number can hide a trade, e.g. RL
-        that learns to call functions more often wins on `simple` what it loses on `irrelevance`. Ranks may hold
-        different kinds, so sums and counts go through `mean_over_ranks` (its key agreement) and are divided after."""
-        stats: dict[str, float] = defaultdict(float)
-        for o in outs:
-            if o.get("kind") is not None:
-                stats[f"correct/{o['kind']}"] += o["correct"]
-                stats[f"n/{o['kind']}"] += 1
-        stats = self.mean_over_ranks(dict(stats))
-        kinds = sorted(k.split("/", 1)[1] for k in stats if k.startswith("n/") and stats[k] > 0)
-        return {kind: stats[f"correct/{kind}"] / stats[f"n/{kind}"] for kind in kinds}
+        return accuracy_by_kind(outs, self.mean_over_ranks)
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")
@@ -470,26 +349,6 @@ class GRPOModule(PolicyModule):
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
 
-    # ------------------------------------------------------------------ samples table
-    def log_samples(self, split: str, trajs: list[Trajectory], rewards: list[float], correct: list[float]) -> None:
+    def configure_callbacks(self):
         k = self.method_cfg.log_samples
-        # rank 0 only, as W&B's log_table and the CSV metrics are: under DDP every rank appending to one CSV raced
-        # on its header and doubled the rows
-        if not k or self._trainer is None or self.trainer.sanity_checking or self.global_rank != 0:
-            return
-        # the step number of the metrics.csv row this step's (or this validation's) metrics are written in
-        step = log_step(self.trainer)
-        rows = [[step, t.meta.get("id"), self.response_text(t), r, c, t.num_calls, t.failed_calls]
-                for t, r, c in list(zip(trajs, rewards, correct))[:k]]
-        cols = ["step", "id", "response", "reward", "correct", "calls", "failed_calls"]
-        for logger in self.loggers:
-            if hasattr(logger, "log_table"):     # W&B
-                logger.log_table(key=f"{split}/samples", columns=cols, data=rows)
-            elif getattr(logger, "log_dir", None):
-                path = os.path.join(logger.log_dir, f"{split}_samples.csv")
-                new = not os.path.exists(path)
-                with open(path, "a", newline="") as f:
-                    w = csv.writer(f)
-                    if new:
-                        w.writerow(cols)
-                    w.writerows(rows)
+        return [SamplesTable(k)] if k else []

@@ -30,8 +30,7 @@ from typing import Any
 
 from tirl.config.schema import RolloutConfig
 from tirl.errors import UserError
-from tirl.rollout.backend import CLOSE_FENCE, OPEN_FENCE
-from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
+from tirl.rollout.types import CLOSE_FENCE, OPEN_FENCE, Generation, SamplingParams, prompt_budgets
 
 LOGPROBS_K = 20           # top-k log-probs per step that vLLM returns (for the entropy estimate)
 MAX_FENCE_RESUMES = 8     # stops at fences that do not close a ```python block, resumed per sample
