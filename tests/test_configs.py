@@ -11,8 +11,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from tirl.config import CONFIG_DIR, ConfigError, check_overrides, check_trainer_keys, runnable, validate
+from tirl.config.overrides import group_options
 from tirl.config.schema import LoraConfig, LossConfig, MethodConfig
-from tirl.config.validate import SCHEMAS, check_key_path, group_options
+from tirl.config.validate import SCHEMAS, check_key_path
 
 MODELS = {  # option → the checkpoint it must name
     "tiny": "tiny-warm",

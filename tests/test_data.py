@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tirl.data.chat import OUTPUT_BLOCK, encode_conversation
+from tirl.data.chat_template import OUTPUT_BLOCK, encode_conversation
 from tirl.data.collate import IGNORE, Example, collate_packed, pack_examples, pad_examples
 from tirl.data.datamodules import RLPromptDataModule, SFTDataModule
 from tirl.data.prompts import task_messages

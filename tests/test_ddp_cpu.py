@@ -6,7 +6,7 @@ zero-weighted padding passes on a rank with fewer micro-batches (or none) — an
 trains end to end.
 
 The first test drives the real ``GRPOModule.training_step``/``update`` under Lightning's DDP (spawned ranks); only
-``collect`` is replaced, so each rank "rolls out" a fixed share of five known samples (four episode-level, one
+``make_experience`` is replaced, so each rank "rolls out" a fixed share of five known samples (four episode-level, one
 THOR step-level), and two PPO epochs run per update.
 """
 
@@ -52,7 +52,7 @@ def method_config() -> MethodConfig:
 
 
 class FixedRolloutGRPO(GRPOModule):
-    """GRPOModule whose ``collect`` hands each rank its share of fixed samples; records what the update saw."""
+    """GRPOModule whose ``make_experience`` hands each rank its share of fixed samples; records what the update saw."""
 
     def __init__(self, samples: list[Sample], out_dir: str, **kwargs):
         super().__init__(**kwargs)
@@ -65,10 +65,10 @@ class FixedRolloutGRPO(GRPOModule):
         torch.set_num_threads(1)
         super().setup(stage)
 
-    def collect(self, records: list[dict]):
+    def make_experience(self, records: list[dict]):
         mine = [self.fixed_samples[i] for i in SPLITS[self.updates][self.global_rank]]
         self.updates += 1
-        trajs = [Trajectory(s.context, s.response, s.loss_mask, s.old_logprobs, s.entropies, meta={"group": i // 2})
+        trajs = [Trajectory(s.context, s.response, s.response_mask, s.old_log_probs, s.entropies, meta={"group": i // 2})
                  for i, s in enumerate(mine)]
         rewards = [s.advantage for s in mine]
         # a metric both ranks report with different values, and one only rank 1 reports

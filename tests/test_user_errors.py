@@ -79,7 +79,7 @@ def test_every_experiment_preset_pairs_its_method_with_fitting_data(train_cfg, p
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine could run vLLM")
 def test_vllm_rollouts_where_none_can_run_fail_at_start(train_cfg):
-    from tirl.pipelines.chat import ChatConfigError, check_chat_backend
+    from tirl.pipelines.chat_backends import ChatConfigError, check_chat_backend
     from tirl.rollout.vllm import VLLMUnavailableError
 
     with pytest.raises(VLLMUnavailableError) as err:

@@ -139,7 +139,7 @@ def test_generate_resumes_past_an_opening_fence_and_stops_at_the_closing_one(fak
     gens = backend.generate([[1, 2, 3], [4]], SamplingParams(max_new_tokens=64))
     assert gens[0].ids == ids and gens[0].stop_reason == "tool" and gens[0].code_start == _first_fence(ids, tok)
     assert gens[1].ids == [5, 6, 2] and gens[1].stop_reason == "eos" and gens[1].code_start is None
-    assert gens[0].logprobs == [-0.5] * len(ids)
+    assert gens[0].log_probs == [-0.5] * len(ids)
     lumped = 1 - math.exp(-0.5) - math.exp(-2.0)
     h = 0.5 * math.exp(-0.5) + 2.0 * math.exp(-2.0) - lumped * math.log(lumped)
     assert gens[0].entropies[0] == pytest.approx(h)
@@ -222,7 +222,7 @@ def test_hf_and_vllm_agree_greedily_on_the_tiny_model():
     for h, v in zip(hf, vl):
         n = min(4, len(h.ids), len(v.ids))
         if h.ids[:n] == v.ids[:n]:
-            torch.testing.assert_close(torch.tensor(v.logprobs[:n]), torch.tensor(h.logprobs[:n]), atol=2e-2, rtol=0)
+            torch.testing.assert_close(torch.tensor(v.log_probs[:n]), torch.tensor(h.log_probs[:n]), atol=2e-2, rtol=0)
 
 
 @pytest.mark.gpu

@@ -38,6 +38,6 @@ def episode_samples(trajs: list[Trajectory], rewards: list[float], a: AdvantageC
             adv = adv / (batch_std + a.eps)
         for i, ai in zip(idx, adv.tolist()):
             t = trajs[i]
-            samples.append(Sample(t.prompt_ids, t.response_ids, t.model_mask, t.logprobs, t.entropies, ai))
+            samples.append(Sample(t.prompt_ids, t.response_ids, t.response_mask, t.log_probs, t.entropies, ai))
     stats["groups_kept"] = len(groups)
     return samples, stats

@@ -28,7 +28,7 @@ class EpisodeFilter:
             reason = None
             if c.drop_failed_calls and t.failed_calls:
                 reason = "failed_call"
-            elif sum(t.model_mask) < c.min_response_tokens:
+            elif sum(t.response_mask) < c.min_response_tokens:
                 reason = "too_short"
             elif c.drop_no_boxed and last_boxed(text) is None:
                 reason = "no_boxed"

@@ -53,6 +53,6 @@ class StepLevel:
         it = iter(ran)
         rewards = torch.tensor([float(next(it).passed) if c is not None else 0.0 for c in codes], dtype=torch.float64)
         adv = core.group_advantages(rewards, G)
-        samples = [Sample(prefixes[i // G], g.ids, [1] * len(g.ids), g.logprobs, g.entropies, a, level="step")
+        samples = [Sample(prefixes[i // G], g.ids, [1] * len(g.ids), g.log_probs, g.entropies, a, level="step")
                    for i, (g, a) in enumerate(zip(gens, adv.tolist())) if g.ids]
         return samples, {"prefixes": float(len(prefixes)), "pass_rate": rewards.mean().item()}

@@ -12,7 +12,7 @@ def sequence_logits(model, tok: TensorBatch, shared: SharedContextBatch | None) 
     """Next-token logits lined up with the per-token tensors of ``tok`` (``shared.tokens`` when contexts are
     shared; else a response window, whose input ids are the whole sequences). Shape [N, W, V]."""
     if shared is None:
-        keep = tok.mask.shape[1] + 1
+        keep = tok.response_mask.shape[1] + 1
         return model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, logits_to_keep=keep).logits[:, :-1]
     ctx = model(input_ids=shared.ctx_ids, attention_mask=shared.ctx_attn, position_ids=shared.ctx_pos,
                 use_cache=True, logits_to_keep=1)

@@ -135,7 +135,7 @@ class GRPOModule(PolicyModule):
     def global_counts(self, batch: TensorBatch, level: str) -> tuple[float, float]:
         """Token and sequence counts of one loss level over the whole batch and all ranks (micro-batch invariance)."""
         rows = [i for i, lv in enumerate(batch.level) if lv == level]
-        mask = batch.mask[rows] if rows else batch.mask[:0]
+        mask = batch.response_mask[rows] if rows else batch.response_mask[:0]
         counts = torch.tensor([mask.sum().item(), float((mask.sum(-1) > 0).sum().item())], device=self.device)
         collectives.all_reduce_(counts)
         return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
@@ -158,27 +158,28 @@ class GRPOModule(PolicyModule):
         temperature = self.rollout_cfg.temperature or 1.0
         logits = sequence_logits(self.policy, tok, shared)                                 # [B, W, V]
         logp = core.token_logprobs(logits, tok.targets, temperature=temperature)
-        loss_tok, metrics = core.policy_loss(logp, tok.old_logp, tok.advantages, tok.mask, loss_cfg.clip_low,
-                                             loss_cfg.clip_high, loss_cfg.dual_clip)
+        loss_tok, metrics = core.policy_loss(logp, tok.old_log_probs, tok.advantages, tok.response_mask,
+                                             loss_cfg.clip_low, loss_cfg.clip_high, loss_cfg.dual_clip)
         if loss_cfg.kl_coef > 0:
             with reference_model(self.policy, self.frozen_ref) as ref, torch.no_grad():
                 ref_logits = sequence_logits(ref, tok, shared)
                 ref_logp = core.token_logprobs(ref_logits, tok.targets, temperature=temperature)
             kl = core.kl_penalty(logp, ref_logp, loss_cfg.kl_kind)
             loss_tok = loss_tok + loss_cfg.kl_coef * kl
-            metrics["kl"] = core.masked_mean(kl.detach(), tok.mask)
+            metrics["kl"] = core.masked_mean(kl.detach(), tok.response_mask)
         if loss_cfg.nll_coef > 0:
-            loss_tok = loss_tok + loss_cfg.nll_coef * core.nll_on_positive(logp, tok.advantages, tok.mask)
+            loss_tok = loss_tok + loss_cfg.nll_coef * core.nll_on_positive(logp, tok.advantages, tok.response_mask)
         total = logp.new_zeros(())
         # L = L_episode + w * L_step, each normalised over its own tokens (THOR: w = 1)
         weights = {"episode": 1.0, "step": self.method_cfg.step_level.weight}
         for level in ("episode", "step"):
-            rows = torch.tensor([lv == level for lv in tok.level], device=tok.mask.device)
+            rows = torch.tensor([lv == level for lv in tok.level], device=tok.response_mask.device)
             if not rows.any():
                 continue
             n_tok, n_seq = counts[level]
-            total = total + weights[level] * core.aggregate(loss_tok[rows], tok.mask[rows], loss_cfg.agg, num_tokens=n_tok,
-                                           num_seqs=n_seq, norm_len=loss_cfg.norm_len or self.rollout_cfg.max_total_tokens)
+            total = total + weights[level] * core.aggregate(
+                loss_tok[rows], tok.response_mask[rows], loss_cfg.agg, num_tokens=n_tok, num_seqs=n_seq,
+                norm_len=loss_cfg.norm_len or self.rollout_cfg.max_total_tokens)
         return total, metrics
 
     def _all_reduce(self, value: float, op: str = "sum") -> float:
@@ -210,7 +211,7 @@ class GRPOModule(PolicyModule):
                 self.manual_backward(loss * (weight * self.trainer.world_size))
                 if weight:
                     logs["loss"].append(loss.item())
-                    w = mb.mask.sum().item()
+                    w = mb.response_mask.sum().item()
                     for key, v in metrics.items():
                         logs[key].append(float(v) * w)
                     logs["_w"].append(w)
@@ -236,7 +237,7 @@ class GRPOModule(PolicyModule):
         return collate_samples([Sample([pad, pad], [pad], [0], [0.0], [0.0], 0.0)], pad)
 
     # ------------------------------------------------------------------ Lightning hooks
-    def collect(self, records: list[dict]) -> tuple[list[Trajectory], list[float], list[float], list[Sample], dict]:
+    def make_experience(self, records: list[dict]) -> tuple[list[Trajectory], list[float], list[float], list[Sample], dict]:
         """Roll out, score and turn into samples; refill dropped groups (dynamic sampling) up to the round limit."""
         m = self.method_cfg
         G, want = m.group_size, len(records)
@@ -270,14 +271,14 @@ class GRPOModule(PolicyModule):
 
     def training_step(self, batch: list[dict], batch_idx: int):
         m = self.method_cfg
-        trajs, rewards, correct, samples, stats = self.collect(list(batch))
+        trajs, rewards, correct, samples, stats = self.make_experience(list(batch))
         metrics = self.rollout_metrics(trajs, rewards, correct)
         metrics.update(stats)
         tb = None
         if self._all_reduce(len(samples)) > 0:   # decided on the global count so every rank agrees
             tb = collate_samples(samples, self.tokenizer.pad_token_id) if samples else self.empty_batch()
             if m.shaping.kind != "none":
-                tb.advantages, shaped = shape_advantages(tb.advantages, tb.entropy, tb.mask, m.shaping)
+                tb.advantages, shaped = shape_advantages(tb.advantages, tb.entropy, tb.response_mask, m.shaping)
                 metrics["shaping/shaped_token_frac"] = shaped
         # With every advantage exactly 0 and no KL term the gradient is exactly 0, but an Adam step would still move
         # the weights along its momentum; such a step is counted without touching the optimizer.
@@ -324,7 +325,7 @@ class GRPOModule(PolicyModule):
         rewards, correct = self.score(trajs, records)
         return trajs, rewards, correct
 
-    def evaluate_records(self, records: list[dict], temperature: float | None = None,
+    def validate_records(self, records: list[dict], temperature: float | None = None,
                          samples: int | None = None) -> list[dict]:
         """Per-sample outcomes (correct, reward, length, kind) of ``heldout_rollouts``."""
         return heldout_outcomes(records, *self.heldout_rollouts(records, temperature, samples))

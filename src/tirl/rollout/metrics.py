@@ -31,8 +31,8 @@ def rollout_metrics(trajs: list[Trajectory], rewards: list[float], correct: list
     """Per-step rollout statistics. Names say what they count: ``sandbox_*`` over rollouts that could run code
     (absent when none could), ``function_calls_per_sample`` over function-calling rollouts (absent otherwise)."""
     r = torch.tensor(rewards)
-    model_tokens = [sum(t.model_mask) for t in trajs]
-    ent = [e for t in trajs for e, mm in zip(t.entropies, t.model_mask) if mm]
+    model_tokens = [sum(t.response_mask) for t in trajs]
+    ent = [e for t in trajs for e, mm in zip(t.entropies, t.response_mask) if mm]
     out = {
         "reward_mean": r.mean().item(), "reward_std": r.std().item() if len(r) > 1 else 0.0,
         "acc": sum(correct) / max(len(correct), 1),

@@ -275,7 +275,7 @@ class VLLMBackend:
                 for tok, step in zip(c.token_ids, c.logprobs or []):
                     lp, h = step_logprobs(step, tok)
                     g.ids.append(tok)
-                    g.logprobs.append(lp)
+                    g.log_probs.append(lp)
                     g.entropies.append(h)
                 text = self.tokenizer.decode(g.ids)
                 reason = map_stop_reason(c.finish_reason, c.stop_reason, text, params.stop_at_code)
