@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from tirl.pipelines.chat import ChatParams, HFChatBackend, HTTPChatBackend
+from tirl.pipelines.chat_backends import ChatParams, HFChatBackend, HTTPChatBackend
 from tirl.pipelines.server import start_server, stop_server
 
 

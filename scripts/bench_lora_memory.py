@@ -31,7 +31,7 @@ def case(args) -> dict:
     )
     from tirl.models.tiny import build_tiny
     from tirl.modules.grpo import GRPOModule
-    from tirl.modules.rl_batch import Sample, collate_samples
+    from tirl.rl.batch import Sample, collate_samples
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()

@@ -79,18 +79,18 @@ def run_tirl(args) -> dict:
     module.reward_fn = module.accuracy_fn = length_reward
     gen_t, upd_t, sample_t, score_t = Timer(), Timer(), Timer(), Timer()
     counts = {"rollout_tokens": 0, "train_tokens": 0}
-    collect = module.collect
+    make_experience = module.make_experience
     module.rollout_groups = sample_t.wrap(module.rollout_groups)
     module.score = score_t.wrap(module.score)
 
     def counted_collect(records):
-        out = collect(records)
+        out = make_experience(records)
         trajs = out[0]
         counts["rollout_tokens"] += sum(len(t.response_ids) for t in trajs)
         counts["train_tokens"] += sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
         return out
 
-    module.collect = gen_t.wrap(counted_collect)
+    module.make_experience = gen_t.wrap(counted_collect)
     module.update = upd_t.wrap(module.update)
     step_times: list[float] = []
 

@@ -12,9 +12,9 @@ import pytest
 
 from tirl.config.schema import RolloutConfig, SelfCorrectionConfig, StepLevelConfig
 from tirl.data.prompts import PromptEncoder, math_record, task_messages
+from tirl.methods.step_level import StepLevel
 from tirl.models.load import load_policy, load_tokenizer
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
-from tirl.modules.thor import StepLevel
 from tirl.rollout.backend import HFBackend
 from tirl.rollout.scripted import ScriptedBackend
 from tirl.rollout.tool_loop import ToolLoop
@@ -43,7 +43,7 @@ def warm():
 
 def fingerprint(t: Trajectory) -> tuple:
     """What must not change with the batch (log-probs agree to float32 rounding only, so they are not in it)."""
-    return (t.response_ids, t.model_mask, t.stop_reason, t.corrections,
+    return (t.response_ids, t.response_mask, t.stop_reason, t.corrections,
             [(c.code_start, c.output_end, c.passed, c.feedback) for c in t.calls])
 
 
@@ -157,7 +157,7 @@ def test_hf_rows_stop_at_their_own_budgets():
         for i, g in zip(order, gens):
             assert (g.ids, g.stop_reason) == (alone[i].ids, alone[i].stop_reason)
             # batched matmuls round differently: log-probs agree to float32 precision, the tokens exactly
-            assert g.logprobs == pytest.approx(alone[i].logprobs, abs=1e-5)
+            assert g.log_probs == pytest.approx(alone[i].log_probs, abs=1e-5)
     with pytest.raises(ValueError, match="one per prompt"):
         backend.generate(prompts, greedy, max_new_tokens=[3])
     with pytest.raises(ValueError, match="at least 1 token"):

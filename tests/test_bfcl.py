@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tirl.eval.bfcl import evaluate_bfcl, summarize, write_score_files
-from tirl.eval.bfcl_data import (
+from tirl.data.bfcl_files import (
     NON_LIVE,
     BFCLDataError,
     BFCLItem,
@@ -22,13 +21,14 @@ from tirl.eval.bfcl_data import (
     gold_calls,
     load_bfcl,
 )
-from tirl.eval.bfcl_prompt import (
+from tirl.data.bfcl_prompt import (
     build_messages,
     split_reasoning,
     strip_stale_reasoning,
     system_prompt,
     turn_messages,
 )
+from tirl.eval.bfcl import evaluate_bfcl, summarize, write_score_files
 from tirl.eval.bfcl_score import CategoryResult, ItemResult, bfcl_available, score_ast
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bfcl"

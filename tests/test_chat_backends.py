@@ -14,7 +14,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tirl.config import CONFIG_DIR
-from tirl.pipelines.chat import ChatBackendError, ChatConfigError, ChatParams, HFChatBackend, HTTPChatBackend
+from tirl.pipelines.chat_backends import (
+    ChatBackendError,
+    ChatConfigError,
+    ChatParams,
+    HFChatBackend,
+    HTTPChatBackend,
+)
 from tirl.pipelines.jobs import run_distill, run_tirgen
 from tirl.pipelines.server import start_server, stop_server
 

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
-from tirl.data.chat import ChatTemplateError, encode_conversation, render
+from tirl.data.chat_template import ChatTemplateError, encode_conversation, render
 from tirl.data.datamodules import RLPromptDataModule, SFTDataModule
 from tirl.data.prompts import (
     MATH_SYSTEM_PROMPT,
@@ -172,7 +172,7 @@ def test_one_prompt_across_training_validation_pipelines_and_evaluation(tok):
     """Each record of a hand-written file gives the same prompt ids through every path that prompts a model."""
     from tirl.eval.generate import EvalGenerator
     from tirl.modules.grpo import GRPOModule
-    from tirl.pipelines.chat import HFChatBackend
+    from tirl.pipelines.chat_backends import HFChatBackend
     from tirl.rollout.backend import HFBackend
 
     rollout = RolloutConfig(max_prompt_tokens=4096)

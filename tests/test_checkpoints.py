@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from tirl.config.schema import LoraConfig, LossConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+from tirl.models.forward import sequence_logits
 from tirl.models.load import ModelNotFoundError, load_policy
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 from tirl.modules.grpo import GRPOModule
 from tirl.modules.policy import PolicyModule
-from tirl.modules.rl_batch import Sample, TensorBatch, collate_samples
 from tirl.rl import core
+from tirl.rl.batch import Sample, TensorBatch, collate_samples
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 SFT_RUN = ["model=tiny", "method=sft", "data=sft_synthetic_math", "data.synthetic.size=16", "data.batch_size=4",
@@ -101,7 +102,7 @@ def probe_batch(module) -> TensorBatch:
     module.policy.eval()
     with torch.no_grad():
         logits = module.policy(input_ids=tb.input_ids, attention_mask=tb.attention_mask).logits[:, :-1]
-        tb.old_logp = core.token_logprobs(logits, tb.targets) * tb.mask
+        tb.old_log_probs = core.token_logprobs(logits, tb.targets) * tb.response_mask
     module.policy.train()
     return tb
 
@@ -234,16 +235,16 @@ def test_first_update_pass_has_ratio_one_and_no_clipping_with_dropout(source, dr
         records = [{"id": i, "messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)}
                    for i in range(4)]
         trajs = module.rollout_groups(records, 2)
-        tb = collate_samples([Sample(t.prompt_ids, t.response_ids, t.model_mask, t.logprobs, t.entropies,
+        tb = collate_samples([Sample(t.prompt_ids, t.response_ids, t.response_mask, t.log_probs, t.entropies,
                                      1.0 if k % 2 else -1.0) for k, t in enumerate(trajs)], module.tokenizer.pad_token_id)
         module.policy.train()           # as Lightning leaves it in training_step
         tok = tb.response_window()
-        logp = core.token_logprobs(module.sequence_logits(module.policy, tok, None), tok.targets,
+        logp = core.token_logprobs(sequence_logits(module.policy, tok, None), tok.targets,
                                    temperature=module.rollout_cfg.temperature)
-        ratio = torch.exp(logp - tok.old_logp)[tok.mask.bool()]
+        ratio = torch.exp(logp - tok.old_log_probs)[tok.response_mask.bool()]
         # against the sampler's own log-probs: equal up to fp32 resolution (a log-prob near -5 is exact to ~5e-7,
         # and the KV-cache decode adds its terms in another order than the one-pass forward)
-        assert tok.mask.sum() > 20 and (ratio - 1).abs().max() <= 2e-6
+        assert tok.response_mask.sum() > 20 and (ratio - 1).abs().max() <= 2e-6
         counts = {lv: module.global_counts(tb, lv) for lv in ("episode", "step")}
         _, metrics = module.micro_batch_loss(tb, counts)
         assert float(metrics["clipfrac_low"]) == 0 and float(metrics["clipfrac_high"]) == 0
@@ -251,8 +252,8 @@ def test_first_update_pass_has_ratio_one_and_no_clipping_with_dropout(source, dr
         # the update's own forward, twice in train mode, is deterministic: ratio exactly 1 against itself
         tb2 = probe_batch(module)
         tok2 = tb2.response_window()
-        logp2 = core.token_logprobs(module.sequence_logits(module.policy.train(), tok2, None), tok2.targets)
-        assert (torch.exp(logp2 - tok2.old_logp)[tok2.mask.bool()] - 1).abs().max() <= 1e-6
+        logp2 = core.token_logprobs(sequence_logits(module.policy.train(), tok2, None), tok2.targets)
+        assert (torch.exp(logp2 - tok2.old_log_probs)[tok2.response_mask.bool()] - 1).abs().max() <= 1e-6
     finally:
         module.teardown("fit")
 
@@ -327,7 +328,7 @@ def held_out_correct(records, name_or_path, init_from) -> list[float]:
                         init_from=init_from)
     module.setup("validate")
     try:
-        return [o["correct"] for o in module.evaluate_records(records, temperature=0.0)]
+        return [o["correct"] for o in module.validate_records(records, temperature=0.0)]
     finally:
         module.teardown("validate")
 

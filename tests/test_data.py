@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from tirl.data.chat import OUTPUT_BLOCK, encode_conversation
+from tirl.data.chat_template import OUTPUT_BLOCK, encode_conversation
 from tirl.data.collate import IGNORE, Example, collate_packed, pack_examples, pad_examples
 from tirl.data.datamodules import RLPromptDataModule, SFTDataModule
 from tirl.data.prompts import task_messages
-from tirl.data.sources import DataError, load_records, rl_problem, sft_problem, write_records
+from tirl.data.record_checks import rl_problem, sft_problem
+from tirl.data.sources import DataError, load_records, write_records
 from tirl.data.synthetic_math import make_math_rl_prompts
 from tirl.data.synthetic_toolcall import make_toolcall_rl_prompts, make_toolcall_sft_samples
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer

@@ -6,7 +6,7 @@ zero-weighted padding passes on a rank with fewer micro-batches (or none) — an
 trains end to end.
 
 The first test drives the real ``GRPOModule.training_step``/``update`` under Lightning's DDP (spawned ranks); only
-``collect`` is replaced, so each rank "rolls out" a fixed share of five known samples (four episode-level, one
+``make_experience`` is replaced, so each rank "rolls out" a fixed share of five known samples (four episode-level, one
 THOR step-level), and two PPO epochs run per update.
 """
 
@@ -26,8 +26,8 @@ from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, Sandbox
 from tirl.data.synthetic_toolcall import CATEGORIES
 from tirl.models.tiny import load_tiny_tokenizer
 from tirl.modules.grpo import GRPOModule
-from tirl.modules.rl_batch import Sample, collate_samples
 from tirl.rl import core
+from tirl.rl.batch import Sample, collate_samples
 from tirl.rollout.types import Trajectory
 
 pytestmark = pytest.mark.slow   # each test starts real processes: ~20 s apiece on two loaded cores
@@ -52,7 +52,7 @@ def method_config() -> MethodConfig:
 
 
 class FixedRolloutGRPO(GRPOModule):
-    """GRPOModule whose ``collect`` hands each rank its share of fixed samples; records what the update saw."""
+    """GRPOModule whose ``make_experience`` hands each rank its share of fixed samples; records what the update saw."""
 
     def __init__(self, samples: list[Sample], out_dir: str, **kwargs):
         super().__init__(**kwargs)
@@ -65,10 +65,10 @@ class FixedRolloutGRPO(GRPOModule):
         torch.set_num_threads(1)
         super().setup(stage)
 
-    def collect(self, records: list[dict]):
+    def make_experience(self, records: list[dict]):
         mine = [self.fixed_samples[i] for i in SPLITS[self.updates][self.global_rank]]
         self.updates += 1
-        trajs = [Trajectory(s.context, s.response, s.loss_mask, s.old_logprobs, s.entropies, meta={"group": i // 2})
+        trajs = [Trajectory(s.context, s.response, s.response_mask, s.old_log_probs, s.entropies, meta={"group": i // 2})
                  for i, s in enumerate(mine)]
         rewards = [s.advantage for s in mine]
         # a metric both ranks report with different values, and one only rank 1 reports
@@ -237,9 +237,9 @@ def test_split_batch_under_ddp_gives_the_one_process_gradient_even_when_ranks_ar
 class MiniBatchRecordingGRPO(FixedRolloutGRPO):
     """Also records which of the fixed samples each optimizer step's mini-batch held on this rank."""
 
-    def collect(self, records):
+    def make_experience(self, records):
         self.current_ids = SPLITS[self.updates][self.global_rank]
-        return super().collect(records)
+        return super().make_experience(records)
 
     def mini_batch_step(self, batch, rows, opt):
         self.step_ids = [self.current_ids[r] for r in rows]

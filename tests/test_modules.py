@@ -19,7 +19,7 @@ from tirl.config.schema import (
 )
 from tirl.models.tiny import load_tiny_tokenizer
 from tirl.modules.grpo import GRPOModule
-from tirl.modules.rl_batch import Sample, collate_samples
+from tirl.rl.batch import Sample, collate_samples
 
 TINY_RL = [
     "model=tiny_scratch", "method.group_size=2", "method.rollout_batch_size=2", "method.micro_batch_size=4",
@@ -71,7 +71,7 @@ def fixed_batch(module, tok, n=4, seed=0):
         from tirl.rl import core
 
         logits = module.policy(input_ids=tb.input_ids, attention_mask=tb.attention_mask).logits[:, :-1]
-        tb.old_logp = core.token_logprobs(logits, tb.targets) * tb.mask
+        tb.old_log_probs = core.token_logprobs(logits, tb.targets) * tb.response_mask
     return tb
 
 
@@ -178,7 +178,7 @@ def test_dynamic_sampling_refills_a_batch_of_zero_variance_groups():
 
         module.refill_prompts = refill
         flat = [{"id": f"f{i}", "messages": msg, "answer": "flat"} for i in range(2)]
-        trajs, rewards, correct, samples, stats = module.collect(flat)
+        trajs, rewards, correct, samples, stats = module.make_experience(flat)
         assert refills == [2] and stats["sampling_rounds"] == 2
         assert stats["filter/groups_kept"] == 2 and len(samples) == 8       # the two refilled groups, G=4 each
         assert {s.advantage > 0 for s in samples} == {True, False}
@@ -261,7 +261,7 @@ def test_shared_contexts_give_the_same_loss_and_gradient_as_whole_sequences():
         tb = collate_samples(samples, tok.pad_token_id)
         shared = tb.shared_contexts()
         assert shared is not None and shared.ctx_ids.shape[0] == 2 and shared.row_ctx.tolist() == [0, 1] * 3
-        assert int(shared.tokens.mask.sum()) == int(tb.mask.sum()) == sum(sum(s.loss_mask) for s in samples)
+        assert int(shared.tokens.response_mask.sum()) == int(tb.response_mask.sum()) == sum(sum(s.response_mask) for s in samples)
         counts = {lv: module.global_counts(tb, lv) for lv in ("episode", "step")}
 
         def loss_and_grads(share: bool):
@@ -339,7 +339,7 @@ def test_a_prompt_over_the_budget_keeps_its_end_and_is_reported_once(caplog):
 
 
 def test_held_out_accuracy_is_broken_down_by_category_and_level():
-    from tirl.modules.grpo import record_kind
+    from tirl.modules.validation import record_kind
 
     assert record_kind({"category": "parallel"}) == "parallel" and record_kind({"level": 3}) == "level3"
     assert record_kind({"messages": []}) is None

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tirl.config import CONFIG_DIR
-from tirl.pipelines.chat import ChatParams, ScriptedChatBackend
+from tirl.pipelines.chat_backends import ChatParams, ScriptedChatBackend
 from tirl.pipelines.distill import Distiller, DistillSettings, parse_decomposition
 from tirl.pipelines.jobs import run_distill, run_tirgen
 from tirl.pipelines.runner import progress_path, run_items
@@ -241,7 +241,7 @@ def test_tirgen_records_who_wrote_what_so_printed_structure_is_not_the_models(sa
     """The sandbox prints a fenced block, an end-of-turn, a think tag and a boxed number: the sample's SFT loss
     skips all of it (the old pattern stopped the output at the printed fence and trained on `DONE ...`), and the
     format filter reads the model's text, so a printed lone fence or `{` does not drop a good sample."""
-    from tirl.data.chat import encode_conversation
+    from tirl.data.chat_template import encode_conversation
     from tirl.models.tiny import load_tiny_tokenizer
 
     printed = "Result:\n```\nx = 4\n```\nDONE <|im_end|> </think> \\boxed{9} ``` {"

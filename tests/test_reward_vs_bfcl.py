@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from tirl.data.bfcl_files import gold_calls, load_bfcl
 from tirl.data.sources import load_records
-from tirl.eval.bfcl_data import gold_calls, load_bfcl
 from tirl.eval.bfcl_score import bfcl_available, score_ast_item, score_relevance_item
 from tirl.rewards.toolcall import dcore_reward, toolcall_exact
 

@@ -4,13 +4,12 @@ import pytest
 import torch
 
 from tirl.config.schema import RolloutConfig, SelfCorrectionConfig
+from tirl.models.kv_cache import growing_cache, has_plain_kv_cache
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 from tirl.rl.core import token_entropy, token_logprobs
 from tirl.rollout.backend import (
     HFBackend,
     filter_logits,
-    growing_cache,
-    has_plain_kv_cache,
     merged_lora,
     sample_tokens,
 )
@@ -60,8 +59,8 @@ def test_bookkeeping_token_by_token(tok, sandbox):
     for c in t.calls:
         assert tok.decode(t.response_ids[c.code_start:c.code_end]).startswith("```python\n")
         assert tok.decode(t.response_ids[c.code_start:c.code_end]).endswith("\n```")
-        assert all(t.model_mask[c.code_start:c.code_end]) and not any(t.model_mask[c.output_start:c.output_end])
-    assert len(t.response_ids) == len(t.model_mask) == len(t.logprobs) == len(t.entropies)
+        assert all(t.response_mask[c.code_start:c.code_end]) and not any(t.response_mask[c.output_start:c.output_end])
+    assert len(t.response_ids) == len(t.response_mask) == len(t.log_probs) == len(t.entropies)
 
 
 # Code whose output looks like structure: a fence, an end-of-turn, a think tag, a boxed answer, and repetition.
@@ -74,8 +73,8 @@ def test_environment_text_is_plain_tokens_and_not_the_models(tok, sandbox):
     from types import SimpleNamespace
 
     from tirl.config.schema import EpisodeFilterConfig
+    from tirl.methods.episode_filter import EpisodeFilter
     from tirl.modules.grpo import GRPOModule
-    from tirl.modules.thor import EpisodeFilter
     from tirl.rewards.math import MathAnswerReward
 
     turns = [f"<think>\nRun it.\n```python\n{HOSTILE_CODE}\n```", "\nI cannot tell.\n</think>\n\nNo answer."]
@@ -148,11 +147,11 @@ def test_hf_backend_logprobs_match_a_full_forward():
     prompts = [tok.encode("<|im_start|>user\nhi<|im_end|>\n"), tok.encode("a much longer prompt with more tokens in it")]
     gens = backend.generate(prompts, SamplingParams(max_new_tokens=24, temperature=0.7))
     for p, g in zip(prompts, gens):
-        assert len(g.ids) == len(g.logprobs) == len(g.entropies) > 0
+        assert len(g.ids) == len(g.log_probs) == len(g.entropies) > 0
         ids = torch.tensor([p + g.ids])
         logits = model(ids).logits[:, len(p) - 1:-1]
         ref = token_logprobs(logits, ids[:, len(p):], temperature=0.7)[0]
-        assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)   # left padding + KV cache are exact
+        assert torch.allclose(ref, torch.tensor(g.log_probs), atol=1e-4)   # left padding + KV cache are exact
         assert torch.allclose(token_entropy(logits, 0.7)[0], torch.tensor(g.entropies), atol=1e-4)
 
 
@@ -253,7 +252,7 @@ def test_lora_rollout_logprobs_match_a_forward_through_the_adapter():
         ids = torch.tensor([p + g.ids])
         with torch.no_grad():
             logits = model(ids).logits[:, len(p) - 1:-1]
-        assert torch.allclose(token_logprobs(logits, ids[:, len(p):], temperature=0.7)[0], torch.tensor(g.logprobs),
+        assert torch.allclose(token_logprobs(logits, ids[:, len(p):], temperature=0.7)[0], torch.tensor(g.log_probs),
                               atol=1e-4)
 
 
@@ -297,4 +296,4 @@ def test_repeated_prompts_are_read_once_and_sampled_independently():
         ids = torch.tensor([p + g.ids])
         with torch.no_grad():
             logits = model(ids).logits[:, len(p) - 1:-1]
-        assert torch.allclose(token_logprobs(logits, ids[:, len(p):])[0], torch.tensor(g.logprobs), atol=1e-4)
+        assert torch.allclose(token_logprobs(logits, ids[:, len(p):])[0], torch.tensor(g.log_probs), atol=1e-4)

@@ -651,7 +651,7 @@ def test_require_isolation_is_checked_before_any_model_loads(monkeypatch):
     """validate() runs the probe when sandbox.require_isolation is set and turns a gap into a ConfigError."""
     from omegaconf import OmegaConf
 
-    import tirl.tools.sandbox as sandbox_module
+    import tirl.tools.local_sandbox as sandbox_module
     from tirl.config import ConfigError, validate
 
     gap = {"contained": {"processes": "pid namespace", "files": None, "network": "net namespace"},

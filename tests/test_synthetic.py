@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tirl.data.prompts import MATH_SYSTEM_PROMPT, PromptEncoder, task_messages, toolcall_system_prompt
-from tirl.data.sources import rl_problem, sft_problem
+from tirl.data.record_checks import rl_problem, sft_problem
 from tirl.data.synthetic_math import (
     LEVELS,
     in_split,

@@ -22,8 +22,8 @@ from tirl.config.schema import (
 )
 from tirl.models.tiny import load_tiny_tokenizer
 from tirl.modules.grpo import GRPOModule
-from tirl.modules.rl_batch import Sample, collate_samples
 from tirl.rl import core
+from tirl.rl.batch import Sample, collate_samples
 from tirl.rl.schedule import ScheduleError, check_world_size, plan_round, steps_per_round
 
 # --------------------------------------------------------------------------- pure: schedule
@@ -276,24 +276,24 @@ def test_recompute_with_the_hf_backend_matches_the_rollout_and_dcore_shapes_with
     prompts = [tok.encode(PROMPTS[i // 2]) for i in range(4)]
     gens = HFBackend(module.policy, tok).generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0,
                                                                           stop_at_code=False))
-    samples = [Sample(p, g.ids, [1] * len(g.ids), g.logprobs, g.entropies, 0.0, group=i // 2)
+    samples = [Sample(p, g.ids, [1] * len(g.ids), g.log_probs, g.entropies, 0.0, group=i // 2)
                for i, (p, g) in enumerate(zip(prompts, gens))]
     tb = collate_samples(samples, tok.pad_token_id)
-    sampler_logp, sampler_ent = tb.old_logp.clone(), tb.entropy.clone()
+    sampler_logp, sampler_ent = tb.old_log_probs.clone(), tb.entropy.clone()
     module._trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=0)
     metrics = module.behaviour_log_probs(tb)
-    keep = tb.mask.bool()
+    keep = tb.response_mask.bool()
     assert metrics["rollout_mismatch/max_abs_logp_diff"] <= 1e-4
-    assert (tb.old_logp - sampler_logp)[keep].abs().max() <= 1e-4
+    assert (tb.old_log_probs - sampler_logp)[keep].abs().max() <= 1e-4
     assert (tb.entropy - sampler_ent)[keep].abs().max() <= 1e-4 and tb.entropy[keep].min() > 0
     # DA-GRPO reads the entropy the batch carries after the recompute: a sampler that reported none (0, as vLLM's
     # top-k estimate can be far off) still gets D-CORE's min(alpha * H, delta) from the trainer's entropy
-    from tirl.modules.dcore import shape_advantages
+    from tirl.methods.shaping import shape_advantages
 
-    tb2 = collate_samples([Sample(s.context, s.response, s.loss_mask, s.old_logprobs, [0.0] * len(s.response),
+    tb2 = collate_samples([Sample(s.context, s.response, s.response_mask, s.old_log_probs, [0.0] * len(s.response),
                                   0.0, group=s.group) for s in samples], tok.pad_token_id)
     module.behaviour_log_probs(tb2)
-    shaped, frac = shape_advantages(tb2.advantages, tb2.entropy, tb2.mask, ShapingConfig(kind="da_grpo"))
+    shaped, frac = shape_advantages(tb2.advantages, tb2.entropy, tb2.response_mask, ShapingConfig(kind="da_grpo"))
     assert frac == 1.0
     assert torch.allclose(shaped[keep], (0.1 * tb.entropy[keep]).clamp(max=0.5), atol=1e-6)
 
@@ -306,11 +306,11 @@ def test_truncated_is_scales_the_policy_loss_token_by_token():
     samples = round_samples(module, 2, off_policy=0.5)
     tb = collate_samples(samples, module.tokenizer.pad_token_id)
     module._trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=0)
-    rollout_logp, adv = tb.old_logp.clone(), tb.advantages.clone()
+    rollout_logp, adv = tb.old_log_probs.clone(), tb.advantages.clone()
     module.behaviour_log_probs(tb)
     metrics = module.correct_rollout_mismatch(tb)
-    keep = tb.mask.bool()
-    w = torch.exp(tb.old_logp - rollout_logp).clamp(max=1.5)
+    keep = tb.response_mask.bool()
+    w = torch.exp(tb.old_log_probs - rollout_logp).clamp(max=1.5)
     assert torch.allclose(tb.advantages[keep], (adv * w)[keep], atol=1e-6)
     assert metrics["rollout_correction/weight_max"] == pytest.approx(1.5)
     assert 0 < metrics["rollout_correction/weight_mean"] < 1.5

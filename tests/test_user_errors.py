@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from tirl.config import CONFIG_DIR, ConfigError, check_overrides, exit_on_config_error, task_wrapper, validate
-from tirl.config.preflight import preflight_train
 from tirl.data.datamodules import heldout_count
 from tirl.data.sources import DataError
 from tirl.errors import UserError
+from tirl.train import check_run_can_start
 
 REPO = CONFIG_DIR.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -34,7 +34,7 @@ def one_sentence(message: str, *needles: str) -> None:
 
 def preflight(train_cfg, *overrides: str) -> None:
     cfg = train_cfg(*overrides)
-    preflight_train(cfg, validate(cfg), CONFIG_DIR)
+    check_run_can_start(cfg, validate(cfg))
 
 
 # ------------------------------------------------------------------ method, data, paths, backend at start
@@ -80,7 +80,7 @@ def test_every_experiment_preset_pairs_its_method_with_fitting_data(train_cfg, p
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine could run vLLM")
 def test_vllm_rollouts_where_none_can_run_fail_at_start(train_cfg):
-    from tirl.pipelines.chat import ChatConfigError, check_chat_backend
+    from tirl.pipelines.chat_backends import ChatConfigError, check_chat_backend
     from tirl.rollout.vllm import VLLMUnavailableError
 
     with pytest.raises(VLLMUnavailableError) as err:

@@ -28,7 +28,7 @@ def test_missing_vllm_is_one_sentence(monkeypatch):
 
 
 def test_a_pipeline_backend_without_vllm_is_one_sentence(monkeypatch):
-    from tirl.pipelines.chat import ChatConfigError, build_chat_backend
+    from tirl.pipelines.chat_backends import ChatConfigError, build_chat_backend
 
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ChatConfigError, match=r"^backend kind 'vllm' needs the vllm package .* or use backend kind 'hf' or 'http'\.$"):
@@ -36,7 +36,7 @@ def test_a_pipeline_backend_without_vllm_is_one_sentence(monkeypatch):
 
 
 def test_a_cuda_build_without_a_gpu_is_one_sentence(monkeypatch):
-    from tirl.modules.grpo import make_backend
+    from tirl.rollout.backend import make_backend
 
     fake_vllm_for(monkeypatch, device_type="cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -205,7 +205,7 @@ def test_generate_resumes_past_an_opening_fence_and_stops_at_the_closing_one(fak
     gens = backend.generate([[1, 2, 3], [4]], SamplingParams(max_new_tokens=64))
     assert gens[0].ids == ids and gens[0].stop_reason == "tool" and gens[0].code_start == _first_fence(ids, tok)
     assert gens[1].ids == [5, 6, 2] and gens[1].stop_reason == "eos" and gens[1].code_start is None
-    assert gens[0].logprobs == [-0.5] * len(ids)
+    assert gens[0].log_probs == [-0.5] * len(ids)
     lumped = 1 - math.exp(-0.5) - math.exp(-2.0)
     h = 0.5 * math.exp(-0.5) + 2.0 * math.exp(-2.0) - lumped * math.log(lumped)
     assert gens[0].entropies[0] == pytest.approx(h)

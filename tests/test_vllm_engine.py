@@ -110,7 +110,7 @@ def test_greedy_agrees_with_hf_token_for_token_and_in_log_probs(tok, engine):
     vl = vb.generate(prompts, GREEDY)
     for h, v in zip(hf, vl):
         assert v.ids == h.ids and v.stop_reason == h.stop_reason
-        torch.testing.assert_close(torch.tensor(v.logprobs), torch.tensor(h.logprobs), atol=TOL, rtol=0)
+        torch.testing.assert_close(torch.tensor(v.log_probs), torch.tensor(h.log_probs), atol=TOL, rtol=0)
 
 
 def test_engine_start_leaves_the_trainer_its_threads_and_no_temporary_folder(tok, engine):
@@ -176,15 +176,15 @@ def test_tool_loop_trajectories_match_hf_token_for_token(tok, engine, sandbox, c
         real_generate(requests, *a, **k)
     hf_traj = ToolLoop(HFBackend(policy, tok), sandbox, tok, cfg).run([prompt])[0]
     vl_traj = ToolLoop(vb, sandbox, tok, cfg).run([prompt])[0]
-    assert vl_traj.response_ids == hf_traj.response_ids and vl_traj.model_mask == hf_traj.model_mask
+    assert vl_traj.response_ids == hf_traj.response_ids and vl_traj.response_mask == hf_traj.response_mask
     assert vl_traj.stop_reason == hf_traj.stop_reason and vl_traj.corrections == hf_traj.corrections == corrections
     assert [(c.code, c.passed, c.code_start, c.output_end) for c in vl_traj.calls] == \
         [(c.code, c.passed, c.code_start, c.output_end) for c in hf_traj.calls]
-    torch.testing.assert_close(torch.tensor(vl_traj.logprobs), torch.tensor(hf_traj.logprobs), atol=TOL, rtol=0)
+    torch.testing.assert_close(torch.tensor(vl_traj.log_probs), torch.tensor(hf_traj.log_probs), atol=TOL, rtol=0)
     call = vl_traj.calls[0]
     assert call.code == code and vl_traj.response_ids[:len(first)] == first
-    assert set(vl_traj.model_mask[call.output_start:call.output_end]) == {0}             # tool tokens: no loss
-    assert set(vl_traj.logprobs[call.output_start:call.output_end]) == {0.0}
+    assert set(vl_traj.response_mask[call.output_start:call.output_end]) == {0}             # tool tokens: no loss
+    assert set(vl_traj.log_probs[call.output_start:call.output_end]) == {0.0}
     whole = prompt + vl_traj.response_ids
     assert all(len(r) == 1 and r[0] == whole[:len(r[0])] for r in sent)                 # ids in, ids out
     if corrections == 0:
@@ -216,7 +216,7 @@ def test_the_engine_serves_the_updated_weights_after_each_sync(tok, engine, lora
         assert stale.ids == before.ids
         after = vb.generate([prompt], GREEDY)[0]
         assert after.ids == target and vb.engine.pushed_version == V.parameter_version(policy)
-        torch.testing.assert_close(torch.tensor(after.logprobs), torch.tensor(hf.logprobs), atol=TOL, rtol=0)
+        torch.testing.assert_close(torch.tensor(after.log_probs), torch.tensor(hf.log_probs), atol=TOL, rtol=0)
         fixed = prompt + target + tok.encode(" and some other text", add_special_tokens=False)
         torch.testing.assert_close(engine_logprobs(vb, fixed), trainer_logprobs(policy, fixed), atol=TOL, rtol=0)
         before = after

@@ -21,7 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tirl.config import CONFIG_DIR
-from tirl.pipelines.chat import (
+from tirl.pipelines.chat_backends import (
     ChatBackendError,
     ChatParams,
     HFChatBackend,

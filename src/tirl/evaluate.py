@@ -27,7 +27,7 @@ from tirl.config import (
     register_loggers,
     task_wrapper,
 )
-from tirl.config.preflight import check_paths, check_rollout_backend
+from tirl.config.preflight import check_paths
 from tirl.eval.task_config import MathTaskConfig, check_eval_sources, validate_eval
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     device = resolve_device(str(cfg.get("device", "auto")))
     check_paths(cfg, None)          # init_from
     check_eval_sources(task)        # every benchmark file, before the model loads
-    check_rollout_backend(typed)
+    from tirl.rollout.backend import check_backend_available
+
+    check_backend_available(typed.rollout)
 
     import torch
 
     from tirl.eval.generate import EvalGenerator, eval_rollout_config
     from tirl.eval.results import flat_metrics, log_to_loggers, markdown_table, write_results
     from tirl.models.load import load_tokenizer
-    from tirl.modules.grpo import make_backend, sandbox_from_config
     from tirl.modules.policy import PolicyModule
+    from tirl.rollout.backend import make_backend
+    from tirl.tools.sandbox import sandbox_from_config
     from tirl.train import instantiate_group
 
     torch.manual_seed(cfg.seed)

@@ -98,11 +98,21 @@ def metric_value(metrics: Mapping[str, Any], name: str | None) -> float | None:
     return float(metrics[name])
 
 
+def check_run_can_start(cfg: DictConfig, typed) -> None:
+    """The start checks of a training run: ``tirl.config.preflight.preflight_train`` and, for RL, the rollout
+    backend (``tirl.rollout.backend.check_backend_available``); a ``UserError`` names what to change."""
+    preflight_train(cfg, typed, CONFIG_DIR)
+    if typed.method.kind == "rl":
+        from tirl.rollout.backend import check_backend_available
+
+        check_backend_available(typed.rollout)
+
+
 @task_wrapper
 def run(cfg: DictConfig) -> float | None:
     """Train (and test) as configured; return the value of ``cfg.optimized_metric``."""
     typed = validate(cfg)
-    preflight_train(cfg, typed, CONFIG_DIR)   # method vs data, paths, rollout backend: before any model loads
+    check_run_can_start(cfg, typed)   # method vs data, paths, rollout backend: before any model loads
     record_provenance(cfg, OmegaConf.select(cfg, "paths.output_dir"))   # which file set which value, logged and saved
     check_trainer_keys(cfg.trainer)
     check_accelerator(cfg.trainer)

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tirl.config.schema import EVAL_TASKS as TASKS
 from tirl.config.validate import (
     SCHEMAS,
     ConfigError,
@@ -81,8 +82,6 @@ def _open_dict(path: Sequence[str], cfg: DictConfig) -> bool:
     if path and path[0] in SCHEMAS:
         schema, rest = SCHEMAS[path[0]], path[1:]
     elif path and path[0] == "task" and OmegaConf.select(cfg, "task.name") is not None:
-        from tirl.eval.task_config import TASKS
-
         schema, rest = TASKS.get(str(cfg.task.name)), path[1:]
     else:
         return False

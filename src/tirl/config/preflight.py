@@ -2,7 +2,7 @@
 
 ``validate`` says whether each key is well-formed; this says whether the run can work: the method and the data
 fit together (SFT samples for ``method=sft``, prompts whose task the reward scores for RL), every path the run
-reads exists, and the rollout backend can run on this machine. Each failure is a ``ConfigError`` whose one
+reads exists (the rollout backend's check is ``tirl.rollout.backend.check_backend_available``). Each failure is a ``ConfigError`` whose one
 sentence names the key to change and the config groups to pick (listed from ``configs/``, so a new group shows up).
 """
 
@@ -132,14 +132,6 @@ def check_paths(cfg: Any, typed: TypedConfig | None) -> None:
                               f"data.{split} at a .jsonl/.parquet file or a directory of them, or use hf:<dataset id>.")
 
 
-def check_rollout_backend(typed: TypedConfig) -> None:
-    """``rollout.backend=vllm`` can run here (the one check lives in ``tirl.rollout.vllm``)."""
-    if typed.rollout.backend == "vllm":
-        from tirl.rollout.vllm import check_vllm_available
-
-        check_vllm_available()
-
-
 def check_step_counts(cfg: Any, typed: TypedConfig) -> None:
     """Trainer counts that would silently misbehave under a round of k optimizer steps (issue 18). Lightning's
     ``global_step`` moves k at a time, so ``trainer.max_steps`` (and the LR decay over it) and a checkpoint's
@@ -190,5 +182,3 @@ def preflight_train(cfg: Any, typed: TypedConfig, config_dir: Path) -> None:
     check_method_data(typed, config_dir)
     check_paths(cfg, typed)
     check_step_counts(cfg, typed)
-    if typed.method.kind == "rl":
-        check_rollout_backend(typed)

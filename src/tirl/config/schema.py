@@ -255,6 +255,9 @@ class BFCLTaskConfig:
     out_dir: str | None = None
 
 
+EVAL_TASKS: dict[str, type] = {"math": MathTaskConfig, "bfcl": BFCLTaskConfig}   # src/eval.py task=
+
+
 # ------------------------------------------------------------------ chat backends of the data pipelines (configs/backend/)
 
 

@@ -20,7 +20,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from tirl.data.chat import EncodedTurns, encode_conversation, encode_rendered, environment_pieces, render
+from tirl.data.chat_template import (
+    EncodedTurns,
+    encode_conversation,
+    encode_rendered,
+    environment_pieces,
+    render,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +134,6 @@ class PromptEncoder:
         return ids
 
     def conversation(self, record: dict, loss_on: str = "assistant") -> list[EncodedTurns]:
-        """An SFT record's training sequences (``tirl.data.chat.encode_conversation``) with the task's prompt."""
+        """An SFT record's training sequences (``tirl.data.chat_template.encode_conversation``) with the task's prompt."""
         messages, tools = self.messages(record)
         return encode_conversation(self.tokenizer, messages, tools, loss_on, self.enable_thinking)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tirl.eval.bfcl_data import (
+from tirl.data.bfcl_files import (
     FILE_PREFIX,
     LIVE,
     MULTI_TURN,
@@ -31,8 +31,8 @@ from tirl.eval.bfcl_data import (
     category_size,
     load_bfcl,
 )
+from tirl.data.bfcl_prompt import build_messages, strip_stale_reasoning
 from tirl.eval.bfcl_multiturn import run_multi_turn, score_multi_turn
-from tirl.eval.bfcl_prompt import build_messages, strip_stale_reasoning
 from tirl.eval.bfcl_score import BFCL_MODEL_NAME, CategoryResult, ItemResult, score_ast
 
 __all__ = [

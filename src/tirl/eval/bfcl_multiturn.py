@@ -20,8 +20,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from tirl.eval.bfcl_data import BFCLItem
-from tirl.eval.bfcl_prompt import split_reasoning, strip_stale_reasoning, turn_messages
+from tirl.data.bfcl_files import BFCLItem
+from tirl.data.bfcl_prompt import split_reasoning, strip_stale_reasoning, turn_messages
 from tirl.eval.bfcl_score import bfcl_eval_modules, screen_python_calls
 
 MAX_STEPS_PER_TURN = 20

@@ -16,9 +16,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from tirl.data.bfcl_files import FILE_PREFIX, MULTI_TURN, canonical_category, load_bfcl
+from tirl.data.bfcl_prompt import build_messages
 from tirl.eval.bfcl import evaluate_bfcl
-from tirl.eval.bfcl_data import FILE_PREFIX, MULTI_TURN, canonical_category, load_bfcl
-from tirl.eval.bfcl_prompt import build_messages
 from tirl.eval.bfcl_score import CategoryResult
 from tirl.eval.generate import EvalGenerator
 from tirl.eval.lazy import lazy_ratio

@@ -71,7 +71,7 @@ class EvalGenerator:
         return MathSample(text=self.decode(t.response_ids),
                           model_text=t.model_text(self.tokenizer, tuple(self.backend.stop_token_ids)),
                           response_tokens=len(t.response_ids),
-                          model_tokens=sum(t.model_mask), calls=t.num_calls,
+                          model_tokens=sum(t.response_mask), calls=t.num_calls,
                           passed_calls=t.num_calls - t.failed_calls, corrections=t.corrections,
                           stop_reason=t.stop_reason)
 

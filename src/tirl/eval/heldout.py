@@ -42,7 +42,7 @@ def heldout_accuracy(model: str, task: str, n: int = 64, temperature: float = 0.
     module = GRPOModule(method, ModelConfig(name_or_path=model), rollout, SandboxConfig(workers=2), load_tokenizer(model))
     module.setup("validate")
     try:
-        outs = module.evaluate_records(heldout_records(task, n, seed), temperature=temperature, samples=samples)
+        outs = module.validate_records(heldout_records(task, n, seed), temperature=temperature, samples=samples)
     finally:
         module.teardown("validate")
     return sum(o["correct"] for o in outs) / len(outs)

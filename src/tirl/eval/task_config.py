@@ -1,7 +1,8 @@
-"""Typed schemas of the evaluation tasks (``configs/task/{math,bfcl}.yaml``) and the check of a composed eval config.
+"""The check of a composed eval config; the typed task schemas (``configs/task/{math,bfcl}.yaml``) are in
+``tirl.config.schema``.
 
 eval.yaml has a few keys train.yaml does not (``task``, ``bench``, ``device``); the shared groups (model, rollout,
-sandbox, ...) are checked by ``tirl.config.validate`` exactly as for training, the task by the dataclasses here.
+sandbox, ...) are checked by ``tirl.config.validate`` exactly as for training, the task here.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tirl.config import ConfigError, TypedConfig, validate
+from tirl.config.schema import EVAL_TASKS as TASKS
 from tirl.config.schema import MATH_BENCHMARKS, BFCLTaskConfig, MathTaskConfig
 from tirl.config.validate import _group_values, _to_dataclass, unknown_key_message
 
-TASKS: dict[str, type] = {"math": MathTaskConfig, "bfcl": BFCLTaskConfig}
+__all__ = ["MATH_BENCHMARKS", "TASKS", "BFCLTaskConfig", "MathTaskConfig", "check_eval_sources", "validate_eval"]
 EVAL_TOP_LEVEL_KEYS = frozenset({"task_name", "tags", "seed", "init_from", "device", "bench", "task", "model",
                                  "method", "rollout", "sandbox", "logger", "paths", "hydra"})
 SHARED_KEYS = ("task_name", "tags", "seed", "init_from", "model", "method", "rollout", "sandbox", "logger", "paths")
@@ -53,7 +55,7 @@ def _check_task(task: MathTaskConfig | BFCLTaskConfig) -> None:
             raise ConfigError(f"task.pass_k holds {too_big} but pass@k needs 1 <= k <= task.n_samples "
                               f"({task.n_samples}); raise task.n_samples or drop those k.")
     else:
-        from tirl.eval.bfcl_data import BFCLDataError, canonical_category
+        from tirl.data.bfcl_files import BFCLDataError, canonical_category
 
         for name in task.categories:
             try:
@@ -74,7 +76,7 @@ def check_eval_sources(task: MathTaskConfig | BFCLTaskConfig) -> None:
         for name in task.bench:
             resolve_source(name, task.bench_dir, task.bench_paths.get(name))
     elif task.source == "package":
-        from tirl.eval.bfcl_data import package_data_dir
+        from tirl.data.bfcl_files import package_data_dir
 
         package_data_dir()
     elif not Path(task.source).expanduser().is_dir():

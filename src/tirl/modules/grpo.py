@@ -3,83 +3,55 @@
 A step: take prompts → roll out G samples each (no grad, eval mode, through ``tirl.rollout``) → score them with
 the configured reward callable → group advantages → (optional, by config) D-CORE's entropy shaping, THOR's
 episode filter with dynamic sampling and its step-level samples → (``old_log_probs=recompute``) the trainer's
-own old log-probs → the round's optimizer steps: ``ppo_epochs`` passes over mini-batches of whole groups
-(``tirl.rl.schedule``), each run in micro-batches normalised by the mini-batch's global token count → metrics.
+own old log-probs → the round's optimizer steps (``tirl.modules.round_update``: mini-batches of whole groups,
+micro-batches normalised by the mini-batch's global token count) → metrics.
 
-D-CORE and THOR are this module with parts switched on (``tirl.modules.dcore``, ``tirl.modules.thor``), so any
-combination — DA-GRPO shaping with THOR's step level, say — is a config change.
+D-CORE and THOR are this module with parts switched on by their presets (the parts are in ``tirl.methods``;
+``tirl.modules.dcore``/``thor`` only name the presets), so any combination — DA-GRPO shaping with THOR's step
+level, say — is a config change. Collectives are in ``tirl.modules.collectives``, the shared-context forward in
+``tirl.models.forward``, validation outcomes in ``tirl.modules.validation``, the samples table is a callback
+(``tirl.callbacks.SamplesTable``).
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
-from collections import defaultdict
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
+from tirl.callbacks.samples_table import SamplesTable
 from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
 from tirl.data.prompts import PromptEncoder
-from tirl.logging.step_metrics import log_step
+from tirl.methods.advantages import episode_samples
+from tirl.methods.episode_filter import EpisodeFilter
+from tirl.methods.shaping import shape_advantages
+from tirl.methods.step_level import StepLevel
+from tirl.models.forward import is_checkpointing, sequence_logits
+from tirl.models.kv_cache import has_plain_kv_cache
 from tirl.models.load import disable_dropout
 from tirl.models.reference import make_frozen_reference, reference_model
+from tirl.modules import collectives
 from tirl.modules.policy import PolicyModule
-from tirl.modules.rl_batch import Sample, SharedContextBatch, TensorBatch, collate_samples, window_to_targets
+from tirl.modules.round_update import RoundUpdate
+from tirl.modules.validation import accuracy_by_kind, heldout_outcomes
 from tirl.rewards import get_reward
 from tirl.rl import core
-from tirl.rl.schedule import check_world_size, mini_batches_per_round, plan_round, steps_per_round
-from tirl.rollout.backend import HFBackend, has_plain_kv_cache
+from tirl.rl.batch import Sample, TensorBatch, collate_samples
+from tirl.rl.schedule import check_world_size
+from tirl.rollout.backend import make_backend
+from tirl.rollout.metrics import rollout_metrics
 from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import Trajectory
-from tirl.tools.calls import parse_calls, split_reasoning
-from tirl.tools.sandbox import build_sandbox
+from tirl.tools.sandbox import sandbox_from_config
 
 log = logging.getLogger(__name__)
-
-
-def record_kind(record: dict) -> str | None:
-    """What a held-out prompt's accuracy is broken down by: its BFCL category, else its math level."""
-    if record.get("category"):
-        return str(record["category"])
-    if record.get("level") is not None:
-        return f"level{record['level']}"
-    return None
-
-
-# tasks whose tool use is text graded against a gold answer, never run: the sandbox is not theirs
-SANDBOX_FREE_TASKS = ("toolcall",)
-
-
-def count_function_calls(response: str) -> int:
-    """Function calls in a response's final answer (the text after ``</think>``); 0 when it is not a call list."""
-    calls = parse_calls(split_reasoning(response)[1])
-    return len(calls) if isinstance(calls, list) else 0
 
 
 ACCURACY_REWARDS = {"math": "math", "toolcall": "toolcall_exact", "toolcall_exact": "toolcall_exact"}
 
 
-def sandbox_from_config(s: SandboxConfig):
-    if s.kind == "fusion":
-        return build_sandbox("fusion", url=s.url, timeout_s=s.timeout_s)
-    return build_sandbox(s.kind, workers=s.workers, timeout_s=s.timeout_s, memory_mb=s.memory_mb,
-                         max_output_bytes=s.max_output_bytes, require_isolation=s.require_isolation)
-
-
-def make_backend(cfg: RolloutConfig, policy, tokenizer):
-    if cfg.backend == "hf":
-        return HFBackend(policy, tokenizer)
-    if cfg.backend == "vllm":
-        from tirl.rollout.vllm import VLLMBackend
-
-        return VLLMBackend.colocated(policy, tokenizer, cfg)
-    raise ValueError(f"rollout.backend='{cfg.backend}' must be 'hf' or 'vllm'.")
-
-
-class GRPOModule(PolicyModule):
+class GRPOModule(RoundUpdate, PolicyModule):
     def __init__(self, method: MethodConfig, model: ModelConfig, rollout: RolloutConfig, sandbox: SandboxConfig,
                  tokenizer, init_from: str | None = None):
         super().__init__(method, model, tokenizer, init_from)
@@ -89,13 +61,11 @@ class GRPOModule(PolicyModule):
         self.prompts = PromptEncoder(tokenizer, model.enable_thinking, model.tool_prompt)
         self.reward_fn = get_reward(method.reward.name, **method.reward.kwargs)
         self.accuracy_fn = get_reward(ACCURACY_REWARDS.get(method.reward.name, method.reward.name))
-        # the method parts live with their method; imported here because those files subclass this module
-        from tirl.modules.thor import EpisodeFilter, StepLevel
-
         self.episode_filter = EpisodeFilter(method.episode_filter) if method.episode_filter.enabled else None
         self.step_level = StepLevel(method.step_level) if method.step_level.enabled else None
         self.frozen_ref = None
         self.share_contexts = True   # read a context shared by several samples once per micro-batch
+        self._plain_cache: bool | None = None
         self.sandbox = None
         self._val_outputs: list[dict] = []
 
@@ -110,7 +80,7 @@ class GRPOModule(PolicyModule):
             if was:
                 log.info("RL turns dropout off (ratio and KL need one deterministic policy): %s",
                          ", ".join(f"{k}={v}" for k, v in sorted(was.items())[:4]) + (" …" if len(was) > 4 else ""))
-        if stage == "fit" and getattr(self, "_trainer", None) is not None:   # issue 18: ranks share rounds evenly
+        if stage == "fit" and getattr(self, "_trainer", None) is not None:   # ranks share rounds evenly
             check_world_size(self.method_cfg.rollout_batch_size, self.method_cfg.mini_batch_size, self.trainer.world_size)
         if stage == "fit" and self.frozen_ref is None:
             self.frozen_ref = make_frozen_reference(self.policy, self.method_cfg.loss.kl_coef)
@@ -162,71 +132,26 @@ class GRPOModule(PolicyModule):
         correct = [float(x) for x in self.accuracy_fn(texts, **columns)]
         return rewards, correct
 
-    # ------------------------------------------------------------------ building the training batch
     def episode_samples(self, trajs: list[Trajectory], rewards: list[float], G: int) -> tuple[list[Sample], dict]:
-        """Group-normalised advantages (over survivors of THOR's filter when it is on) → one Sample per trajectory."""
-        keep = [True] * len(trajs)
-        stats: dict = {}
-        if self.episode_filter is not None:
-            keep, rewards, stats = self.episode_filter(trajs, rewards, G, self.tokenizer)
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, t in enumerate(trajs):
-            if keep[i]:
-                groups[t.meta["group"]].append(i)
-        samples = []
-        a = self.method_cfg.advantage
-        if a.scale == "batch":
-            kept = [i for idx in groups.values() for i in idx]
-            batch_std = torch.tensor([rewards[i] for i in kept]).std() if len(kept) > 1 else torch.tensor(0.0)
-        for idx in groups.values():
-            r = torch.tensor([rewards[i] for i in idx], dtype=torch.float64)
-            adv = core.group_advantages(r, len(idx), scale="none" if a.scale == "batch" else a.scale, eps=a.eps)
-            if a.scale == "batch":
-                adv = adv / (batch_std + a.eps)
-            for i, ai in zip(idx, adv.tolist()):
-                t = trajs[i]
-                samples.append(Sample(t.prompt_ids, t.response_ids, t.model_mask, t.logprobs, t.entropies, ai,
-                                      group=t.meta["group"]))
-        stats["groups_kept"] = len(groups)
-        return samples, stats
+        return episode_samples(trajs, rewards, self.method_cfg.advantage, self.episode_filter, G, self.tokenizer)
 
     # ------------------------------------------------------------------ the update
     def global_counts(self, batch: TensorBatch, level: str) -> tuple[float, float]:
         """Token and sequence counts of one loss level over the whole batch and all ranks (micro-batch invariance)."""
         rows = [i for i, lv in enumerate(batch.level) if lv == level]
-        mask = batch.mask[rows] if rows else batch.mask[:0]
+        mask = batch.response_mask[rows] if rows else batch.response_mask[:0]
         counts = torch.tensor([mask.sum().item(), float((mask.sum(-1) > 0).sum().item())], device=self.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)
+        collectives.all_reduce_(counts)
         return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
-
-    @staticmethod
-    def sequence_logits(model, tok: TensorBatch, shared: SharedContextBatch | None) -> torch.Tensor:
-        """Next-token logits lined up with the per-token tensors of ``tok`` (``shared.tokens`` when contexts are
-        shared; else a response window, whose input ids are the whole sequences)."""
-        if shared is None:
-            keep = tok.mask.shape[1] + 1
-            return model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, logits_to_keep=keep).logits[:, :-1]
-        ctx = model(input_ids=shared.ctx_ids, attention_mask=shared.ctx_attn, position_ids=shared.ctx_pos,
-                    use_cache=True, logits_to_keep=1)
-        cache = ctx.past_key_values
-        cache.batch_select_indices(shared.row_ctx)      # indexing, so gradients from every row add up in the context
-        out = model(input_ids=shared.tokens.input_ids, attention_mask=shared.attention_mask,
-                    position_ids=shared.position_ids, past_key_values=cache, use_cache=True)
-        return torch.cat([ctx.logits[shared.row_ctx], out.logits[:, :-1]], dim=1)              # [N, R, V]
 
     def can_share_contexts(self) -> bool:
         """Reading a shared context once needs a plain full-attention transformers cache the gradient can flow
         through (not with gradient checkpointing, which drops the cache in training)."""
         if not self.share_contexts:
             return False
-        policy = self.policy
-        checkpointing = getattr(policy, "is_activation_checkpointing", None)
-        if checkpointing is None:
-            checkpointing = getattr(policy, "is_gradient_checkpointing", False)
-        if getattr(self, "_plain_cache", None) is None:
-            self._plain_cache = has_plain_kv_cache(policy)
-        return self._plain_cache and not checkpointing
+        if self._plain_cache is None:
+            self._plain_cache = has_plain_kv_cache(self.policy)
+        return self._plain_cache and not is_checkpointing(self.policy)
 
     def micro_batch_loss(self, mb: TensorBatch, counts: dict[str, tuple[float, float]]) -> tuple[torch.Tensor, dict]:
         loss_cfg = self.method_cfg.loss
@@ -235,184 +160,45 @@ class GRPOModule(PolicyModule):
         # token in (prompts cost no lm_head either way)
         tok = shared.tokens if shared is not None else mb.response_window()
         temperature = self.rollout_cfg.temperature or 1.0
-        logits = self.sequence_logits(self.policy, tok, shared)                                 # [B, W, V]
+        logits = sequence_logits(self.policy, tok, shared)                                 # [B, W, V]
         logp = core.token_logprobs(logits, tok.targets, temperature=temperature)
-        loss_tok, metrics = core.policy_loss(logp, tok.old_logp, tok.advantages, tok.mask, loss_cfg.clip_low,
-                                             loss_cfg.clip_high, loss_cfg.dual_clip)
+        loss_tok, metrics = core.policy_loss(logp, tok.old_log_probs, tok.advantages, tok.response_mask,
+                                             loss_cfg.clip_low, loss_cfg.clip_high, loss_cfg.dual_clip)
         if loss_cfg.kl_coef > 0:
             with reference_model(self.policy, self.frozen_ref) as ref, torch.no_grad():
-                ref_logits = self.sequence_logits(ref, tok, shared)
+                ref_logits = sequence_logits(ref, tok, shared)
                 ref_logp = core.token_logprobs(ref_logits, tok.targets, temperature=temperature)
             kl = core.kl_penalty(logp, ref_logp, loss_cfg.kl_kind)
             loss_tok = loss_tok + loss_cfg.kl_coef * kl
-            metrics["kl"] = core.masked_mean(kl.detach(), tok.mask)
+            metrics["kl"] = core.masked_mean(kl.detach(), tok.response_mask)
         if loss_cfg.nll_coef > 0 and loss_cfg.nll_norm == "tokens":
-            loss_tok = loss_tok + loss_cfg.nll_coef * core.nll_on_positive(logp, tok.advantages, tok.mask)
+            loss_tok = loss_tok + loss_cfg.nll_coef * core.nll_on_positive(logp, tok.advantages, tok.response_mask)
         total = logp.new_zeros(())
         # L = L_episode + w * L_step, each normalised over its own tokens (THOR: w = 1)
         weights = {"episode": 1.0, "step": self.method_cfg.step_level.weight}
         for level in ("episode", "step"):
-            rows = torch.tensor([lv == level for lv in tok.level], device=tok.mask.device)
+            rows = torch.tensor([lv == level for lv in tok.level], device=tok.response_mask.device)
             if not rows.any():
                 continue
             n_tok, n_seq = counts[level]
-            total = total + weights[level] * core.aggregate(loss_tok[rows], tok.mask[rows], loss_cfg.agg, num_tokens=n_tok,
-                                           num_seqs=n_seq, norm_len=loss_cfg.norm_len or self.rollout_cfg.max_total_tokens)
-        if loss_cfg.nll_coef > 0 and loss_cfg.nll_norm == "positive":   # issue 18: THOR's normaliser, both levels
-            total = total + loss_cfg.nll_coef * core.nll_positive_mean(logp, tok.advantages, tok.mask,
+            total = total + weights[level] * core.aggregate(
+                loss_tok[rows], tok.response_mask[rows], loss_cfg.agg, num_tokens=n_tok, num_seqs=n_seq,
+                norm_len=loss_cfg.norm_len or self.rollout_cfg.max_total_tokens)
+        if loss_cfg.nll_coef > 0 and loss_cfg.nll_norm == "positive":   # THOR's normaliser, both levels
+            total = total + loss_cfg.nll_coef * core.nll_positive_mean(logp, tok.advantages, tok.response_mask,
                                                                        counts["positive"][0])
         return total, metrics
 
     def _all_reduce(self, value: float, op: str = "sum") -> float:
-        if not (dist.is_available() and dist.is_initialized()):
-            return value
-        t = torch.tensor([float(value)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return t.item()
+        return collectives.all_reduce_scalar(value, op, self.device)
 
     def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         """Each rank saw its own share of the prompts: average every metric over ranks so ``train/*`` describes
-        the whole batch. Ranks may hold different keys (a filter reason seen on one rank only), so the key set is
-        agreed first and a missing key counts as 0 on that rank."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return metrics
-        key_sets: list = [None] * dist.get_world_size()
-        dist.all_gather_object(key_sets, sorted(metrics))
-        keys = sorted(set().union(*key_sets))
-        t = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return dict(zip(keys, (t / dist.get_world_size()).tolist()))
-
-    def global_positive_tokens(self, batch: TensorBatch) -> float:
-        """Positive-advantage loss tokens of ``batch`` over all ranks (the ``positive`` NLL normaliser)."""
-        return self._all_reduce(float(core.positive_token_count(batch.advantages, batch.mask)))
-
-    def steps_per_round(self) -> int:
-        """Optimizer steps of one rollout round (one ``training_step``): mini-batches x ppo_epochs."""
-        m = self.method_cfg
-        return steps_per_round(m.rollout_batch_size, m.mini_batch_size, m.ppo_epochs)
-
-    def update(self, batch: TensorBatch, groups: list | None = None) -> dict:
-        """The round's optimizer steps (``tirl.rl.schedule.plan_round``): per epoch, the groups shuffled into the
-        fixed number of mini-batches, each one step. ``groups``: a key per row (rows sharing a key stay in one
-        mini-batch); None = every row its own group. Per-step metrics land in ``self.last_step_metrics``."""
-        m = self.method_cfg
-        opt = self.optimizers()
-        keys = groups if groups is not None else list(range(len(batch)))
-        k = self.steps_per_round()
-        plan = plan_round(keys, mini_batches_per_round(m.rollout_batch_size, m.mini_batch_size), m.ppo_epochs,
-                          m.shuffle_seed, self.global_step // k, self.global_rank)
-        self.last_step_metrics = [self.mini_batch_step(batch, rows, opt) for rows in plan]
-        out: dict[str, float] = {}
-        for key in {key for step in self.last_step_metrics for key in step}:
-            out[key] = sum(step.get(key, 0.0) for step in self.last_step_metrics) / len(plan)
-        return out
-
-    def mini_batch_step(self, batch: TensorBatch, rows: list[int], opt) -> dict[str, float]:
-        """One optimizer step on rows ``rows`` of the round: micro-batches normalised by this mini-batch's global
-        counts (all its micro-batches, all ranks), gradient clip, step, schedule. An empty share (this rank got no
-        group for this mini-batch) still joins every gradient sync with zero-weighted passes."""
-        m = self.method_cfg
-        mini = batch.select(rows) if rows else self.empty_batch()
-        counts = {lv: self.global_counts(mini, lv) for lv in ("episode", "step")}
-        if m.loss.nll_coef > 0 and m.loss.nll_norm == "positive":
-            counts["positive"] = (self.global_positive_tokens(mini), 0.0)
-        logs: dict[str, list[float]] = defaultdict(list)
-        order = list(range(len(rows)))
-        chunks = [order[s:s + m.micro_batch_size] for s in range(0, len(order), m.micro_batch_size)]
-        # every rank must run as many backward passes as the busiest one (DDP syncs gradients in each), so
-        # ranks with fewer samples add zero-weighted passes
-        n_passes = int(self._all_reduce(len(chunks), "max"))
-        opt.zero_grad(set_to_none=True)
-        for k in range(n_passes):
-            idx, weight = (chunks[k], 1.0) if k < len(chunks) else ((chunks or [[0]])[0], 0.0)
-            mb = mini.select(idx).to(self.device)
-            loss, metrics = self.micro_batch_loss(mb, counts)
-            # each rank's loss is already divided by the token count of ALL ranks; DDP/FSDP then average
-            # gradients over ranks, so scale back up to make the result the global token-mean's gradient
-            self.manual_backward(loss * (weight * self.trainer.world_size))
-            if weight:
-                logs["loss"].append(loss.item())
-                w = mb.mask.sum().item()
-                for key, v in metrics.items():
-                    logs[key].append(float(v) * w)
-                logs["_w"].append(w)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), m.max_grad_norm)
-        self.optimizer_step_and_schedule(opt)
-        wsum = max(sum(logs.pop("_w", [])), 1.0)
-        out = {"loss": sum(logs.pop("loss", [])), "grad_norm": float(grad_norm)}
-        out.update({key: sum(v) / wsum for key, v in logs.items()})
-        return out
-
-    # ------------------------------------------------------------------ issue 18: behaviour log-probs, mismatch
-    @torch.no_grad()
-    def recompute_old_log_probs(self, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The trainer's own log-probs and full-vocabulary entropies [N, L-1] of every loss token of the round,
-        before any update (verl's ``compute_log_prob``), read the way the update reads them (shared contexts,
-        response windows) so the first step's ratio is 1 to float precision. Other positions keep their values."""
-        m = self.method_cfg
-        temperature = self.rollout_cfg.temperature or 1.0
-        logp_all, ent_all = batch.old_logp.clone(), batch.entropy.clone()
-        order = list(range(len(batch)))
-        chunks = [order[s:s + m.micro_batch_size] for s in range(0, len(order), m.micro_batch_size)]
-        n_passes = int(self._all_reduce(len(chunks), "max"))   # FSDP: every rank joins every forward
-        for k in range(n_passes):
-            idx = chunks[min(k, len(chunks) - 1)]
-            mb = batch.select(idx).to(self.device)
-            shared = mb.shared_contexts() if self.can_share_contexts() else None
-            tok = shared.tokens if shared is not None else mb.response_window()
-            logits = self.sequence_logits(self.policy, tok, shared)
-            if k >= len(chunks):
-                continue
-            logp = window_to_targets(core.token_logprobs(logits, tok.targets, temperature), mb, shared).cpu()
-            ent = window_to_targets(core.token_entropy(logits, temperature), mb, shared).cpu()
-            ix, width, keep = torch.tensor(idx), mb.mask.shape[1], mb.mask.bool().cpu()
-            logp_all[ix, :width] = torch.where(keep, logp.to(logp_all.dtype), logp_all[ix, :width])
-            ent_all[ix, :width] = torch.where(keep, ent.to(ent_all.dtype), ent_all[ix, :width])
-        return logp_all, ent_all
-
-    def behaviour_log_probs(self, tb: TensorBatch) -> dict[str, float]:
-        """With ``method.old_log_probs=recompute``: replace the sampler's log-probs and entropies in ``tb`` by the
-        trainer's (DA-GRPO then shapes with these entropies) and report the mismatch; else nothing."""
-        if self.method_cfg.old_log_probs != "recompute":
-            return {}
-        rollout_logp = tb.old_logp
-        tb.old_logp, tb.entropy = self.recompute_old_log_probs(tb)
-        self._rollout_logp = rollout_logp
-        diff = (tb.old_logp - rollout_logp).abs() * tb.mask
-        return {"rollout_mismatch/kl_k3": core.mismatch_kl_k3(tb.old_logp, rollout_logp, tb.mask).item(),
-                "rollout_mismatch/max_abs_logp_diff": diff.max().item() if diff.numel() else 0.0}
-
-    def correct_rollout_mismatch(self, tb: TensorBatch) -> dict[str, float]:
-        """``method.rollout_correction.kind=tis``: scale each token's advantage by min(π_old/π_rollout, C). The
-        clipped (and dual-clipped) PPO loss is positively homogeneous in A, so this is the policy loss times the
-        weight, as verl and TRL apply it; signs (clip metrics, positive-NLL tokens) are unchanged."""
-        c = self.method_cfg.rollout_correction
-        rollout_logp = getattr(self, "_rollout_logp", None)
-        self._rollout_logp = None
-        if c.kind != "tis" or rollout_logp is None:
-            return {}
-        w = core.truncated_is_weights(tb.old_logp, rollout_logp, tb.mask, c.cap)
-        tb.advantages = tb.advantages * w
-        keep = tb.mask.bool()
-        return {"rollout_correction/weight_mean": core.masked_mean(w, keep).item(),
-                "rollout_correction/weight_max": w[keep].max().item() if keep.any() else 0.0}
-
-    def optimizer_step_and_schedule(self, opt) -> None:
-        """One optimizer step and one schedule step. Lightning's ``global_step`` (hence ``trainer.max_steps`` and the
-        schedule's length) counts optimizer steps, so a round of k mini-batch steps is k of them, skipped or not."""
-        opt.step()
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
-
-    def empty_batch(self) -> TensorBatch:
-        """One all-padding sequence with no loss tokens: lets a rank with nothing to learn join the collectives."""
-        pad = self.tokenizer.pad_token_id
-        return collate_samples([Sample([pad, pad], [pad], [0], [0.0], [0.0], 0.0)], pad)
+        the whole batch (``tirl.modules.collectives.mean_over_ranks``)."""
+        return collectives.mean_over_ranks(metrics, self.device)
 
     # ------------------------------------------------------------------ Lightning hooks
-    def collect(self, records: list[dict]) -> tuple[list[Trajectory], list[float], list[float], list[Sample], dict]:
+    def make_experience(self, records: list[dict]) -> tuple[list[Trajectory], list[float], list[float], list[Sample], dict]:
         """Roll out, score and turn into samples; refill dropped groups (dynamic sampling) up to the round limit."""
         m = self.method_cfg
         G, want = m.group_size, len(records)
@@ -446,19 +232,17 @@ class GRPOModule(PolicyModule):
 
     def training_step(self, batch: list[dict], batch_idx: int):
         m = self.method_cfg
-        trajs, rewards, correct, samples, stats = self.collect(list(batch))
+        trajs, rewards, correct, samples, stats = self.make_experience(list(batch))
         metrics = self.rollout_metrics(trajs, rewards, correct)
         metrics.update(stats)
         tb = None
         if self._all_reduce(len(samples)) > 0:   # decided on the global count so every rank agrees
             tb = collate_samples(samples, self.tokenizer.pad_token_id) if samples else self.empty_batch()
-            metrics.update(self.behaviour_log_probs(tb))       # issue 18: recompute before shaping reads entropy
+            metrics.update(self.behaviour_log_probs(tb))       # recompute before shaping reads the entropy
             if m.shaping.kind != "none":
-                from tirl.modules.dcore import shape_advantages
-
-                tb.advantages, shaped = shape_advantages(tb.advantages, tb.entropy, tb.mask, m.shaping)
+                tb.advantages, shaped = shape_advantages(tb.advantages, tb.entropy, tb.response_mask, m.shaping)
                 metrics["shaping/shaped_token_frac"] = shaped
-            metrics.update(self.correct_rollout_mismatch(tb))  # issue 18: after shaping, on the final advantages
+            metrics.update(self.correct_rollout_mismatch(tb))  # after shaping, on the final advantages
         # With every advantage exactly 0 and no KL term the gradient is exactly 0, but an Adam step would still move
         # the weights along its momentum; such a step is counted without touching the optimizer.
         if tb is not None and (m.loss.kl_coef > 0 or self._all_reduce(float(tb.advantages.abs().sum() > 0)) > 0):
@@ -466,61 +250,32 @@ class GRPOModule(PolicyModule):
             metrics["skipped_update"] = 0.0
         else:   # nothing to learn from: keep step/schedule counters moving so runs stay comparable
             metrics["skipped_update"] = 1.0
-            opt = self.optimizers()
-            opt.zero_grad(set_to_none=True)
-            for _ in range(self.steps_per_round()):   # no gradients: parameters are untouched, but the steps count
-                self.optimizer_step_and_schedule(opt)
+            self.skip_round()
         metrics = self.mean_over_ranks(metrics)
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, prog_bar=False, on_step=True,
                       batch_size=len(batch))
         self.log("train/reward", metrics["reward_mean"], prog_bar=True, batch_size=len(batch))
-        self.log_samples("train", trajs, rewards, correct)
+        return {"rollouts": (trajs, rewards, correct)}     # for the samples table (tirl.callbacks.SamplesTable)
 
     def refill_prompts(self, n: int) -> list[dict]:
         dm = getattr(self.trainer, "datamodule", None)
         return dm.refill_prompts(n) if dm is not None and hasattr(dm, "refill_prompts") else []
 
-    def uses_sandbox(self, t: Trajectory) -> bool:
-        """Whether the rollout could run code: tool rounds are on and its task executes code (math), not function
-        calling, whose calls are text graded against the gold."""
-        return self.rollout_cfg.max_tool_rounds > 0 and t.meta.get("task") not in SANDBOX_FREE_TASKS
-
     def rollout_metrics(self, trajs: list[Trajectory], rewards: list[float], correct: list[float]) -> dict:
-        """Per-step rollout statistics. Names say what they count: ``sandbox_*`` over rollouts that could run code
-        (absent when none could), ``function_calls_per_sample`` over function-calling rollouts (absent otherwise)."""
-        r = torch.tensor(rewards)
-        model_tokens = [sum(t.model_mask) for t in trajs]
-        ent = [e for t in trajs for e, mm in zip(t.entropies, t.model_mask) if mm]
-        out = {
-            "reward_mean": r.mean().item(), "reward_std": r.std().item() if len(r) > 1 else 0.0,
-            "acc": sum(correct) / max(len(correct), 1),
-            "response_len": sum(len(t.response_ids) for t in trajs) / max(len(trajs), 1),
-            "model_tokens": sum(model_tokens) / max(len(trajs), 1),
-            "entropy": sum(ent) / max(len(ent), 1),
-            "truncated_frac": sum(t.stop_reason == "length" for t in trajs) / max(len(trajs), 1),
-        }
-        coded = [t for t in trajs if self.uses_sandbox(t)]
-        if coded:
-            n_runs = sum(t.num_calls for t in coded)
-            out["sandbox_calls_per_sample"] = n_runs / len(coded)
-            out["sandbox_pass_rate"] = (sum(c.passed for t in coded for c in t.calls) / n_runs) if n_runs else 0.0
-            if self.rollout_cfg.self_correction.enabled:
-                out["corrections_per_sample"] = sum(t.corrections for t in coded) / len(coded)
-        calling = [t for t in trajs if t.meta.get("task") in SANDBOX_FREE_TASKS]
-        if calling:
-            out["function_calls_per_sample"] = sum(count_function_calls(self.response_text(t)) for t in calling) / len(calling)
-        return out
+        return rollout_metrics(trajs, rewards, correct, self.rollout_cfg, self.response_text)
 
     def validation_step(self, batch: list[dict], batch_idx: int):
-        self._val_outputs += self.evaluate_records(batch)
+        trajs, rewards, correct = self.heldout_rollouts(batch)
+        self._val_outputs += heldout_outcomes(batch, trajs, rewards, correct)
+        return {"rollouts": (trajs, rewards, correct)}     # for the samples table (tirl.callbacks.SamplesTable)
 
     def test_step(self, batch: list[dict], batch_idx: int):
-        self._val_outputs += self.evaluate_records(batch)
+        return self.validation_step(batch, batch_idx)
 
-    def evaluate_records(self, records: list[dict], temperature: float | None = None,
-                         samples: int | None = None) -> list[dict]:
+    def heldout_rollouts(self, records: list[dict], temperature: float | None = None,
+                         samples: int | None = None) -> tuple[list[Trajectory], list[float], list[float]]:
         """Tool-integrated rollouts of held-out prompts (greedy, or ``samples`` at ``temperature`` = Avg@k),
-        scored by the accuracy reward (exact answer / exact calls)."""
+        scored by the reward and by the accuracy reward (exact answer / exact calls)."""
         m = self.method_cfg
         temperature = m.val_temperature if temperature is None else temperature
         samples = (m.val_samples if samples is None else samples) if temperature > 0 else 1
@@ -528,9 +283,12 @@ class GRPOModule(PolicyModule):
         loop = ToolLoop(make_backend(cfg, self.policy, self.tokenizer), self.sandbox, self.tokenizer, cfg)
         trajs = self.rollout_groups(records, samples, loop)
         rewards, correct = self.score(trajs, records)
-        self.log_samples("val", trajs, rewards, correct)
-        return [{"correct": c, "reward": r, "len": len(t.response_ids), "kind": record_kind(records[t.meta["group"]])}
-                for t, r, c in zip(trajs, rewards, correct)]
+        return trajs, rewards, correct
+
+    def validate_records(self, records: list[dict], temperature: float | None = None,
+                         samples: int | None = None) -> list[dict]:
+        """Per-sample outcomes (correct, reward, length, kind) of ``heldout_rollouts``."""
+        return heldout_outcomes(records, *self.heldout_rollouts(records, temperature, samples))
 
     def _epoch_end(self, prefix: str) -> None:
         outs, self._val_outputs = self._val_outputs, []
@@ -544,17 +302,7 @@ class GRPOModule(PolicyModule):
             self.log(f"{prefix}/acc/{kind}", acc)   # already the same on every rank
 
     def accuracy_by_kind(self, outs: list[dict]) -> dict[str, float]:
-        """Accuracy per BFCL category or math level, over all ranks: a single number can hide a trade, e.g. RL
-        that learns to call functions more often wins on `simple` what it loses on `irrelevance`. Ranks may hold
-        different kinds, so sums and counts go through `mean_over_ranks` (its key agreement) and are divided after."""
-        stats: dict[str, float] = defaultdict(float)
-        for o in outs:
-            if o.get("kind") is not None:
-                stats[f"correct/{o['kind']}"] += o["correct"]
-                stats[f"n/{o['kind']}"] += 1
-        stats = self.mean_over_ranks(dict(stats))
-        kinds = sorted(k.split("/", 1)[1] for k in stats if k.startswith("n/") and stats[k] > 0)
-        return {kind: stats[f"correct/{kind}"] / stats[f"n/{kind}"] for kind in kinds}
+        return accuracy_by_kind(outs, self.mean_over_ranks)
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")
@@ -562,26 +310,6 @@ class GRPOModule(PolicyModule):
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
 
-    # ------------------------------------------------------------------ samples table
-    def log_samples(self, split: str, trajs: list[Trajectory], rewards: list[float], correct: list[float]) -> None:
+    def configure_callbacks(self):
         k = self.method_cfg.log_samples
-        # rank 0 only, as W&B's log_table and the CSV metrics are: under DDP every rank appending to one CSV raced
-        # on its header and doubled the rows
-        if not k or self._trainer is None or self.trainer.sanity_checking or self.global_rank != 0:
-            return
-        # the step number of the metrics.csv row this step's (or this validation's) metrics are written in
-        step = log_step(self.trainer)
-        rows = [[step, t.meta.get("id"), self.response_text(t), r, c, t.num_calls, t.failed_calls]
-                for t, r, c in list(zip(trajs, rewards, correct))[:k]]
-        cols = ["step", "id", "response", "reward", "correct", "calls", "failed_calls"]
-        for logger in self.loggers:
-            if hasattr(logger, "log_table"):     # W&B
-                logger.log_table(key=f"{split}/samples", columns=cols, data=rows)
-            elif getattr(logger, "log_dir", None):
-                path = os.path.join(logger.log_dir, f"{split}_samples.csv")
-                new = not os.path.exists(path)
-                with open(path, "a", newline="") as f:
-                    w = csv.writer(f)
-                    if new:
-                        w.writerow(cols)
-                    w.writerows(rows)
+        return [SamplesTable(k)] if k else []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tirl.data.prompts import task_messages
-from tirl.pipelines.chat import ChatBackend, ChatParams
+from tirl.pipelines.chat_backends import ChatBackend, ChatParams
 from tirl.pipelines.runner import ItemResult
 from tirl.rewards.toolcall import GoldAnswerError, calls_match_exactly, parse_gold
 from tirl.tools.calls import ParseError, format_calls, parse_calls, split_reasoning

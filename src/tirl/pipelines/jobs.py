@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tirl.errors import UserError
-from tirl.pipelines.chat import ChatBackend, ChatParams, build_chat_backend, check_chat_backend
+from tirl.pipelines.chat_backends import ChatBackend, ChatParams, build_chat_backend, check_chat_backend
 from tirl.pipelines.distill import Distiller, DistillSettings
 from tirl.pipelines.runner import drop_counts, run_items, write_atomic, write_jsonl_atomic
 from tirl.pipelines.tirgen import TIRGenerator, TIRGenSettings, call_histogram, select_samples

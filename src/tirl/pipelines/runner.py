@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tirl.pipelines.chat import ChatBackendError
+from tirl.pipelines.chat_backends import ChatBackendError
 
 
 @dataclass

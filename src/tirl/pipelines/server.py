@@ -15,7 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tirl.pipelines.chat import ChatBackend, ChatParams, HFChatBackend
+from tirl.pipelines.chat_backends import ChatBackend, ChatParams, HFChatBackend
 
 
 def _handler(backend: ChatBackend, model_name: str) -> type[BaseHTTPRequestHandler]:

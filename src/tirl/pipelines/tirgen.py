@@ -19,8 +19,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tirl.data.chat import model_written_text
-from tirl.pipelines.chat import ChatBackend, ChatParams
+from tirl.data.chat_template import model_written_text
+from tirl.pipelines.chat_backends import ChatBackend, ChatParams
 from tirl.pipelines.runner import ItemResult
 from tirl.rewards.math import last_boxed, math_equal
 from tirl.rewards.repetition import has_heavy_repetition

@@ -261,13 +261,13 @@ def da_grpo_shape(advantages: Tensor, entropy: Tensor, mask: Tensor,
 # --------------------------------------------------------------------------- policy loss
 
 
-def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+def policy_loss(logp: Tensor, old_log_probs: Tensor, advantages: Tensor, mask: Tensor,
                 clip_low: float = 0.2, clip_high: float = 0.2,
                 dual_clip: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate per token with asymmetric clip (DAPO) and optional dual clip (negative A).
 
     loss = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)); with dual_clip c and A < 0 it is
-    further capped at -A c. r = exp(logp - old_logp). A ratio exactly on a bound counts as unclipped.
+    further capped at -A c. r = exp(logp - old_log_probs). A ratio exactly on a bound counts as unclipped.
     Returns (loss_tokens [B, T], zero on padding; detached scalar metrics over masked tokens).
     """
     if dual_clip is not None and not dual_clip > 1.0:
@@ -276,7 +276,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     adv = _per_token(advantages, mask, "advantages").to(logp.dtype)
     # Padding may hold garbage log-probs; zero their log-ratio so no inf/NaN reaches the gradient.
     # The ±20 clamp is verl's guard against exp overflow on wildly stale tokens.
-    log_ratio = torch.where(keep, logp - old_logp, torch.zeros_like(logp)).clamp(-20.0, 20.0)
+    log_ratio = torch.where(keep, logp - old_log_probs, torch.zeros_like(logp)).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)

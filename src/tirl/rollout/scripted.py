@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from tirl.rollout.backend import CLOSE_FENCE, OPEN_FENCE
-from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
+from tirl.rollout.types import CLOSE_FENCE, OPEN_FENCE, Generation, SamplingParams, prompt_budgets
 
 
 class ScriptedBackend:

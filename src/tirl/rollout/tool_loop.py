@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from tirl.config.schema import RolloutConfig
-from tirl.data.chat import encode_environment
+from tirl.data.chat_template import encode_environment
 from tirl.rollout.backend import GenerationBackend
 from tirl.rollout.types import SamplingParams, ToolCall, Trajectory
 
@@ -75,7 +75,7 @@ class ToolLoop:
             paused: list[tuple[Trajectory, int]] = []
             for t, g in zip(active, gens):
                 start = len(t.response_ids)
-                t.append(g.ids, True, g.logprobs, g.entropies)
+                t.append(g.ids, True, g.log_probs, g.entropies)
                 if g.stop_reason == "tool" and rounds_left[id(t)] > 0:
                     paused.append((t, start + (g.code_start or 0)))
                 elif g.stop_reason == "tool":

@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+# a code block opens and closes with these; generation with ``stop_at_code`` pauses at the closing fence
+OPEN_FENCE = "```python"
+CLOSE_FENCE = "\n```"
+
 
 @dataclass
 class SamplingParams:
@@ -35,7 +39,7 @@ class Generation:
     """One backend call's continuation of one prompt."""
 
     ids: list[int]
-    logprobs: list[float]               # log p(token) under the rollout policy at the rollout temperature
+    log_probs: list[float]               # log p(token) under the rollout policy at the rollout temperature
     entropies: list[float]              # entropy of that distribution at each step
     stop_reason: str                    # "eos" | "tool" (a code block closed) | "length"
     code_start: int | None = None       # index in ids of the token where the closing block's ```python begins
@@ -59,24 +63,24 @@ class ToolCall:
 class Trajectory:
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)
-    model_mask: list[int] = field(default_factory=list)     # 1 = model-written, 0 = tool output
-    logprobs: list[float] = field(default_factory=list)     # 0.0 on tool tokens
+    response_mask: list[int] = field(default_factory=list)     # 1 = model-written, 0 = tool output
+    log_probs: list[float] = field(default_factory=list)     # 0.0 on tool tokens
     entropies: list[float] = field(default_factory=list)    # 0.0 on tool tokens
     calls: list[ToolCall] = field(default_factory=list)
     stop_reason: str = ""                                   # eos | length | tool_rounds
     corrections: int = 0                                    # self-correction resamples taken
     meta: dict = field(default_factory=dict)                # prompt record id, group index, …
 
-    def append(self, ids: list[int], model_written: bool, logprobs=None, entropies=None) -> None:
+    def append(self, ids: list[int], model_written: bool, log_probs=None, entropies=None) -> None:
         n = len(ids)
         self.response_ids += ids
-        self.model_mask += [int(model_written)] * n
-        self.logprobs += list(logprobs) if logprobs is not None else [0.0] * n
+        self.response_mask += [int(model_written)] * n
+        self.log_probs += list(log_probs) if log_probs is not None else [0.0] * n
         self.entropies += list(entropies) if entropies is not None else [0.0] * n
 
     def truncate(self, length: int) -> None:
         """Drop every response token from ``length`` on (and calls that started there)."""
-        for name in ("response_ids", "model_mask", "logprobs", "entropies"):
+        for name in ("response_ids", "response_mask", "log_probs", "entropies"):
             setattr(self, name, getattr(self, name)[:length])
         self.calls = [c for c in self.calls if c.output_end <= length]
 
@@ -100,8 +104,8 @@ class Trajectory:
     def segments(self) -> list[tuple[int, int, bool]]:
         """Maximal runs of (start, end, model_written) over the response."""
         out, start = [], 0
-        for i in range(1, len(self.model_mask) + 1):
-            if i == len(self.model_mask) or self.model_mask[i] != self.model_mask[start]:
-                out.append((start, i, bool(self.model_mask[start])))
+        for i in range(1, len(self.response_mask) + 1):
+            if i == len(self.response_mask) or self.response_mask[i] != self.response_mask[start]:
+                out.append((start, i, bool(self.response_mask[start])))
                 start = i
         return out

@@ -50,8 +50,7 @@ from typing import Any
 
 from tirl.config.schema import RolloutConfig
 from tirl.errors import UserError
-from tirl.rollout.backend import CLOSE_FENCE, OPEN_FENCE
-from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
+from tirl.rollout.types import CLOSE_FENCE, OPEN_FENCE, Generation, SamplingParams, prompt_budgets
 
 log = logging.getLogger(__name__)
 
@@ -479,7 +478,7 @@ class VLLMBackend:
                 for tok, step in zip(c.token_ids, c.logprobs or []):
                     lp, h = step_logprobs(step, tok)
                     g.ids.append(tok)
-                    g.logprobs.append(lp)
+                    g.log_probs.append(lp)
                     g.entropies.append(h)
                 text = self.tokenizer.decode(g.ids)
                 reason = map_stop_reason(c.finish_reason, c.stop_reason, text, params[i].stop_at_code)

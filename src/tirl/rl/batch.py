@@ -9,12 +9,12 @@ import torch
 
 @dataclass
 class Sample:
-    """One sequence to train on: ``context`` gets no loss; ``response`` tokens get loss where ``loss_mask`` is 1."""
+    """One sequence to train on: ``context`` gets no loss; ``response`` tokens get loss where ``response_mask`` is 1."""
 
     context: list[int]
     response: list[int]
-    loss_mask: list[int]
-    old_logprobs: list[float]
+    response_mask: list[int]
+    old_log_probs: list[float]
     entropies: list[float]
     advantage: float
     level: str = "episode"        # episode | step (THOR)
@@ -26,8 +26,8 @@ class TensorBatch:
     input_ids: torch.Tensor       # [N, L] right-padded context+response
     attention_mask: torch.Tensor  # [N, L]
     targets: torch.Tensor         # [N, L-1] next tokens (input_ids shifted left)
-    mask: torch.Tensor            # [N, L-1] 1 where the target is a model-written response token
-    old_logp: torch.Tensor        # [N, L-1]
+    response_mask: torch.Tensor   # [N, L-1] 1 where the target is a model-written response token
+    old_log_probs: torch.Tensor   # [N, L-1] the rollout policy's log-probs of the targets
     entropy: torch.Tensor         # [N, L-1]
     advantages: torch.Tensor      # [N, L-1] per token (after any shaping)
     level: list[str]
@@ -41,7 +41,7 @@ class TensorBatch:
         width = int(self.attention_mask[ix].sum(-1).max())
         return TensorBatch(
             self.input_ids[ix, :width], self.attention_mask[ix, :width], self.targets[ix, : width - 1],
-            self.mask[ix, : width - 1], self.old_logp[ix, : width - 1], self.entropy[ix, : width - 1],
+            self.response_mask[ix, : width - 1], self.old_log_probs[ix, : width - 1], self.entropy[ix, : width - 1],
             self.advantages[ix, : width - 1], [self.level[i] for i in idx],
         )
 
@@ -49,18 +49,20 @@ class TensorBatch:
         """The same rows with the per-token tensors cut to start at the first column any row has a loss token in.
 
         ``input_ids`` keep their full width (the model must read the prompt); callers ask the model for the last
-        ``mask.shape[1] + 1`` positions' logits only (``logits_to_keep``), which line up with the cut tensors.
+        ``response_mask.shape[1] + 1`` positions' logits only (``logits_to_keep``), which line up with the cut tensors.
         """
-        cols = self.mask.sum(0).nonzero()
-        start = int(cols[0]) if len(cols) else self.mask.shape[1] - 1
+        cols = self.response_mask.sum(0).nonzero()
+        start = int(cols[0]) if len(cols) else self.response_mask.shape[1] - 1
         if start == 0:
             return self
-        return TensorBatch(self.input_ids, self.attention_mask, self.targets[:, start:], self.mask[:, start:],
-                           self.old_logp[:, start:], self.entropy[:, start:], self.advantages[:, start:], self.level)
+        return TensorBatch(self.input_ids, self.attention_mask, self.targets[:, start:],
+                           self.response_mask[:, start:], self.old_log_probs[:, start:], self.entropy[:, start:],
+                           self.advantages[:, start:], self.level)
 
     def to(self, device) -> TensorBatch:
-        return TensorBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.targets, self.mask,
-                                                   self.old_logp, self.entropy, self.advantages)), self.level)
+        return TensorBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.targets,
+                                                   self.response_mask, self.old_log_probs, self.entropy,
+                                                   self.advantages)), self.level)
 
     def shared_contexts(self) -> SharedContextBatch | None:
         """The rows split into distinct contexts and their continuations, or None when no two rows share one.
@@ -70,7 +72,7 @@ class TensorBatch:
         context's KV cache: the same log-probs and, as the cache is expanded by indexing, the same gradient, for
         (G-1)/G less work on the context tokens. A row with no loss token at all leaves the batch unsplit.
         """
-        has_loss = self.mask.bool()                                                       # [N, L-1]
+        has_loss = self.response_mask.bool()                                              # [N, L-1]
         if not bool(has_loss.any(-1).all()):
             return None
         ctx_len = has_loss.float().argmax(-1) + 1                # tokens before the first loss target, per row [N]
@@ -99,8 +101,9 @@ class TensorBatch:
         def per_token(t: torch.Tensor) -> torch.Tensor:
             return torch.where(valid, t.gather(1, col), torch.zeros((), dtype=t.dtype, device=t.device))
 
-        tokens = TensorBatch(resp_ids, valid.long(), resp_ids, per_token(self.mask), per_token(self.old_logp),
-                             per_token(self.entropy), per_token(self.advantages), self.level)
+        tokens = TensorBatch(resp_ids, valid.long(), resp_ids, per_token(self.response_mask),
+                             per_token(self.old_log_probs), per_token(self.entropy), per_token(self.advantages),
+                             self.level)
         return SharedContextBatch(
             ctx_ids, ctx_attn, (ctx_attn.cumsum(-1) - 1).clamp(min=0), row_ctx,
             torch.cat([ctx_attn[row_ctx], valid.long()], dim=-1), ctx_len[:, None] + k[None, :], tokens,
@@ -137,8 +140,8 @@ def collate_samples(samples: list[Sample], pad_id: int) -> TensorBatch:
         attn[i, : c + r] = 1
         # the target at position j is token j+1, so response token k sits at position c-1+k
         sl = slice(c - 1, c - 1 + r)
-        mask[i, sl] = torch.tensor(s.loss_mask, dtype=torch.float)
-        old[i, sl] = torch.tensor(s.old_logprobs)
+        mask[i, sl] = torch.tensor(s.response_mask, dtype=torch.float)
+        old[i, sl] = torch.tensor(s.old_log_probs)
         ent[i, sl] = torch.tensor(s.entropies)
         adv[i, sl] = s.advantage
     return TensorBatch(ids, attn, ids[:, 1:].clone(), mask, old, ent, adv * mask, [s.level for s in samples])
@@ -147,9 +150,9 @@ def collate_samples(samples: list[Sample], pad_id: int) -> TensorBatch:
 def window_to_targets(values: torch.Tensor, mb: TensorBatch, shared: SharedContextBatch | None) -> torch.Tensor:
     """Per-token ``values`` of the tensors a loss pass reads (``mb.response_window()`` [N, W], or ``shared.tokens``
     [N, R]) put back in ``mb``'s target columns [N, L-1]; 0 where the pass read nothing."""
-    out = values.new_zeros(mb.mask.shape)
+    out = values.new_zeros(mb.response_mask.shape)
     if shared is None:
-        out[:, mb.mask.shape[1] - values.shape[1]:] = values
+        out[:, mb.response_mask.shape[1] - values.shape[1]:] = values
         return out
     valid = shared.tokens.attention_mask.bool()                                        # [N, R]
     rows = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(valid)

@@ -1,4 +1,4 @@
-"""Lightning callbacks every training run gets (added by ``tirl.train.run``, not by config)."""
+"""Validate after the last optimizer step (added to every training run by ``tirl.train.run``, not by config)."""
 
 from __future__ import annotations
 

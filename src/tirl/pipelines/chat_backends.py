@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tirl.data.chat import encode_environment, encode_text, split_model_and_tool
+from tirl.data.chat_template import encode_environment, encode_text, split_model_and_tool
 from tirl.data.prompts import PromptEncoder
 from tirl.errors import UserError
 

@@ -11,7 +11,7 @@ import copy
 import json
 from typing import Any
 
-from tirl.eval.bfcl_data import BFCLItem
+from tirl.data.bfcl_files import BFCLItem
 
 _PERSONA = "You are an expert in composing functions."
 _TASK = (
