@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -88,8 +89,16 @@ def test_wandb_offline_run_writes_samples_table_and_resolved_config(train_cfg, t
     table = json.loads(tables[0].read_text())
     assert table["columns"][:3] == ["step", "id", "response"] and len(table["data"]) >= 1
     # offline, the resolved config travels in the run's record stream (config.yaml is written on sync)
-    records = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for key in (b"optimized_metric", b"max_total_tokens", b"val_check_interval", b"tirl-test"):
+    # wandb-core writes that file from its own process and may still be flushing it when finish() returns on a busy
+    # machine (seen: only the 9-byte header): read it until the keys are there, for at most 60 s
+    keys = (b"optimized_metric", b"max_total_tokens", b"val_check_interval", b"tirl-test")
+    deadline = time.monotonic() + 60
+    while True:
+        records = next(runs[0].glob("run-*.wandb")).read_bytes()
+        if all(key in records for key in keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for key in keys:
         assert key in records, key
 
 
