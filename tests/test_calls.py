@@ -10,8 +10,8 @@ from tirl.tools.calls import (
     format_calls,
     looks_like_calls,
     parse_calls,
-    split_reasoning,
 )
+from tirl.tools.text_format import split_reasoning
 
 
 def call(name, **arguments):
@@ -112,6 +112,8 @@ def test_format_rejects_unrenderable_names():
         ("<think>\ncut off mid-thought", ("cut off mid-thought", "")),
         ("just an answer", (None, "just an answer")),
         ("<think>\n\n</think>\n\nx", ("", "x")),
+        # bfcl-eval's Qwen handler and Qwen3's template: reasoning before the first </think>, answer after the last
+        ("<think>\na\n</think>\nprinted </think>\n\n[f()]", ("a", "[f()]")),
     ],
 )
 def test_split_reasoning(response, expected):

@@ -15,9 +15,10 @@ from tirl.rollout.backend import (
     sample_tokens,
 )
 from tirl.rollout.scripted import ScriptedBackend
-from tirl.rollout.tool_loop import ToolLoop, last_code_block
+from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import SamplingParams
 from tirl.tools.sandbox import LocalSandbox
+from tirl.tools.text_format import last_code_block
 
 
 @pytest.fixture(scope="module")

@@ -31,8 +31,9 @@ from tirl.data.synthetic_toolcall import (
 )
 from tirl.models.tiny import load_tiny_tokenizer
 from tirl.rewards.toolcall import parse_gold, toolcall_exact
-from tirl.tools.calls import parse_calls, split_reasoning
+from tirl.tools.calls import parse_calls
 from tirl.tools.sandbox import LocalSandbox
+from tirl.tools.text_format import split_reasoning
 
 torch.set_num_threads(1)
 SOLUTION = re.compile(r"^<think>\n[^\n]+\n</think>\n\n```python\n(.+?)\n```\n```output\n(.*?)\n```\n\\boxed\{(.+)\}$", re.S)

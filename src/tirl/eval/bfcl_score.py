@@ -24,7 +24,7 @@ from typing import Any
 
 from tirl.errors import UserError
 from tirl.eval.bfcl_data import BFCLItem, canonical_category
-from tirl.eval.bfcl_prompt import split_reasoning
+from tirl.tools.text_format import split_reasoning
 
 # The registry name whose config bfcl-eval's checkers consult (Qwen3-8B in prompting mode keeps dotted
 # function names, i.e. underscore_to_dot=False).

@@ -32,8 +32,9 @@ from tirl.rl import core
 from tirl.rollout.backend import HFBackend, has_plain_kv_cache
 from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import Trajectory
-from tirl.tools.calls import parse_calls, split_reasoning
+from tirl.tools.calls import parse_calls
 from tirl.tools.sandbox import build_sandbox
+from tirl.tools.text_format import split_reasoning
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ from tirl.modules.rl_batch import Sample
 from tirl.rewards.math import last_boxed
 from tirl.rewards.repetition import has_heavy_repetition
 from tirl.rl import core
-from tirl.rollout.tool_loop import ToolLoop, last_code_block
+from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import SamplingParams, Trajectory
+from tirl.tools.text_format import last_code_block
 
 
 class EpisodeFilter:

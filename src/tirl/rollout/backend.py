@@ -15,7 +15,7 @@ add three modules per targeted layer to every decode step.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -24,9 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
-
-OPEN_FENCE = "```python"
-CLOSE_FENCE = "\n```"
+from tirl.tools.text_format import CODE_OPEN, code_block_end
 
 
 class GenerationBackend(Protocol):
@@ -193,6 +191,20 @@ def growing_cache(model: nn.Module, room: int):
     return cache
 
 
+def fence_token_index(ids: list[int], decode: Callable[[list[int]], str]) -> int:
+    """Index of the token in which the last ```python fence of ``decode(ids)`` starts (exact, by bisecting over
+    decoded prefixes: the smallest k whose ``decode(ids[:k+1])`` reaches past the fence's first character)."""
+    start = decode(ids).rfind(CODE_OPEN)
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(decode(ids[:mid + 1])) > start:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 class FenceWatcher:
     """Batch-wide check for a closed ```python block, decoding a row's text only near tokens that hold a backtick."""
 
@@ -215,9 +227,7 @@ class FenceWatcher:
         return [b for b in near.nonzero().flatten().tolist() if self.closes_block(tokens[b, :step + 1].tolist())]
 
     def closes_block(self, ids: list[int]) -> bool:
-        text = self.tokenizer.decode(ids)
-        start = text.find(OPEN_FENCE)
-        return start >= 0 and text.find(CLOSE_FENCE, start + len(OPEN_FENCE)) >= 0
+        return code_block_end(self.tokenizer.decode(ids)) is not None
 
 
 class HFBackend:
@@ -316,7 +326,7 @@ class HFBackend:
                 if watcher is None:
                     watcher = FenceWatcher(self.tokenizer, backtick_tokens(self.tokenizer), B, logits.shape[-1], device)
                 for b in watcher.closed(tokens, t, live & ~stopped):
-                    fenced[b] = self._fence_token(tokens[b, :t + 1].tolist())
+                    fenced[b] = fence_token_index(tokens[b, :t + 1].tolist(), self.tokenizer.decode)
                     done[b] = True
             done |= lengths >= budget                                             # out of budget: "length"
             if t == T - 1 or bool(done.all()):
@@ -331,16 +341,3 @@ class HFBackend:
         return [Generation(ids[b][:n[b]], lps[b][:n[b]], hs[b][:n[b]],
                            "eos" if eos[b] else "tool" if b in fenced else "length", fenced.get(b))
                 for b in range(B)]
-
-    def _fence_token(self, ids: list[int]) -> int:
-        """Index of the token in which the last ```python fence starts (exact, by decoding prefixes)."""
-        text = self.tokenizer.decode(ids)
-        start = text.rfind(OPEN_FENCE)
-        lo, hi = 0, len(ids)  # smallest k such that decode(ids[:k+1]) reaches past `start`
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(self.tokenizer.decode(ids[:mid + 1])) > start:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo

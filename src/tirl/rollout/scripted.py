@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from tirl.rollout.backend import CLOSE_FENCE, OPEN_FENCE
 from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
+from tirl.tools.text_format import CODE_OPEN, code_block_end
 
 
 class ScriptedBackend:
@@ -29,15 +29,13 @@ class ScriptedBackend:
     def _one(self, prompt: list[int], params: SamplingParams, budget: int) -> Generation:
         text = self.respond(self.tokenizer.decode(prompt))
         reason = "eos"
-        if params.stop_at_code and OPEN_FENCE in text:
-            open_at = text.index(OPEN_FENCE)
-            close = text.find(CLOSE_FENCE, open_at + len(OPEN_FENCE))
-            if close >= 0:
-                text, reason = text[: close + len(CLOSE_FENCE)], "tool"
+        end = code_block_end(text) if params.stop_at_code else None
+        if end is not None:
+            text, reason = text[:end], "tool"
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         code_start = None
         if reason == "tool":
-            prefix = text[: text.rindex(OPEN_FENCE)]
+            prefix = text[: text.rindex(CODE_OPEN)]
             code_start = len(self.tokenizer.encode(prefix, add_special_tokens=False))
             # the text is encoded as (prefix, block) so the fence starts a token
             ids = self.tokenizer.encode(prefix, add_special_tokens=False) + self.tokenizer.encode(

@@ -19,7 +19,6 @@ from typing import Any
 _TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _CODE_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n(.*?)\n?```$", re.DOTALL)
 _DOTTED_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass(frozen=True)
@@ -280,25 +279,6 @@ def format_calls(calls: list[dict[str, Any]]) -> str:
         args = ", ".join(f"{key}={value!r}" for key, value in call["arguments"].items())
         rendered.append(f"{name}({args})")
     return "[" + ", ".join(rendered) + "]"
-
-
-def split_reasoning(response: str) -> tuple[str | None, str]:
-    """Split Qwen3 `<think>\\n…\\n</think>\\n\\n answer` into (reasoning, answer_text), both stripped.
-
-    No `</think>`: (None, whole text) unless the text opens `<think>` (generation was cut inside the
-    reasoning), then (reasoning so far, ""). A leading `<think>` may be absent because some chat
-    templates put it in the prompt.
-    """
-    head, sep, tail = response.partition(_THINK_CLOSE)
-    if not sep:
-        stripped = response.lstrip()
-        if stripped.startswith(_THINK_OPEN):
-            return stripped[len(_THINK_OPEN) :].strip(), ""
-        return None, response.strip()
-    head = head.lstrip()
-    if head.startswith(_THINK_OPEN):
-        head = head[len(_THINK_OPEN) :]
-    return head.strip(), tail.strip()
 
 
 def looks_like_calls(text: str) -> bool:
