@@ -16,14 +16,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from tirl.config import (
-    CONFIG_DIR,
     ConfigError,
-    exit_on_bad_overrides,
-    exit_on_config_error,
+    hydra_entry,
     register_loggers,
     task_wrapper,
 )
@@ -110,17 +107,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _hydra_task(cfg: DictConfig) -> Any:
-    with exit_on_config_error():
-        return run(cfg)
-
-
 def main() -> None:
     """Console script ``tirl-eval``: the same as ``python src/eval.py`` (needs a source checkout's configs/)."""
-    if not (CONFIG_DIR / "eval.yaml").is_file():
-        raise SystemExit(
-            f"tirl-eval needs the configs/ directory of a source checkout (looked in {CONFIG_DIR}); "
-            "install with `pip install -e .` from the repository or run `python src/eval.py`."
-        )
-    exit_on_bad_overrides("eval")
-    hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")(_hydra_task)()
+    hydra_entry("eval", run)

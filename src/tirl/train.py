@@ -12,7 +12,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import hydra
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,8 +20,7 @@ from tirl.config import (
     ConfigError,
     TypedConfig,
     check_trainer_keys,
-    exit_on_bad_overrides,
-    exit_on_config_error,
+    hydra_entry,
     register_loggers,
     task_wrapper,
     validate,
@@ -147,17 +145,6 @@ def run(cfg: DictConfig) -> float | None:
     return metric_value(metrics, cfg.get("optimized_metric"))
 
 
-def _hydra_task(cfg: DictConfig) -> float | None:
-    with exit_on_config_error():
-        return run(cfg)
-
-
 def main() -> None:
     """Console script ``tirl-train``: the same as ``python src/train.py`` (needs a source checkout's configs/)."""
-    if not (CONFIG_DIR / "train.yaml").is_file():
-        raise SystemExit(
-            f"tirl-train needs the configs/ directory of a source checkout (looked in {CONFIG_DIR}); "
-            "install with `pip install -e .` from the repository or run `python src/train.py`."
-        )
-    exit_on_bad_overrides("train")
-    hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")(_hydra_task)()
+    hydra_entry("train", run)
