@@ -27,7 +27,7 @@ from tirl.models.load import disable_dropout
 from tirl.models.reference import make_frozen_reference, reference_model
 from tirl.modules.policy import PolicyModule
 from tirl.modules.rl_batch import Sample, SharedContextBatch, TensorBatch, collate_samples
-from tirl.rewards import get_reward
+from tirl.rewards import ACCURACY_REWARDS, get_reward
 from tirl.rl import core
 from tirl.rollout.backend import HFBackend, has_plain_kv_cache
 from tirl.rollout.tool_loop import ToolLoop
@@ -56,9 +56,6 @@ def count_function_calls(response: str) -> int:
     """Function calls in a response's final answer (the text after ``</think>``); 0 when it is not a call list."""
     calls = parse_calls(split_reasoning(response)[1])
     return len(calls) if isinstance(calls, list) else 0
-
-
-ACCURACY_REWARDS = {"math": "math", "toolcall": "toolcall_exact", "toolcall_exact": "toolcall_exact"}
 
 
 def sandbox_from_config(s: SandboxConfig):
