@@ -18,7 +18,6 @@ from tirl.eval.bfcl_data import (
     BFCLDataError,
     BFCLItem,
     canonical_category,
-    gold_call_text,
     gold_calls,
     load_bfcl,
 )
@@ -47,6 +46,13 @@ def test_load_fixture_pairs_questions_with_answers_and_maps_v3_names():
     assert len(load_bfcl("simple_python", source=FIXTURES, limit=2)) == 2
     irrelevance = load_bfcl("irrelevance", source=FIXTURES)
     assert irrelevance[0].ground_truth is None and irrelevance[0].is_relevance
+
+
+def gold_call_text(ground_truth: list[dict[str, dict[str, list]]], functions: list[dict] | None = None) -> str:
+    """A right answer for a scripted model: the possible answers as BFCL's output format, `[f(a=1, b='x')]`."""
+    rendered = [f"{name}({', '.join(f'{arg}={value!r}' for arg, value in arguments.items())})"
+                for name, arguments in gold_calls(ground_truth, functions)]
+    return "[" + ", ".join(rendered) + "]"
 
 
 def test_bad_line_and_bad_category_name_the_problem(tmp_path):

@@ -8,7 +8,6 @@ from tirl.tools.calls import (
     ParseError,
     decode_bfcl_calls,
     format_calls,
-    looks_like_calls,
     parse_calls,
 )
 from tirl.tools.text_format import split_reasoning
@@ -118,23 +117,6 @@ def test_format_rejects_unrenderable_names():
 )
 def test_split_reasoning(response, expected):
     assert split_reasoning(response) == expected
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("[f(a=1)]", True),
-        ("[]", True),
-        ("f(a=1)", True),
-        ('<tool_call>{"name": "f"}</tool_call>', True),
-        ("<tool_call>broken", True),
-        ("I cannot help with that: no function fits.", False),
-        ("[Note] none of the tools apply", False),
-        ("[f(1)]", False),
-    ],
-)
-def test_looks_like_calls(text, expected):
-    assert looks_like_calls(text) is expected
 
 
 # ---------------------------------------------------------------- BFCL's prompting decoder (the reward's reader)

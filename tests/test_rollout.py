@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from doubles import ScriptedBackend
 
 from tirl.config.schema import RolloutConfig, SelfCorrectionConfig
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
@@ -14,7 +15,6 @@ from tirl.rollout.backend import (
     merged_lora,
     sample_tokens,
 )
-from tirl.rollout.scripted import ScriptedBackend
 from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import SamplingParams
 from tirl.tools.sandbox import LocalSandbox

@@ -53,10 +53,6 @@ def question_hash(question: str) -> str:
     return hashlib.sha256(question.encode()).hexdigest()
 
 
-def split_of(question: str) -> str:
-    return "heldout" if in_split(question, "heldout") else "train"
-
-
 def in_split(text: str, split: str) -> bool:
     """Whether ``text`` (a question, or a tool-call task's key) falls in ``split``, by a hash of it.
 

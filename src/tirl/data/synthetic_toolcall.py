@@ -148,7 +148,6 @@ CATALOGUE: tuple[FunctionSpec, ...] = (
     FunctionSpec("get_user", "Look up a user.", "get the user with id {user_id}",
                  (_req("user_id", "integer", (17, 42, 108, 256)),)),
 )
-BY_NAME = {f.name: f for f in CATALOGUE}
 
 
 @dataclass(frozen=True)

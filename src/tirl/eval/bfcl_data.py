@@ -208,10 +208,3 @@ def gold_calls(ground_truth: list[dict[str, dict[str, list]]],
         picked = {arg: _pick(options, arg in required.get(name, ())) for arg, options in arguments.items()}
         calls.append((name, {arg: value for arg, (write, value) in picked.items() if write}))
     return calls
-
-
-def gold_call_text(ground_truth: list[dict[str, dict[str, list]]], functions: list[dict[str, Any]] | None = None) -> str:
-    """Python call-list text for the possible answers, e.g. `[f(a=1, b='x')]` (the BFCL output format)."""
-    rendered = [f"{name}({', '.join(f'{arg}={value!r}' for arg, value in arguments.items())})"
-                for name, arguments in gold_calls(ground_truth, functions)]
-    return "[" + ", ".join(rendered) + "]"

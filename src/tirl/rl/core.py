@@ -45,14 +45,6 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over mask=1 entries (unbiased std); masked-out entries come back as 0."""
-    mean = masked_mean(x, mask)
-    count = mask.to(x.dtype).sum()
-    var = masked_sum((x - mean) ** 2, mask) / (count - 1).clamp(min=1)
-    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))
-
-
 # --------------------------------------------------------------------------- chunked vocab math
 
 
@@ -395,12 +387,6 @@ def aggregate(loss: Tensor, mask: Tensor, mode: str = "token-mean",
     then gives exactly the full-batch loss and gradient. Left as None they are the local counts.
     """
     return get_aggregation(mode)(loss, mask, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len)
-
-
-def count_loss_tokens_and_seqs(mask: Tensor) -> tuple[int, int]:
-    """(tokens with loss, sequences with at least one loss token) — the global counts for `aggregate`."""
-    keep = mask.bool()
-    return int(keep.sum()), int(keep.any(-1).sum())
 
 
 # --------------------------------------------------------------------------- auxiliary losses

@@ -279,16 +279,3 @@ def format_calls(calls: list[dict[str, Any]]) -> str:
         args = ", ".join(f"{key}={value!r}" for key, value in call["arguments"].items())
         rendered.append(f"{name}({args})")
     return "[" + ", ".join(rendered) + "]"
-
-
-def looks_like_calls(text: str) -> bool:
-    """Heuristic: is this answer text a call list (possibly `[]`) rather than plain prose?
-
-    True when it contains `<tool_call>`, or it parses as calls and starts with `[` or is a bare call.
-    Malformed call attempts such as `[f(1)]` are False: they are neither valid calls nor prose, and
-    callers that must tell them apart use `parse_calls` directly.
-    """
-    text = text.strip()
-    if "<tool_call>" in text:
-        return True
-    return not isinstance(parse_calls(text), ParseError)

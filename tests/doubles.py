@@ -1,13 +1,15 @@
-"""A deterministic backend: a function of the context decides the text, the backend plays the model's part.
+"""Test doubles: scripted stand-ins for a model, whose text a function of the context decides.
 
-Used to check rollout bookkeeping token by token and to run the data pipelines on fixed responses whose right
-output is known. It pauses at a closed ```python block and ends with EOS exactly like ``HFBackend``.
+``ScriptedBackend`` plays the policy in a rollout (``tirl.rollout.backend.GenerationBackend``): it pauses at a
+closed ```python block and ends with EOS exactly like ``HFBackend``, so rollout bookkeeping can be checked token by
+token. ``ScriptedChatBackend`` plays a chat backend of the data pipelines (``tirl.pipelines.chat.ChatBackend``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from tirl.pipelines.chat import BackendStats, ChatParams, cut_at_stop
 from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
 from tirl.tools.text_format import CODE_OPEN, code_block_end
 
@@ -45,3 +47,20 @@ class ScriptedBackend:
         if len(ids) > budget:
             ids, reason, code_start = ids[:budget], "length", None
         return Generation(ids, [0.0] * len(ids), [0.0] * len(ids), reason, code_start)
+
+
+class ScriptedChatBackend:
+    """``respond(messages, params) -> text``; ``ScriptedBackend``'s idea at the chat level: a data pipeline run on fixed replies whose right output is known."""
+
+    def __init__(self, respond: Callable[[list[dict], ChatParams], str]):
+        self.respond = respond
+        self.stats = BackendStats()
+
+    def complete(self, messages: list[dict], params: ChatParams) -> list[str]:
+        self.stats.add(requests=1)
+        texts = [cut_at_stop(self.respond(messages, params), params.stop) for _ in range(params.n)]
+        self.stats.add(ok=1)
+        return texts
+
+    def close(self) -> None:
+        pass
