@@ -26,6 +26,7 @@ from tirl.config import (
 )
 from tirl.config.preflight import check_paths, check_rollout_backend
 from tirl.eval.task_config import MathTaskConfig, check_eval_sources, validate_eval
+from tirl.logging.quiet import quiet_library_notices
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def resolve_device(name: str) -> str:
 @task_wrapper
 def run(cfg: DictConfig) -> dict[str, float]:
     """Evaluate the configured model on the configured task; return every reported metric as a float."""
+    quiet_library_notices()
     typed, task = validate_eval(cfg)
     device = resolve_device(str(cfg.get("device", "auto")))
     check_paths(cfg, None)          # init_from

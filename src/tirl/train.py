@@ -26,6 +26,7 @@ from tirl.config import (
     validate,
 )
 from tirl.config.preflight import preflight_train
+from tirl.logging.quiet import quiet_library_notices
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def metric_value(metrics: Mapping[str, Any], name: str | None) -> float | None:
 @task_wrapper
 def run(cfg: DictConfig) -> float | None:
     """Train (and test) as configured; return the value of ``cfg.optimized_metric``."""
+    quiet_library_notices()
     typed = validate(cfg)
     preflight_train(cfg, typed, CONFIG_DIR)   # method vs data, paths, rollout backend: before any model loads
     check_trainer_keys(cfg.trainer)

@@ -29,7 +29,7 @@ from tirl.modules.policy import PolicyModule
 from tirl.modules.rl_batch import Sample, SharedContextBatch, TensorBatch, collate_samples
 from tirl.rewards import ACCURACY_REWARDS, get_reward
 from tirl.rl import core
-from tirl.rollout.backend import HFBackend, has_plain_kv_cache
+from tirl.rollout.backend import CACHE, HFBackend, has_plain_kv_cache, returned_cache
 from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import Trajectory
 from tirl.tools.calls import parse_calls
@@ -202,10 +202,10 @@ class GRPOModule(PolicyModule):
             return model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, logits_to_keep=keep).logits[:, :-1]
         ctx = model(input_ids=shared.ctx_ids, attention_mask=shared.ctx_attn, position_ids=shared.ctx_pos,
                     use_cache=True, logits_to_keep=1)
-        cache = ctx.past_key_values
+        cache = returned_cache(ctx)
         cache.batch_select_indices(shared.row_ctx)      # indexing, so gradients from every row add up in the context
         out = model(input_ids=shared.tokens.input_ids, attention_mask=shared.attention_mask,
-                    position_ids=shared.position_ids, past_key_values=cache, use_cache=True)
+                    position_ids=shared.position_ids, use_cache=True, **{CACHE: cache})
         return torch.cat([ctx.logits[shared.row_ctx], out.logits[:, :-1]], dim=1)              # [N, R, V]
 
     def can_share_contexts(self) -> bool:

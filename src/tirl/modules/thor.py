@@ -105,7 +105,7 @@ class StepLevel:
         adv = core.group_advantages(rewards, G)
         samples = [Sample(prefixes[i // G], g.ids, [1] * len(g.ids), g.logprobs, g.entropies, a, level="step")
                    for i, (g, a) in enumerate(zip(gens, adv.tolist())) if g.ids]
-        return samples, {"prefixes": float(len(prefixes)), "pass_rate": rewards.mean().item()}
+        return samples, {"prefixes": float(len(prefixes)), "samples": float(len(samples)), "pass_rate": rewards.mean().item()}
 
 
 class ThorModule(GRPOModule):

@@ -175,6 +175,23 @@ def _plain_dynamic_cache(model: nn.Module):
     return cache
 
 
+def _cache_field() -> str:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# The KV cache's name, as a forward keyword and as an output field: transformers renamed ``past_key_values`` to
+# ``cache`` (the old name warns, and goes in 5.40); the CPU vLLM engine pins transformers < 5.20, which knows only
+# the old one. Pass ``**{CACHE: cache}`` and read ``returned_cache(out)`` to run on both.
+CACHE: str = _cache_field()
+
+
+def returned_cache(out) -> object:
+    """The KV cache a forward with ``use_cache=True`` returned (``out.cache``, or ``out.past_key_values``)."""
+    return getattr(out, CACHE)
+
+
 def has_plain_kv_cache(model: nn.Module) -> bool:
     """Whether ``model``'s KV cache is plain full attention: then a cache filled with a context and indexed per row
     continues any number of sequences exactly as reading them whole would."""
@@ -291,7 +308,7 @@ class HFBackend:
         past = growing_cache(model, T)
         if past is None:
             out = model(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=position_ids, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1, :].float()
+            past, logits = returned_cache(out), out.logits[:, -1, :].float()
         else:   # the G samples of a group share a prompt: read each distinct prompt once, then copy its cache rows
             slot: dict[tuple[int, ...], int] = {}
             firsts: list[int] = []                     # the first row holding each distinct prompt
@@ -301,7 +318,7 @@ class HFBackend:
             uniq = torch.tensor(firsts, device=device)                                           # [U]
             row_of = torch.tensor([slot[tuple(p)] for p in prompts], device=device)             # [B] → [0, U)
             out = model(input_ids=input_ids[uniq], attention_mask=attn[uniq, :L], position_ids=position_ids[uniq],
-                        past_key_values=past, use_cache=True)
+                        use_cache=True, **{CACHE: past})
             past.batch_select_indices(row_of)
             logits = out.logits[row_of, -1, :].float()
         next_pos = position_ids[:, -1:] + 1
@@ -332,8 +349,8 @@ class HFBackend:
             if t == T - 1 or bool(done.all()):
                 break
             out = model(input_ids=token[:, None], attention_mask=attn[:, :L + t + 1], position_ids=next_pos,
-                        past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1, :].float()
+                        use_cache=True, **{CACHE: past})
+            past, logits = returned_cache(out), out.logits[:, -1, :].float()
             next_pos = next_pos + 1
         model.train(was_training)
         ids, lps, hs = tokens.tolist(), logps.tolist(), ents.tolist()
