@@ -33,14 +33,14 @@ def main() -> None:
 
     import torch
 
-    from tirl.config.schema import MethodConfig, ModelConfig, RewardConfig, RolloutConfig, SandboxConfig
-    from tirl.eval.heldout import ROLLOUT, heldout_records
+    from tirl.config.schema import MethodConfig, ModelConfig, RewardConfig, SandboxConfig
+    from tirl.eval.heldout import heldout_records, preset_rollout
     from tirl.eval.toolcall_errors import KINDS, prompt_group, toolcall_error
     from tirl.models.load import ModelNotFoundError, load_tokenizer
     from tirl.modules.grpo import GRPOModule
 
     torch.manual_seed(args.seed)
-    rollout = RolloutConfig(**ROLLOUT["toolcall"], temperature=args.temperature)
+    rollout = preset_rollout("toolcall", temperature=args.temperature)
     module = GRPOModule(MethodConfig(reward=RewardConfig(name="toolcall_exact")), ModelConfig(name_or_path=args.model),
                         rollout, SandboxConfig(workers=1), load_tokenizer(args.model), init_from=args.ckpt)
     try:

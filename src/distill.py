@@ -1,18 +1,7 @@
 """D-CORE stage 1 self-distillation: `python src/distill.py input.path=... backend@backends.decomposer=http backends.decomposer.base_url=...`."""
 
-import hydra
-from omegaconf import DictConfig
-
-from tirl.config import exit_on_bad_overrides, exit_on_config_error
+from tirl.config import hydra_entry
 from tirl.pipelines.jobs import run_distill
 
-
-@hydra.main(config_path="../configs", config_name="distill", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    with exit_on_config_error():  # a user's mistake (input, backend config, sandbox): one sentence, exit 2
-        return run_distill(cfg)["keep_rate"]
-
-
 if __name__ == "__main__":
-    exit_on_bad_overrides("distill")
-    main()
+    hydra_entry("distill", lambda cfg: run_distill(cfg)["keep_rate"])

@@ -9,6 +9,7 @@ and in any batch, exactly with the scripted backend and with greedy decoding of 
 import itertools
 
 import pytest
+from doubles import ScriptedBackend
 
 from tirl.config.schema import RolloutConfig, SelfCorrectionConfig, StepLevelConfig
 from tirl.data.prompts import PromptEncoder, math_record, task_messages
@@ -16,7 +17,6 @@ from tirl.methods.step_level import StepLevel
 from tirl.models.load import load_policy, load_tokenizer
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 from tirl.rollout.backend import HFBackend
-from tirl.rollout.scripted import ScriptedBackend
 from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import SamplingParams, Trajectory, prompt_budgets
 from tirl.tools.sandbox import LocalSandbox

@@ -17,13 +17,11 @@ from tirl.data.bfcl_files import (
     BFCLDataError,
     BFCLItem,
     canonical_category,
-    gold_call_text,
     gold_calls,
     load_bfcl,
 )
 from tirl.data.bfcl_prompt import (
     build_messages,
-    split_reasoning,
     strip_stale_reasoning,
     system_prompt,
     turn_messages,
@@ -48,6 +46,13 @@ def test_load_fixture_pairs_questions_with_answers_and_maps_v3_names():
     assert len(load_bfcl("simple_python", source=FIXTURES, limit=2)) == 2
     irrelevance = load_bfcl("irrelevance", source=FIXTURES)
     assert irrelevance[0].ground_truth is None and irrelevance[0].is_relevance
+
+
+def gold_call_text(ground_truth: list[dict[str, dict[str, list]]], functions: list[dict] | None = None) -> str:
+    """A right answer for a scripted model: the possible answers as BFCL's output format, `[f(a=1, b='x')]`."""
+    rendered = [f"{name}({', '.join(f'{arg}={value!r}' for arg, value in arguments.items())})"
+                for name, arguments in gold_calls(ground_truth, functions)]
+    return "[" + ", ".join(rendered) + "]"
 
 
 def test_bad_line_and_bad_category_name_the_problem(tmp_path):
@@ -105,8 +110,8 @@ def test_strip_stale_reasoning_keeps_only_the_current_turns_thinking():
     assert cleaned[1]["content"] == "[f(a=1)]" and cleaned[3]["content"] == "Done."
     assert cleaned[5]["content"] == messages[5]["content"]
     assert messages[1]["content"].startswith("<think>")  # input untouched
-    assert split_reasoning("<think>\nr\n</think>\n\nanswer") == ("r", "answer")
-    assert split_reasoning("no reasoning") == ("", "no reasoning")
+    cut = [{"role": "assistant", "content": "<think>\ncut"}, {"role": "user", "content": "q"}]
+    assert strip_stale_reasoning(cut) == cut   # no </think>: Qwen3's template keeps the text as it is
 
 
 # --------------------------------------------------------------------------------------- aggregation

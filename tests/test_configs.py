@@ -317,10 +317,3 @@ def test_misspelled_trainer_argument_is_named():
     check_trainer_keys(compose_resolved(["hardware=fsdp"]).trainer)
 
 
-@pytest.mark.parametrize("task,preset", [("math", "thor_tiny"), ("toolcall", "dcore_tiny")])
-def test_heldout_rollout_budgets_match_the_tiny_presets(task, preset):
-    # tirl.eval.heldout (make_tiny_warm.py's printout, toolcall_errors.py) restates these budgets: keep them in step
-    from tirl.eval.heldout import ROLLOUT
-
-    rollout = validate(compose_resolved([f"experiment={preset}"])).rollout
-    assert {k: getattr(rollout, k) for k in ROLLOUT[task]} == ROLLOUT[task]

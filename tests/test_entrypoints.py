@@ -296,3 +296,12 @@ def test_gpu_config_without_cuda_fails_in_one_sentence(tmp_path):
 
     with pytest.raises(ConfigError, match="CUDA is not available here; use hardware=cpu"):
         run(stub_cfg(tmp_path, "hardware=gpu"))
+
+
+def test_wandb_logger_leaves_out_the_anonymous_setting_wandb_warns_about(tmp_path):
+    # wandb.init warns "The anonymous setting has no effect" whenever the key is passed, even as None (Lightning's
+    # default); tirl's logger passes it only when a config asks for anonymous logging
+    from tirl.logging.wandb import WandbLogger
+
+    assert "anonymous" not in WandbLogger(offline=True, save_dir=str(tmp_path))._wandb_init
+    assert WandbLogger(offline=True, save_dir=str(tmp_path), anonymous=True)._wandb_init["anonymous"] == "allow"

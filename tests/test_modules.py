@@ -32,21 +32,72 @@ def rows_of(out_dir):
     return list(csv.DictReader((out_dir / "csv" / "metrics.csv").open()))
 
 
+def logged(rows, key) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def sampling_refilled_until_full_or_out_of_rounds(rows, want, max_rounds=3):
+    """Dynamic sampling: a step that kept fewer groups than it wanted used every round it had."""
+    kept, rounds = logged(rows, "train/filter/groups_kept"), logged(rows, "train/sampling_rounds")
+    assert len(kept) == len(rounds) > 0
+    assert all(k >= want or r == max_rounds for k, r in zip(kept, rounds))
+    return rounds
+
+
+def dcore_shapes_zero_advantage_tokens(rows):
+    # a scratch model earns the D-CORE reward's floor on every sample: all groups flat, all advantages 0, so
+    # DA-GRPO's entropy shaping is the only learning signal and must reach tokens
+    assert all(-3.0 <= r <= 4.0 for r in logged(rows, "train/reward_mean"))
+    assert max(logged(rows, "train/shaping/shaped_token_frac")) > 0
+    # ...and moves them: the shaped advantages min(alpha * H, delta) are all > 0, so the first step's loss (ratio 1,
+    # KL 0: policy = behaviour = reference) is -mean(A) < 0; without shaping it would be exactly 0
+    assert logged(rows, "train/loss")[0] < 0
+
+
+def dapo_drops_flat_groups_and_resamples(rows):
+    # a scratch model scores 0 everywhere: every group is flat, DAPO drops it and dynamic sampling tries again
+    assert sum(logged(rows, "train/filter/groups_dropped_zero_variance")) > 0
+    assert max(sampling_refilled_until_full_or_out_of_rounds(rows, want=2)) > 1
+
+
+def thor_filters_episodes_and_trains_the_step_level(rows):
+    # the warm model writes code, some of which fails: the episode filter drops those trajectories (counted), the
+    # step level resamples from before each failing block and trains on the continuations
+    assert sum(logged(rows, "train/filter/dropped_failed_call")) > 0
+    sampling_refilled_until_full_or_out_of_rounds(rows, want=2)
+    assert sum(logged(rows, "train/step_level/prefixes")) > 0
+    assert sum(logged(rows, "train/step_level/samples")) > 0
+
+
+NOISE = ("past_key_values", "module(s) in eval mode", "LeafSpec")
+OWN_PARTS = {"dcore": dcore_shapes_zero_advantage_tokens, "dapo": dapo_drops_flat_groups_and_resamples,
+             "thor": thor_filters_episodes_and_trains_the_step_level}
+WARM = ["model=tiny", "rollout.max_new_tokens=96", "rollout.max_total_tokens=128"]   # writes code blocks to run
+
+
 @pytest.mark.parametrize("method,data", [
     ("sft", "sft_synthetic_math"), ("grpo", "synthetic_math"), ("dr_grpo", "synthetic_math"),
     ("dapo", "synthetic_math"), ("dcore", "synthetic_toolcall"), ("thor", "synthetic_math"),
 ])
-def test_every_method_preset_trains_on_the_tiny_model(train_cfg, tmp_path, method, data):
+def test_every_method_preset_trains_on_the_tiny_model(train_cfg, tmp_path, recwarn, caplog, method, data):
+    """Each preset runs end to end, quietly, and the parts that make it that method act (not just: a metric was
+    logged)."""
     from tirl.train import run
 
     extra = ["data.synthetic.size=16", "data.batch_size=4", "optimized_metric=val/loss"] if method == "sft" else []
-    cfg = train_cfg(*TINY_RL, f"method={method}", f"data={data}", "trainer.max_steps=2", *extra)
+    base = [o for o in TINY_RL if not o.startswith(("model=", "rollout.max_"))] + WARM if method == "thor" else TINY_RL
+    cfg = train_cfg(*base, f"method={method}", f"data={data}", "trainer.max_steps=2", *extra)
     value = run(cfg)
     rows = rows_of(tmp_path)
     key = "train/loss" if method == "sft" else "train/reward_mean"
     assert [r for r in rows if r.get(key)], f"{method} logged no {key}"
     assert value is not None and value == value        # the optimised metric exists and is not NaN
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    if method in OWN_PARTS:
+        OWN_PARTS[method](rows)
+    # a newcomer's first run shows no library noise (tirl.logging.quiet, the KV-cache keyword, the policy's mode)
+    noise = [str(w.message) for w in recwarn if any(n in str(w.message) for n in NOISE)]
+    assert not noise and not [r for r in caplog.records if "Tip:" in r.getMessage()]
 
 
 def make_module(**method_kw):

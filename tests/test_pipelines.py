@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from doubles import ScriptedChatBackend
 from hydra import compose, initialize_config_dir
 
 from tirl.config import CONFIG_DIR
-from tirl.pipelines.chat_backends import ChatParams, ScriptedChatBackend
+from tirl.pipelines.chat_backends import ChatParams
 from tirl.pipelines.distill import Distiller, DistillSettings, parse_decomposition
 from tirl.pipelines.jobs import run_distill, run_tirgen
 from tirl.pipelines.runner import progress_path, run_items

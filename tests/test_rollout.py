@@ -2,21 +2,24 @@
 
 import pytest
 import torch
+from doubles import ScriptedBackend
 
 from tirl.config.schema import RolloutConfig, SelfCorrectionConfig
 from tirl.models.kv_cache import growing_cache, has_plain_kv_cache
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 from tirl.rl.core import token_entropy, token_logprobs
 from tirl.rollout.backend import (
+    CACHE,
     HFBackend,
     filter_logits,
     merged_lora,
+    returned_cache,
     sample_tokens,
 )
-from tirl.rollout.scripted import ScriptedBackend
-from tirl.rollout.tool_loop import ToolLoop, last_code_block
+from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import SamplingParams
 from tirl.tools.sandbox import LocalSandbox
+from tirl.tools.text_format import last_code_block
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +186,11 @@ def test_hf_backend_pauses_at_closing_fence():
             self.w = torch.nn.Parameter(torch.zeros(1))
             self.prompt_len = prompt_len
 
-        def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+        def forward(self, input_ids, attention_mask, position_ids, use_cache=True, **cache):
             step = int(position_ids[0, -1]) - self.prompt_len + 1
             logits = torch.full((input_ids.shape[0], input_ids.shape[1], 512), -1e4)
             logits[:, -1, target[min(step, len(target) - 1)]] = 0.0
-            return type("Out", (), {"logits": logits, "past_key_values": None})()
+            return type("Out", (), {"logits": logits, CACHE: None})()
 
     prompt = tok.encode("p")
     gen = HFBackend(Parrot(len(prompt)), tok).generate([prompt], SamplingParams(max_new_tokens=40, temperature=1.0))[0]
@@ -263,14 +266,14 @@ def test_growing_cache_decodes_like_the_default_cache_across_regrowth():
     cache = growing_cache(model, room=2)   # room for 2 tokens: the buffer has to grow twice on the way
     assert cache is not None
     with torch.no_grad():
-        ours = [model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+        ours = [model(input_ids=ids, use_cache=True, **{CACHE: cache}).logits[:, -1]]
         plain = model(input_ids=ids, use_cache=True)
-        theirs, past = [plain.logits[:, -1]], plain.past_key_values
+        theirs, past = [plain.logits[:, -1]], returned_cache(plain)
         for k in range(steps.shape[1]):
-            ours.append(model(input_ids=steps[:, k:k + 1], past_key_values=cache, use_cache=True).logits[:, -1])
-            out = model(input_ids=steps[:, k:k + 1], past_key_values=past, use_cache=True)
+            ours.append(model(input_ids=steps[:, k:k + 1], use_cache=True, **{CACHE: cache}).logits[:, -1])
+            out = model(input_ids=steps[:, k:k + 1], use_cache=True, **{CACHE: past})
             theirs.append(out.logits[:, -1])
-            past = out.past_key_values
+            past = returned_cache(out)
     assert cache.get_seq_length() == 13 and cache.layers[0].buf_k.shape[-2] >= 13
     assert torch.allclose(torch.stack(ours), torch.stack(theirs), atol=1e-5)
 

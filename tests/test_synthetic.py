@@ -17,7 +17,6 @@ from tirl.data.synthetic_math import (
     make_math_sft_samples,
     problem_at,
     question_hash,
-    split_of,
 )
 from tirl.data.synthetic_toolcall import (
     CATALOGUE,
@@ -31,8 +30,9 @@ from tirl.data.synthetic_toolcall import (
 )
 from tirl.models.tiny import load_tiny_tokenizer
 from tirl.rewards.toolcall import parse_gold, toolcall_exact
-from tirl.tools.calls import parse_calls, split_reasoning
+from tirl.tools.calls import parse_calls
 from tirl.tools.sandbox import LocalSandbox
+from tirl.tools.text_format import split_reasoning
 
 torch.set_num_threads(1)
 SOLUTION = re.compile(r"^<think>\n[^\n]+\n</think>\n\n```python\n(.+?)\n```\n```output\n(.*?)\n```\n\\boxed\{(.+)\}$", re.S)
@@ -87,7 +87,7 @@ def test_heldout_never_equals_train():
     held = make_math_rl_prompts(100, seed=0, split="heldout") + make_math_rl_prompts(100, seed=9, split="heldout")
     held_hashes = {question_hash(r["messages"][0]["content"]) for r in held}
     assert not train & held_hashes
-    assert all(split_of(r["messages"][0]["content"]) == "heldout" for r in held)
+    assert all(in_split(r["messages"][0]["content"], "heldout") for r in held)
     # a held-out set has no duplicates
     assert len({question_hash(r["messages"][0]["content"]) for r in held[:100]}) == 100
 
@@ -230,9 +230,10 @@ def test_sft_target_calls_satisfy_the_rl_gold():
 
 
 def test_hand_written_toolcall_example():
-    from tirl.data.synthetic_toolcall import BY_NAME, Call, ToolTask, render_calls, target_text
+    from tirl.data.synthetic_toolcall import CATALOGUE, Call, ToolTask, render_calls, target_text
 
-    weather, email = BY_NAME["get_weather"], BY_NAME["send_email"]
+    by_name = {f.name: f for f in CATALOGUE}
+    weather, email = by_name["get_weather"], by_name["send_email"]
     task = ToolTask("parallel_multiple", "q", (weather, email),
                     (Call(weather, {"city": "Paris"}), Call(email, {"to": "bob", "subject": "lunch"})))
     assert render_calls(task.calls) == '[get_weather(city="Paris"), send_email(to="bob", subject="lunch")]'

@@ -16,19 +16,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from tirl.config import (
-    CONFIG_DIR,
     ConfigError,
-    exit_on_bad_overrides,
-    exit_on_config_error,
+    hydra_entry,
     register_loggers,
     task_wrapper,
 )
 from tirl.config.preflight import check_paths
 from tirl.eval.task_config import MathTaskConfig, check_eval_sources, validate_eval
+from tirl.logging.quiet import quiet_library_notices
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +44,7 @@ def resolve_device(name: str) -> str:
 @task_wrapper
 def run(cfg: DictConfig) -> dict[str, float]:
     """Evaluate the configured model on the configured task; return every reported metric as a float."""
+    quiet_library_notices()
     typed, task = validate_eval(cfg)
     device = resolve_device(str(cfg.get("device", "auto")))
     check_paths(cfg, None)          # init_from
@@ -113,17 +112,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _hydra_task(cfg: DictConfig) -> Any:
-    with exit_on_config_error():
-        return run(cfg)
-
-
 def main() -> None:
     """Console script ``tirl-eval``: the same as ``python src/eval.py`` (needs a source checkout's configs/)."""
-    if not (CONFIG_DIR / "eval.yaml").is_file():
-        raise SystemExit(
-            f"tirl-eval needs the configs/ directory of a source checkout (looked in {CONFIG_DIR}); "
-            "install with `pip install -e .` from the repository or run `python src/eval.py`."
-        )
-    exit_on_bad_overrides("eval")
-    hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")(_hydra_task)()
+    hydra_entry("eval", run)

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import hydra
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,13 +21,14 @@ from tirl.config import (
     TypedConfig,
     check_trainer_keys,
     exit_on_bad_overrides,
-    exit_on_config_error,
+    hydra_entry,
     register_loggers,
     task_wrapper,
     validate,
 )
 from tirl.config.preflight import lightning_step_counts, preflight_train
 from tirl.config.provenance import exit_on_provenance_flag, record_provenance
+from tirl.logging.quiet import quiet_library_notices
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def check_run_can_start(cfg: DictConfig, typed) -> None:
 @task_wrapper
 def run(cfg: DictConfig) -> float | None:
     """Train (and test) as configured; return the value of ``cfg.optimized_metric``."""
+    quiet_library_notices()
     typed = validate(cfg)
     check_run_can_start(cfg, typed)   # method vs data, paths, rollout backend: before any model loads
     record_provenance(cfg, OmegaConf.select(cfg, "paths.output_dir"))   # which file set which value, logged and saved
@@ -162,18 +163,11 @@ def run(cfg: DictConfig) -> float | None:
     return metric_value(metrics, cfg.get("optimized_metric"))
 
 
-def _hydra_task(cfg: DictConfig) -> float | None:
-    with exit_on_config_error():
-        return run(cfg)
-
-
 def main() -> None:
-    """Console script ``tirl-train``: the same as ``python src/train.py`` (needs a source checkout's configs/)."""
-    if not (CONFIG_DIR / "train.yaml").is_file():
-        raise SystemExit(
-            f"tirl-train needs the configs/ directory of a source checkout (looked in {CONFIG_DIR}); "
-            "install with `pip install -e .` from the repository or run `python src/train.py`."
-        )
-    exit_on_bad_overrides("train")
-    exit_on_provenance_flag("train")
-    hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")(_hydra_task)()
+    """``python src/train.py`` and the console script ``tirl-train``: check the command line (an unknown option or key
+    is one sentence; ``--provenance`` prints which file set each value and exits), then train."""
+    def precheck() -> None:
+        exit_on_bad_overrides("train")
+        exit_on_provenance_flag("train")
+
+    hydra_entry("train", run, precheck)

@@ -6,9 +6,9 @@ import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tirl.config.overrides import check_overrides
 from tirl.config.validate import ConfigError, TypedConfig, check_trainer_keys, validate
@@ -94,6 +94,32 @@ def exit_on_bad_overrides(config_name: str | None = None, argv: list[str] | None
         _hide_schema_in_help()
 
 
+def hydra_entry(config_name: str, run: Callable[[DictConfig], Any],
+                precheck: Callable[[], None] | None = None) -> Any:
+    """Every entry point, ``python src/<name>.py`` and the ``tirl-<name>`` console scripts alike: check the
+    command line before Hydra composes ``configs/<config_name>.yaml`` (``precheck``, default
+    ``exit_on_bad_overrides``: an unknown group option or key is one sentence, exit 2), then return ``run(cfg)``
+    with a user's mistake turned into one sentence (``exit_on_config_error``). The Hydra job is named
+    ``config_name`` (its log file, ``hydra.job.name``) whichever script started it."""
+    import hydra
+
+    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
+        raise SystemExit(f"tirl needs the configs/ directory of a source checkout (looked in {CONFIG_DIR}); install "
+                         f"with `pip install -e .` from the repository or run `python src/{config_name}.py`.")
+    if precheck is None:
+        exit_on_bad_overrides(config_name)
+    else:
+        with exit_on_config_error():
+            precheck()
+
+    def task(cfg: DictConfig) -> Any:
+        with exit_on_config_error():
+            return run(cfg)
+
+    task.__module__ = config_name   # Hydra names the job after the task function's module
+    return hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)()
+
+
 def _hide_schema_in_help() -> None:
     """Drop the ``_schema`` (and ``_schema_<option>``) options from the groups ``--help`` lists: it is the typed base every option of a group
     extends (``register_schemas``), not a choice. Hydra has no switch for this, so its group listing is filtered;
@@ -123,6 +149,7 @@ __all__ = [
     "check_trainer_keys",
     "exit_on_bad_overrides",
     "exit_on_config_error",
+    "hydra_entry",
     "register_loggers",
     "task_wrapper",
     "validate",

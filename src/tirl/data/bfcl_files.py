@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tirl.data.jsonl import read_jsonl
 from tirl.errors import UserError
 
 FILE_PREFIX = "BFCL_v4"
@@ -95,22 +95,15 @@ def package_data_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines file; a bad line raises an error naming file and line."""
+def read_entries(path: Path) -> list[dict[str, Any]]:
+    """A BFCL data file (JSON lines, each an object with an id); a bad line raises an error naming file and line."""
     if not path.is_file():
         raise BFCLDataError(f"BFCL data file not found: {path}.")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BFCLDataError(f"{path}:{line_no}: not valid JSON ({err.msg}).") from None
-            if not isinstance(row, dict) or "id" not in row:
-                raise BFCLDataError(f"{path}:{line_no}: expected a JSON object with an 'id' field.")
-            rows.append(row)
+    for line_no, row in read_jsonl(path, error=BFCLDataError):
+        if not isinstance(row, dict) or "id" not in row:
+            raise BFCLDataError(f"{path}:{line_no}: expected a JSON object with an 'id' field.")
+        rows.append(row)
     return rows
 
 
@@ -121,7 +114,7 @@ def _multi_turn_functions(data_dir: Path, row: dict[str, Any]) -> tuple[list[dic
     for class_name in row["involved_classes"]:
         if class_name not in MULTI_TURN_FUNC_DOC_FILES:
             raise BFCLDataError(f"{row['id']}: unknown involved class {class_name!r}.")
-        functions.extend(read_jsonl_docs(data_dir / "multi_turn_func_doc" / MULTI_TURN_FUNC_DOC_FILES[class_name]))
+        functions.extend(read_function_docs(data_dir / "multi_turn_func_doc" / MULTI_TURN_FUNC_DOC_FILES[class_name]))
     held_out: dict[str, list[dict]] = {}
     for turn, names in row.get("missed_function", {}).items():
         held_out[turn] = []
@@ -133,19 +126,11 @@ def _multi_turn_functions(data_dir: Path, row: dict[str, Any]) -> tuple[list[dic
     return functions, held_out
 
 
-def read_jsonl_docs(path: Path) -> list[dict[str, Any]]:
-    """Function-doc files are JSON lines without ids."""
+def read_function_docs(path: Path) -> list[dict[str, Any]]:
+    """A multi-turn function-doc file: JSON lines without ids."""
     if not path.is_file():
         raise BFCLDataError(f"BFCL function-doc file not found: {path}.")
-    docs = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    docs.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise BFCLDataError(f"{path}:{line_no}: not valid JSON ({err.msg}).") from None
-    return docs
+    return [doc for _, doc in read_jsonl(path, error=BFCLDataError)]
 
 
 def load_bfcl(category: str, source: str | Path = "package", limit: int | None = None) -> list[BFCLItem]:
@@ -157,11 +142,11 @@ def load_bfcl(category: str, source: str | Path = "package", limit: int | None =
     """
     stem = canonical_category(category)
     data_dir = package_data_dir() if str(source) == "package" else Path(source)
-    questions = read_jsonl(data_dir / f"{FILE_PREFIX}_{stem}.json")
+    questions = read_entries(data_dir / f"{FILE_PREFIX}_{stem}.json")
     answers = None
     if "relevance" not in stem:
         answer_path = data_dir / "possible_answer" / f"{FILE_PREFIX}_{stem}.json"
-        answers = read_jsonl(answer_path)
+        answers = read_entries(answer_path)
         if len(answers) != len(questions):
             raise BFCLDataError(
                 f"{answer_path} has {len(answers)} entries but its question file has {len(questions)}."
@@ -223,10 +208,3 @@ def gold_calls(ground_truth: list[dict[str, dict[str, list]]],
         picked = {arg: _pick(options, arg in required.get(name, ())) for arg, options in arguments.items()}
         calls.append((name, {arg: value for arg, (write, value) in picked.items() if write}))
     return calls
-
-
-def gold_call_text(ground_truth: list[dict[str, dict[str, list]]], functions: list[dict[str, Any]] | None = None) -> str:
-    """Python call-list text for the possible answers, e.g. `[f(a=1, b='x')]` (the BFCL output format)."""
-    rendered = [f"{name}({', '.join(f'{arg}={value!r}' for arg, value in arguments.items())})"
-                for name, arguments in gold_calls(ground_truth, functions)]
-    return "[" + ", ".join(rendered) + "]"

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from tirl.data.bfcl_files import BFCLItem
+from tirl.tools.text_format import THINK_CLOSE, split_reasoning
 
 _PERSONA = "You are an expert in composing functions."
 _TASK = (
@@ -104,19 +105,10 @@ def turn_messages(item: BFCLItem, turn_index: int) -> list[dict[str, Any]]:
     return copy.deepcopy(item.question[turn_index])
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
-    """(reasoning, answer) split at `</think>` exactly as bfcl-eval's Qwen handler does: the reasoning is
-    what precedes the first `</think>`, the answer what follows the last one."""
-    if "</think>" not in text:
-        return "", text
-    parts = text.split("</think>")
-    reasoning = parts[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
-    return reasoning, parts[-1].lstrip("\n")
-
-
 def strip_stale_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Drop `<think>` reasoning from assistant messages before the last real user query (a user message
-    that is not a tool response), as Qwen3's chat template does; the current turn keeps its reasoning."""
+    that is not a tool response), as Qwen3's chat template does (the answer after the last `</think>`); the current
+    turn keeps its reasoning."""
     last_query = len(messages) - 1
     for index in range(len(messages) - 1, -1, -1):
         content = messages[index].get("content")
@@ -128,6 +120,7 @@ def strip_stale_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]
     cleaned = []
     for index, message in enumerate(messages):
         if message["role"] == "assistant" and index < last_query:
-            message = {**message, "content": split_reasoning(message["content"])[1]}
+            if THINK_CLOSE in message["content"]:
+                message = {**message, "content": split_reasoning(message["content"])[1]}
         cleaned.append(message)
     return cleaned

@@ -24,12 +24,12 @@ output that itself prints a fence from the model's text — record ``env_spans``
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-OUTPUT_BLOCK = re.compile(r"```output\n.*?\n```", re.S)
+from tirl.tools.text_format import OUTPUT_BLOCK
+
 LOSS_ON = ("assistant", "last_assistant")
 
 

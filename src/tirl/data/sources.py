@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tirl.data.jsonl import BadLine, scan_jsonl, write_jsonl
 from tirl.data.record_checks import record_problem
 from tirl.errors import UserError
 
@@ -43,14 +44,8 @@ class _Malformed(str):
 
 
 def _read_jsonl(path: Path) -> Iterator[Located]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path} line {n}", json.loads(line)
-            except json.JSONDecodeError as err:
-                yield f"{path} line {n}", _Malformed(f"not valid JSON ({err.msg} at column {err.colno})")
+    for n, value in scan_jsonl(path):
+        yield f"{path} line {n}", _Malformed(value.reason) if isinstance(value, BadLine) else value
 
 
 def _decode_columnar(row: dict) -> dict | _Malformed:
@@ -250,9 +245,7 @@ def write_records(path: str | Path, records: list[dict]) -> Path:
                  for k in columns} for r in records]
         pq.write_table(pa.Table.from_pylist(rows), path)
     elif path.suffix in (".jsonl", ".json"):
-        with path.open("w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_jsonl(path, records)
     else:
         raise DataError(f"Cannot write {path}: use a .jsonl or .parquet suffix.")
     return path

@@ -26,6 +26,9 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from math import gcd
+from typing import Any
+
+from tirl.tools.text_format import CODE_OPEN, code_block, output_block, with_reasoning
 
 LEVELS = (1, 2, 3, 4)
 SPLITS = ("train", "heldout", "sft", "rl")
@@ -50,10 +53,6 @@ def question_hash(question: str) -> str:
     return hashlib.sha256(question.encode()).hexdigest()
 
 
-def split_of(question: str) -> str:
-    return "heldout" if in_split(question, "heldout") else "train"
-
-
 def in_split(text: str, split: str) -> bool:
     """Whether ``text`` (a question, or a tool-call task's key) falls in ``split``, by a hash of it.
 
@@ -68,6 +67,23 @@ def in_split(text: str, split: str) -> bool:
     if split == "sft":
         return HELDOUT_BUCKETS <= bucket < SFT_BUCKETS_END
     return bucket >= SFT_BUCKETS_END
+
+
+def first_distinct(n: int, item_at: Callable[[int], Any], what: str) -> list:
+    """The first ``n`` items of the stream ``item_at(0), item_at(1), …`` with distinct ``.key`` (a fixed set, e.g.
+    held-out val/test). Raises RuntimeError, saying to ask for fewer ``what``, when the stream runs dry."""
+    seen: set[str] = set()
+    out: list = []
+    index = 0
+    while len(out) < n:
+        item = item_at(index)
+        index += 1
+        if item.key not in seen:
+            seen.add(item.key)
+            out.append(item)
+        if index > 100 * n + 1000:
+            raise RuntimeError(f"Could not find {n} distinct {what}; ask for fewer.")
+    return out
 
 
 # ---------------------------------------------------------------- problem makers, one per kind
@@ -189,18 +205,8 @@ def problem_at(seed: int, index: int, levels: Sequence[int] = LEVELS, split: str
 
 def unique_problems(n: int, seed: int, levels: Sequence[int] = LEVELS, split: str = "train") -> list[MathProblem]:
     """The first ``n`` distinct problems of a stream (a fixed set, e.g. held-out val/test)."""
-    seen: set[str] = set()
-    out: list[MathProblem] = []
-    index = 0
-    while len(out) < n:
-        problem = problem_at(seed, index, levels, split)
-        index += 1
-        if problem.key not in seen:
-            seen.add(problem.key)
-            out.append(problem)
-        if index > 100 * n + 1000:
-            raise RuntimeError(f"Could not find {n} distinct problems at levels {list(levels)}; ask for fewer.")
-    return out
+    return first_distinct(n, lambda index: problem_at(seed, index, levels, split),
+                          f"problems at levels {list(levels)}")
 
 
 # ---------------------------------------------------------------- records
@@ -214,15 +220,14 @@ def math_rl_prompt(problem: MathProblem, prompt_id: str) -> dict:
 
 def solution_text(problem: MathProblem, output: str) -> str:
     """The assistant turn: think sentence, code, the environment's output block, boxed answer."""
-    return (f"<think>\n{problem.think}\n</think>\n\n```python\n{problem.code}\n```\n"
-            f"```output\n{output}\n```\n\\boxed{{{problem.answer}}}")
+    return with_reasoning(problem.think, f"{code_block(problem.code)}\n{output_block(output)}\n\\boxed{{{problem.answer}}}")
 
 
 def math_sft_sample(problem: MathProblem, output: str) -> dict:
     """An SFT sample whose output block is recorded as the environment's (``env_spans``), not found by pattern."""
     text = solution_text(problem, output)
-    block = f"```output\n{output}\n```"
-    start = text.index(block, text.index("```python\n") + len(problem.code))
+    block = output_block(output)
+    start = text.index(block, text.index(CODE_OPEN) + len(problem.code))
     turn = {"role": "assistant", "content": text, "env_spans": [[start, start + len(block)]]}
     return {"task": "math", "messages": [{"role": "user", "content": problem.question}, turn], "loss_on": "assistant"}
 

@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tirl.data.synthetic_math import check_split, in_split
+from tirl.data.synthetic_math import check_split, first_distinct, in_split
+from tirl.tools.text_format import with_reasoning
 
 CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple", "irrelevance")
 
@@ -147,7 +148,6 @@ CATALOGUE: tuple[FunctionSpec, ...] = (
     FunctionSpec("get_user", "Look up a user.", "get the user with id {user_id}",
                  (_req("user_id", "integer", (17, 42, 108, 256)),)),
 )
-BY_NAME = {f.name: f for f in CATALOGUE}
 
 
 @dataclass(frozen=True)
@@ -207,10 +207,10 @@ def target_text(task: ToolTask) -> str:
     reasoning makes "is it offered?" a decision the model writes down, one sub-task at a time.
     """
     if task.missing:
-        return f"<think>\n{_count(task.missing)}\n{_steps(task.missing, offered=False)}\n</think>\n\n{NO_CALL_ANSWER}"
+        return with_reasoning(f"{_count(task.missing)}\n{_steps(task.missing, offered=False)}", NO_CALL_ANSWER)
     if not task.calls:
-        return f"<think>\n{NO_CALL_THINK}\n</think>\n\n{NO_CALL_ANSWER}"
-    return f"<think>\n{_count(task.calls)}\n{_steps(task.calls)}\n</think>\n\n{render_calls(task.calls)}"
+        return with_reasoning(NO_CALL_THINK, NO_CALL_ANSWER)
+    return with_reasoning(f"{_count(task.calls)}\n{_steps(task.calls)}", render_calls(task.calls))
 
 
 def _count(calls: Sequence[Call]) -> str:
@@ -299,18 +299,7 @@ def task_at(seed: int, index: int, categories: Sequence[str] = CATEGORIES, split
 
 def unique_tasks(n: int, seed: int, categories: Sequence[str] = CATEGORIES, split: str = "train",
                  **limits: int) -> list[ToolTask]:
-    seen: set[str] = set()
-    out: list[ToolTask] = []
-    index = 0
-    while len(out) < n:
-        task = task_at(seed, index, categories, split, **limits)
-        index += 1
-        if task.key not in seen:
-            seen.add(task.key)
-            out.append(task)
-        if index > 100 * n + 1000:
-            raise RuntimeError(f"Could not find {n} distinct tool-call tasks; ask for fewer.")
-    return out
+    return first_distinct(n, lambda index: task_at(seed, index, categories, split, **limits), "tool-call tasks")
 
 
 def toolcall_rl_prompt(task: ToolTask, prompt_id: str) -> dict:

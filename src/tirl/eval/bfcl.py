@@ -32,8 +32,10 @@ from tirl.data.bfcl_files import (
     load_bfcl,
 )
 from tirl.data.bfcl_prompt import build_messages, strip_stale_reasoning
+from tirl.data.jsonl import write_jsonl
 from tirl.eval.bfcl_multiturn import run_multi_turn, score_multi_turn
 from tirl.eval.bfcl_score import BFCL_MODEL_NAME, CategoryResult, ItemResult, score_ast
+from tirl.eval.results import GenerationCache
 
 __all__ = [
     "BFCLItem", "CategoryResult", "ItemResult", "build_messages", "evaluate_bfcl", "load_bfcl",
@@ -100,29 +102,9 @@ def write_score_files(out_dir: str | Path, results: dict[str, CategoryResult],
         header = {"accuracy": result.accuracy, "correct_count": result.correct_count,
                   "total_count": result.total_count}
         lines = [header] + [r.score_entry((items or {}).get(r.id), model_name) for r in result.items if not r.valid]
-        with path.open("w", encoding="utf-8") as handle:
-            for line in lines:
-                handle.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+        write_jsonl(path, lines)
         written.append(path)
     return written
-
-
-def _read_cache(path: Path) -> dict[str, Any]:
-    cache: dict[str, Any] = {}
-    if not path.is_file():
-        return cache
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                cache[row["id"]] = row["result"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                # A run killed mid-write leaves a torn last line; anything else is a real problem.
-                if line.endswith("\n"):
-                    raise BFCLDataError(f"{path}:{line_no}: not a {{'id', 'result'}} JSON line.") from None
-    return cache
 
 
 def evaluate_bfcl(categories: list[str], generate_fn: Callable[[list[dict[str, Any]]], str],
@@ -140,24 +122,18 @@ def evaluate_bfcl(categories: list[str], generate_fn: Callable[[list[dict[str, A
         items = load_bfcl(category, source=source, limit=limit)
         all_items.update({item.id: item for item in items})
         cache_path = out / "result" / f"{FILE_PREFIX}_{category}_result.json"
-        cache = _read_cache(cache_path)
-        with cache_path.open("a", encoding="utf-8") as cache_file:
-            for item in items:
-                if item.id in cache:
-                    continue
-                if item.is_multi_turn:
-                    cache[item.id] = run_multi_turn(item, generate_fn, max_steps_per_turn)["result"]
-                else:
-                    cache[item.id] = generate_fn(build_messages(item))
-                cache_file.write(json.dumps({"id": item.id, "result": cache[item.id]}, ensure_ascii=False) + "\n")
-                cache_file.flush()
+        cache = GenerationCache(cache_path, value_key="result")
+        for item in items:
+            if item.id not in cache:
+                cache.put(item.id, run_multi_turn(item, generate_fn, max_steps_per_turn)["result"]
+                          if item.is_multi_turn else generate_fn(build_messages(item)))
         if items and items[0].is_multi_turn:
             verdicts = [(item, score_multi_turn(item, cache[item.id])) for item in items]
             results[category] = CategoryResult(category, [
                 ItemResult(item.id, v["valid"], v["error"], v["error_type"], cache[item.id], v["decoded"])
                 for item, v in verdicts])
         else:
-            results[category] = score_ast(category, items, cache)
+            results[category] = score_ast(category, items, cache.records)
     for category in NON_LIVE + LIVE + MULTI_TURN:
         try:
             sizes[category] = category_size(category, source)

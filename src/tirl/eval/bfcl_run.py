@@ -22,6 +22,7 @@ from tirl.eval.bfcl import evaluate_bfcl
 from tirl.eval.bfcl_score import CategoryResult
 from tirl.eval.generate import EvalGenerator
 from tirl.eval.lazy import lazy_ratio
+from tirl.eval.results import GenerationCache
 from tirl.eval.task_config import BFCLTaskConfig
 
 LAZY_GROUPS = {
@@ -32,34 +33,19 @@ LAZY_GROUPS = {
 TABLE_COLUMNS = ["id", "category", "valid", "error_type", "response"]
 
 
-def _cached_ids(path: Path) -> set[str]:
-    if not path.is_file():
-        return set()
-    ids = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            ids.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue   # evaluate_bfcl reads the file itself and reports real damage
-    return ids
-
-
 def pregenerate_single_turn(task: BFCLTaskConfig, generator: EvalGenerator, out_dir: Path) -> int:
     """Generate every uncached single-turn entry in batches, appended to evaluate_bfcl's per-category cache
     (`result/BFCL_v4_<category>_result.json`, {"id", "result"} lines); returns how many were generated."""
     generated = 0
-    (out_dir / "result").mkdir(parents=True, exist_ok=True)
     for name in task.categories:
         category = canonical_category(name)
-        path = out_dir / "result" / f"{FILE_PREFIX}_{category}_result.json"
-        done = _cached_ids(path)
-        todo = [i for i in load_bfcl(category, task.source, task.limit) if not i.is_multi_turn and i.id not in done]
+        cache = GenerationCache(out_dir / "result" / f"{FILE_PREFIX}_{category}_result.json", value_key="result")
+        todo = [i for i in load_bfcl(category, task.source, task.limit) if not i.is_multi_turn and i.id not in cache]
         batches = [todo[i:i + task.batch_size] for i in range(0, len(todo), task.batch_size)]
         for batch in tqdm(batches, desc=f"{category} ({len(todo)} to generate)", unit="batch"):
             texts = generator.chat([build_messages(item) for item in batch])
-            with path.open("a", encoding="utf-8") as handle:
-                for item, (text, _) in zip(batch, texts, strict=True):
-                    handle.write(json.dumps({"id": item.id, "result": text}, ensure_ascii=False) + "\n")
+            for item, (text, _) in zip(batch, texts, strict=True):
+                cache.put(item.id, text)
             generated += len(batch)
     return generated
 

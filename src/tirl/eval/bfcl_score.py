@@ -23,8 +23,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from tirl.data.bfcl_files import BFCLItem, canonical_category
-from tirl.data.bfcl_prompt import split_reasoning
 from tirl.errors import UserError
+from tirl.tools.text_format import split_reasoning
 
 # The registry name whose config bfcl-eval's checkers consult (Qwen3-8B in prompting mode keeps dotted
 # function names, i.e. underscore_to_dot=False).

@@ -7,14 +7,31 @@ the same GRPOModule evaluation path that ``val/acc`` uses during training.
 from __future__ import annotations
 
 from tirl.config.schema import MethodConfig, ModelConfig, RewardConfig, RolloutConfig, SandboxConfig
+from tirl.rewards import ACCURACY_REWARDS
 
 HELDOUT_SEED = 7
-ACCURACY = {"math": "math", "toolcall": "toolcall_exact"}
-# the rollout budgets of experiment=thor_tiny / dcore_tiny (model_defaults/tiny.yaml and the preset's overrides)
-ROLLOUT = {
-    "math": dict(max_new_tokens=128, max_total_tokens=256, max_tool_rounds=2),
-    "toolcall": dict(max_new_tokens=160, max_total_tokens=160, max_tool_rounds=0),
-}
+PRESETS = {"math": "thor_tiny", "toolcall": "dcore_tiny"}   # the experiment whose rollout a task is scored with
+
+
+def preset_rollout(task: str, **overrides) -> RolloutConfig:
+    """The rollout settings (token budgets, tool rounds) of ``experiment=thor_tiny`` (math) or ``dcore_tiny``
+    (toolcall), read from the composed config so they are never restated here; ``overrides`` replace fields."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tirl.config import CONFIG_DIR, validate
+
+    if task not in PRESETS:
+        raise ValueError(f"task='{task}' must be 'math' or 'toolcall'.")
+    overrides_argv = [f"experiment={PRESETS[task]}"]
+    if GlobalHydra.instance().is_initialized():          # inside a caller's Hydra context (an app, a test)
+        cfg = compose("train", overrides=overrides_argv)
+    else:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=overrides_argv)
+    return dataclasses.replace(validate(cfg).rollout, **overrides)
 
 
 def heldout_records(task: str, n: int, seed: int = HELDOUT_SEED) -> list[dict]:
@@ -35,10 +52,8 @@ def heldout_accuracy(model: str, task: str, n: int = 64, temperature: float = 0.
     from tirl.models.load import load_tokenizer
     from tirl.modules.grpo import GRPOModule
 
-    if task not in ROLLOUT:
-        raise ValueError(f"task='{task}' must be 'math' or 'toolcall'.")
-    rollout = rollout or RolloutConfig(**ROLLOUT[task])
-    method = MethodConfig(reward=RewardConfig(name=ACCURACY[task]))
+    rollout = rollout or preset_rollout(task)
+    method = MethodConfig(reward=RewardConfig(name=ACCURACY_REWARDS[task]))
     module = GRPOModule(method, ModelConfig(name_or_path=model), rollout, SandboxConfig(workers=2), load_tokenizer(model))
     module.setup("validate")
     try:

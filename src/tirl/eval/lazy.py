@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tirl.tools.calls import split_reasoning
+from tirl.tools.text_format import split_reasoning
 
 REFLECTIVE_WORDS = ("wait", "but", "however", "alternatively")
 _REFLECTIVE = re.compile(r"\b(?:" + "|".join(REFLECTIVE_WORDS) + r")\b", re.IGNORECASE)

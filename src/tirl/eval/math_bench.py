@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tirl.data.jsonl import read_jsonl
 from tirl.errors import UserError
 
 PROBLEM_KEYS = ("problem", "Problem", "question", "Question")
@@ -88,13 +89,7 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         return json.loads(text)
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise BenchmarkError(f"{path}:{line_no}: not a JSON object.") from None
+    rows = [row for _, row in read_jsonl(path, error=BenchmarkError)]
     return rows
 
 

@@ -1,7 +1,7 @@
 """Where evaluation results go: a per-id generation cache (so a rerun resumes), JSON, a markdown table, loggers.
 
-The cache is a JSON-lines file of {"id", "record"}; a line torn by a killed run is ignored, anything else that
-does not parse is an error naming file and line. Its file name carries a hash of everything that changes what
+The cache is a JSON-lines file of {"id", "record"} (bfcl-eval's result files: {"id", "result"}); a line torn by a
+killed run is ignored, anything else that does not parse is an error naming file and line. Its file name carries a hash of everything that changes what
 would be generated (model, weights, sampling, self-correction, n), so a run with other settings never reuses it.
 """
 
@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tirl.data.jsonl import JsonlAppender, read_jsonl
 from tirl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -29,27 +30,21 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 
 class GenerationCache:
-    """Append-only per-id store of generations."""
+    """Append-only per-id store of generations: a JSON-lines file of ``{"id", <value_key>}`` objects, each line
+    fsynced as it is written, so a killed run resumes where it stopped. ``value_key`` is "record" for the math
+    task's caches and "result" for bfcl-eval's result files (the same file bfcl-eval itself would write)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, value_key: str = "record") -> None:
         self.path = Path(path)
+        self.value_key = value_key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, Any] = {}
         if self.path.is_file():
-            self._load()
-
-    def _load(self) -> None:
-        with self.path.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    self.records[row["id"]] = row["record"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    if line.endswith("\n"):   # only a torn last line (no newline) is a killed write
-                        raise CacheError(f"{self.path}:{line_no}: not an {{'id', 'record'}} JSON line; "
-                                         "delete the file to regenerate.") from None
+            for line_no, row in read_jsonl(self.path, torn_tail_ok=True, error=CacheError):
+                if not (isinstance(row, dict) and "id" in row and value_key in row):
+                    raise CacheError(f"{self.path}:{line_no}: not an {{'id', '{value_key}'}} JSON line; "
+                                     "delete the file to regenerate.")
+                self.records[row["id"]] = row[value_key]
 
     def __contains__(self, item_id: str) -> bool:
         return item_id in self.records
@@ -62,8 +57,8 @@ class GenerationCache:
 
     def put(self, item_id: str, record: Any) -> None:
         self.records[item_id] = record
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"id": item_id, "record": record}, ensure_ascii=False) + "\n")
+        with JsonlAppender(self.path) as out:
+            out.append({"id": item_id, self.value_key: record})
 
 
 def flat_metrics(results: dict[str, dict[str, Any]], prefix: str = "test") -> dict[str, float]:

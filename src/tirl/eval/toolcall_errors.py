@@ -23,7 +23,8 @@ import re
 from typing import Any
 
 from tirl.rewards.toolcall import answer_text, decode_answer, parse_gold, toolcall_exact
-from tirl.tools.calls import ParseError, split_reasoning
+from tirl.tools.calls import ParseError
+from tirl.tools.text_format import split_reasoning
 
 KINDS = ("ok", "no_answer", "declined", "unparsable", "called_irrelevant", "n_calls", "names", "values_think_ok",
          "values_think_bad")

@@ -13,8 +13,9 @@ import torch
 from tirl.config.schema import StepLevelConfig
 from tirl.rl import core
 from tirl.rl.batch import Sample
-from tirl.rollout.tool_loop import ToolLoop, last_code_block
+from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import SamplingParams, Trajectory
+from tirl.tools.text_format import last_code_block
 
 
 class StepLevel:
@@ -56,4 +57,5 @@ class StepLevel:
         samples = [Sample(prefixes[i // G], g.ids, [1] * len(g.ids), g.log_probs, g.entropies, a, level="step",
                           group=i // G)
                    for i, (g, a) in enumerate(zip(gens, adv.tolist())) if g.ids]
-        return samples, {"prefixes": float(len(prefixes)), "pass_rate": rewards.mean().item()}
+        return samples, {"prefixes": float(len(prefixes)), "samples": float(len(samples)),
+                         "pass_rate": rewards.mean().item()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from tirl.models.kv_cache import CACHE, returned_cache
 from tirl.rl.batch import SharedContextBatch, TensorBatch
 
 
@@ -16,10 +17,10 @@ def sequence_logits(model, tok: TensorBatch, shared: SharedContextBatch | None) 
         return model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, logits_to_keep=keep).logits[:, :-1]
     ctx = model(input_ids=shared.ctx_ids, attention_mask=shared.ctx_attn, position_ids=shared.ctx_pos,
                 use_cache=True, logits_to_keep=1)
-    cache = ctx.past_key_values
+    cache = returned_cache(ctx)
     cache.batch_select_indices(shared.row_ctx)      # indexing, so gradients from every row add up in the context
     out = model(input_ids=shared.tokens.input_ids, attention_mask=shared.attention_mask,
-                position_ids=shared.position_ids, past_key_values=cache, use_cache=True)
+                position_ids=shared.position_ids, use_cache=True, **{CACHE: cache})
     return torch.cat([ctx.logits[shared.row_ctx], out.logits[:, :-1]], dim=1)              # [N, R, V]
 
 

@@ -79,3 +79,20 @@ def growing_cache(model: nn.Module, room: int):
         _, growing = _growing_layer_class()
         cache.layers = [growing(room) for _ in cache.layers]
     return cache
+
+
+def _cache_field() -> str:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# The KV cache's name, as a forward keyword and as an output field: transformers renamed ``past_key_values`` to
+# ``cache`` (the old name warns, and goes in 5.40); the CPU vLLM engine pins transformers < 5.20, which knows only
+# the old one. Pass ``**{CACHE: cache}`` and read ``returned_cache(out)`` to run on both.
+CACHE: str = _cache_field()
+
+
+def returned_cache(out) -> object:
+    """The KV cache a forward with ``use_cache=True`` returned (``out.cache``, or ``out.past_key_values``)."""
+    return getattr(out, CACHE)

@@ -35,7 +35,7 @@ from tirl.modules import collectives
 from tirl.modules.policy import PolicyModule
 from tirl.modules.round_update import RoundUpdate
 from tirl.modules.validation import accuracy_by_kind, heldout_outcomes
-from tirl.rewards import get_reward
+from tirl.rewards import ACCURACY_REWARDS, get_reward
 from tirl.rl import core
 from tirl.rl.batch import Sample, TensorBatch, collate_samples
 from tirl.rl.schedule import check_world_size
@@ -46,9 +46,6 @@ from tirl.rollout.types import Trajectory
 from tirl.tools.sandbox import sandbox_from_config
 
 log = logging.getLogger(__name__)
-
-
-ACCURACY_REWARDS = {"math": "math", "toolcall": "toolcall_exact", "toolcall_exact": "toolcall_exact"}
 
 
 class GRPOModule(RoundUpdate, PolicyModule):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import asdict
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from tirl.config.schema import MethodConfig, ModelConfig
 from tirl.logging.step_metrics import forget_step_metrics
@@ -55,17 +57,30 @@ class PolicyModule(L.LightningModule):
         self.policy = None
 
     def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        m = self.model_cfg
-        lora = None
-        if m.lora.enabled:
-            lora = LoraSpec(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=list(m.lora.target_modules))
-        self.policy = load_policy(
-            m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
-            trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing, lora=lora,
-            seed=m.seed, init_from=self.init_from,
-        )
+        if self.policy is None:
+            m = self.model_cfg
+            lora = None
+            if m.lora.enabled:
+                lora = LoraSpec(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                                target_modules=list(m.lora.target_modules))
+            self.policy = load_policy(
+                m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing, lora=lora,
+                seed=m.seed, init_from=self.init_from,
+            )
+        if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
+            # from_pretrained hands the policy over in eval mode and Lightning keeps each module's mode: without this
+            # it would train in eval mode, where transformers' gradient checkpointing is off (RL has dropout off
+            # anyway). Only this module itself is flagged, not all children: a frozen KL reference copy stays eval.
+            self.training = True
+            self.policy.train()
+
+    def on_fit_start(self) -> None:
+        # The frozen reference copy (a full fine-tune's KL term) is in eval mode on purpose: Lightning's warning about
+        # modules in eval mode is silenced for exactly that many modules, so any other eval-mode module still warns.
+        frozen = sum(not module.training for module in self.modules())
+        if frozen:
+            warnings.filterwarnings("ignore", message=rf"Found {frozen} module\(s\) in eval mode at the start of training")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]

@@ -1,7 +1,7 @@
 """Chat backends for the data pipelines: messages in, ``n`` completions out.
 
 One interface, three real implementations (in-process HF model, any OpenAI-compatible HTTP server, vLLM's
-offline engine) plus a scripted one for tests. A conversation whose last message is an assistant turn is
+offline engine); tests use a scripted one (``tests/doubles.py``). A conversation whose last message is an assistant turn is
 *continued* (the partial turn is the prefix), which TIRGen's actor needs to resume after a rewritten step;
 over HTTP this is vLLM's ``continue_final_message`` extension, which ``tirl.pipelines.server`` also honours.
 """
@@ -17,7 +17,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -301,25 +300,6 @@ class VLLMChatBackend:
         from tirl.rollout.vllm import close_engine
 
         close_engine(getattr(self, "llm", None))
-
-
-# ---------------------------------------------------------------- scripted (tests, known right outputs)
-
-class ScriptedChatBackend:
-    """``respond(messages, params) -> text``; the same idea as ``tirl.rollout.scripted`` at the chat level."""
-
-    def __init__(self, respond: Callable[[list[dict], ChatParams], str]):
-        self.respond = respond
-        self.stats = BackendStats()
-
-    def complete(self, messages: list[dict], params: ChatParams) -> list[str]:
-        self.stats.add(requests=1)
-        texts = [cut_at_stop(self.respond(messages, params), params.stop) for _ in range(params.n)]
-        self.stats.add(ok=1)
-        return texts
-
-    def close(self) -> None:
-        pass
 
 
 BACKEND_KINDS = ("hf", "http", "vllm")

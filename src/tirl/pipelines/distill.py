@@ -19,7 +19,8 @@ from tirl.data.prompts import task_messages
 from tirl.pipelines.chat_backends import ChatBackend, ChatParams
 from tirl.pipelines.runner import ItemResult
 from tirl.rewards.toolcall import GoldAnswerError, calls_match_exactly, parse_gold
-from tirl.tools.calls import ParseError, format_calls, parse_calls, split_reasoning
+from tirl.tools.calls import ParseError, format_calls, parse_calls
+from tirl.tools.text_format import split_reasoning, with_reasoning
 
 DECOMPOSER_SYSTEM = (
     "You split a user request into sub-tasks. Reply with only a JSON list; each item is "
@@ -114,17 +115,17 @@ def analysis_text(subtasks: list[dict]) -> str:
 
 def compose_parallel(subtasks: list[dict], reasonings: list[str], calls: list[dict]) -> str:
     steps = "\n".join(f"Sub-task {k}: {r}" for k, r in enumerate(reasonings, 1))
-    return f"<think>\n{analysis_text(subtasks)}\n{steps}\n</think>\n\n{format_calls(calls)}"
+    return with_reasoning(f"{analysis_text(subtasks)}\n{steps}", format_calls(calls))
 
 
 def compose_step(subtasks: list[dict], k: int, reasoning: str, calls: list[dict]) -> str:
     """Step k (1-based) of a sequential trajectory; the plan is stated on the first step only."""
     plan = analysis_text(subtasks) + "\n" if k == 1 else ""
-    return f"<think>\n{plan}Sub-task {k}: {reasoning}\n</think>\n\n{format_calls(calls)}"
+    return with_reasoning(f"{plan}Sub-task {k}: {reasoning}", format_calls(calls))
 
 
 def irrelevance_text() -> str:
-    return f"<think>\n{IRRELEVANCE_THINK}\n</think>\n\n{IRRELEVANCE_ANSWER}"
+    return with_reasoning(IRRELEVANCE_THINK, IRRELEVANCE_ANSWER)
 
 
 @dataclass

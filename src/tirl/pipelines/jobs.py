@@ -8,10 +8,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tirl.data.jsonl import read_jsonl, write_atomic, write_jsonl
 from tirl.errors import UserError
 from tirl.pipelines.chat_backends import ChatBackend, ChatParams, build_chat_backend, check_chat_backend
 from tirl.pipelines.distill import Distiller, DistillSettings
-from tirl.pipelines.runner import drop_counts, run_items, write_atomic, write_jsonl_atomic
+from tirl.pipelines.runner import drop_counts, run_items
 from tirl.pipelines.tirgen import TIRGenerator, TIRGenSettings, call_histogram, select_samples
 
 SFT_KEYS = ("messages", "tools", "loss_on")
@@ -21,20 +22,15 @@ class InputError(UserError, ValueError):
     """The pipeline input cannot be read."""
 
 
-def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
+def read_inputs(path: str | Path, limit: int | None = None) -> list[dict]:
+    """The first ``limit`` records of a JSONL file; a record without an id gets ``line-<n>``."""
     rows = []
-    with Path(path).open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}, line {n}: not JSON ({err.msg}); fix or remove that line.") from None
-            if "id" not in rows[-1]:
-                rows[-1]["id"] = f"line-{n}"
-            if limit is not None and len(rows) >= limit:
-                break
+    for n, row in read_jsonl(path, error=InputError):
+        if isinstance(row, dict):
+            row.setdefault("id", f"line-{n}")
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
 
 
@@ -44,7 +40,7 @@ def load_inputs(cfg: Any) -> list[dict]:
     if inp.get("path"):
         if not Path(inp.path).exists():
             raise InputError(f"input.path '{inp.path}' does not exist; point it at a JSONL file.")
-        return read_jsonl(inp.path, inp.get("limit"))
+        return read_inputs(inp.path, inp.get("limit"))
     kind, n, seed = inp.synthetic.kind, int(inp.synthetic.n), int(inp.synthetic.seed)
     if kind == "toolcall":
         from tirl.data.synthetic_toolcall import make_toolcall_rl_prompts
@@ -79,7 +75,7 @@ def _close_own(backends: dict[str, ChatBackend], own: bool) -> None:
 
 
 def _finish(out: Path, samples: list[dict], report: dict) -> dict:
-    write_jsonl_atomic(out, ({k: s[k] for k in SFT_KEYS if k in s} for s in samples))
+    write_jsonl(out, ({k: s[k] for k in SFT_KEYS if k in s} for s in samples))
     write_atomic(out.with_suffix(".report.json"), json.dumps(report, indent=2) + "\n")
     return report
 

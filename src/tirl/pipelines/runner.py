@@ -9,17 +9,15 @@ and moved into place with ``os.replace``; the same for the report.
 
 from __future__ import annotations
 
-import json
-import os
-import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from tirl.data.jsonl import JsonlAppender, read_jsonl
 from tirl.pipelines.chat_backends import ChatBackendError
 
 
@@ -44,45 +42,12 @@ def load_progress(path: Path) -> dict[str, dict]:
     done: dict[str, dict] = {}
     if not path.exists():
         return done
-    with path.open() as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("status") == "error":
-                done.pop(rec["id"], None)
-            else:
-                done[rec["id"]] = rec
+    for _, rec in read_jsonl(path, torn_tail_ok=True):
+        if rec.get("status") == "error":
+            done.pop(rec["id"], None)
+        else:
+            done[rec["id"]] = rec
     return done
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-class _ProgressLog:
-    def __init__(self, path: Path):
-        self.file = path.open("a")
-        self.lock = threading.Lock()
-
-    def append(self, rec: dict) -> None:
-        with self.lock:
-            self.file.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            self.file.flush()
-            os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def run_items(records: list[dict], process: Callable[[dict], ItemResult], out_path: str | Path,
@@ -98,7 +63,7 @@ def run_items(records: list[dict], process: Callable[[dict], ItemResult], out_pa
     done = load_progress(progress_path(out_path))
     todo = [r for r in records if str(r["id"]) not in done]
     counts = Counter(rec["status"] for rec in done.values() if rec["id"] in set(ids))
-    log = _ProgressLog(progress_path(out_path))
+    log = JsonlAppender(progress_path(out_path))
     bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=desc, disable=not show_progress,
                dynamic_ncols=True)
     bar.set_postfix(kept=counts["kept"], dropped=counts["dropped"], error=counts["error"])

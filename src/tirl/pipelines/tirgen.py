@@ -24,6 +24,7 @@ from tirl.pipelines.chat_backends import ChatBackend, ChatParams
 from tirl.pipelines.runner import ItemResult
 from tirl.rewards.math import last_boxed, math_equal
 from tirl.rewards.repetition import has_heavy_repetition
+from tirl.tools.text_format import CODE_BLOCK, code_block, output_block
 
 ACTOR_SYSTEM = "Solve the problem step by step. Separate steps by a blank line. Put the final answer in \\boxed{}."
 CRITIC_SYSTEM = (
@@ -31,7 +32,6 @@ CRITIC_SYSTEM = (
     "one self-contained ```python block that prints the result. Otherwise reply NO."
 )
 STEP_END = "\n\n"
-_CODE_BLOCK = re.compile(r"```python\n(.*?)\n```", re.S)
 _ANY_BLOCK = re.compile(r"```(?:python|output)\n.*?\n```\n?", re.S)
 LIBRARIES = ("math", "sympy", "numpy", "np", "sp", "fractions", "itertools", "collections", "functools", "statistics")
 
@@ -64,7 +64,7 @@ class TIRGenSettings:
 
 def critic_code(reply: str) -> str | None:
     """The critic's rewrite, or None when it says the step is not code."""
-    m = _CODE_BLOCK.search(reply)
+    m = CODE_BLOCK.search(reply)
     return m.group(1).strip() if m and m.group(1).strip() else None
 
 
@@ -101,15 +101,12 @@ def formatting_balanced(text: str, n_calls: int | None = None) -> bool:
     return depth == 0
 
 
-OUTPUT_OPEN, OUTPUT_CLOSE = "```output\n", "\n```"
-
-
 def rewrite_step(step: str, code: str, output: str) -> str:
     """The step's prose (any code or predicted output the actor wrote removed) + the critic's code + the real output
-    (the output block is the step's tail: ``OUTPUT_OPEN + output + OUTPUT_CLOSE``)."""
+    (the output block is the step's tail: ``output_block(output)``)."""
     prose = _ANY_BLOCK.sub("", step).rstrip()
     head = prose + "\n" if prose else ""
-    return f"{head}```python\n{code}\n```\n{OUTPUT_OPEN}{output}{OUTPUT_CLOSE}"
+    return f"{head}{code_block(code)}\n{output_block(output)}"
 
 
 def filter_reason(text: str, gold: str, calls: list[CodeCall], s: TIRGenSettings) -> str | None:
@@ -174,7 +171,7 @@ class TIRGenerator:
                 step = rewrite_step(step, code, output)
                 end = len(text) + len(step)                      # the output block is the step's tail
                 calls.append(CodeCall(code, result.passed, output,
-                                      (end - len(OUTPUT_OPEN + output + OUTPUT_CLOSE), end)))
+                                      (end - len(output_block(output)), end)))
             text += step + STEP_END
         return text.rstrip(), calls, False
 

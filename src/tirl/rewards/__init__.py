@@ -18,6 +18,11 @@ _REWARDS: dict[str, Callable[..., RewardFn]] = {
 }
 
 
+# The 1/0 accuracy that val/acc and the held-out figures report, for a reward or a task of that name: the D-CORE
+# reward in [-3, 4] is a training signal; its accuracy is bfcl-eval's verdict (toolcall_exact).
+ACCURACY_REWARDS: dict[str, str] = {"math": "math", "toolcall": "toolcall_exact", "toolcall_exact": "toolcall_exact"}
+
+
 class UnknownRewardError(UserError, ValueError):
     """A reward name that is not registered."""
 
@@ -29,4 +34,4 @@ def get_reward(name: str, **kwargs: Any) -> RewardFn:
     return _REWARDS[name](**kwargs)
 
 
-__all__ = ["MathAnswerReward", "ToolCallReward", "ToolCallExactReward", "get_reward", "UnknownRewardError"]
+__all__ = ["ACCURACY_REWARDS", "MathAnswerReward", "ToolCallReward", "ToolCallExactReward", "get_reward", "UnknownRewardError"]

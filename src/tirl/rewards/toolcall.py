@@ -33,14 +33,14 @@ from tirl.errors import UserError
 from tirl.rewards.call_match import OPTIONAL as _OPTIONAL
 from tirl.rewards.call_match import GoldCall, calls_match, param_value_ok
 from tirl.rewards.math import completion_text
-from tirl.tools.calls import ParseError, decode_bfcl_calls, parse_calls, split_reasoning
+from tirl.tools.calls import ParseError, decode_bfcl_calls, parse_calls
+from tirl.tools.text_format import split_reasoning
 
 EXACT, WORST = 3.0, -3.0
 # A non-exact answer's partial credit stays below the exact score, so the reward never ranks an answer the checker
 # fails (e.g. one BFCL's greedy parallel matching cannot assign) equal to a correct one.
 BEST_PARTIAL = EXACT - 1e-3
 _THINK_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n\n", re.DOTALL)
-_THINK_CLOSE = "</think>"
 _GOLD_FORMS = ("a BFCL possible-answer list [{'fn': {'arg': [allowed values]}}], a list of {'name', 'arguments'} "
                "objects, a Python call list with keyword arguments like '[fn(arg=1)]', or [] / plain text when no "
                "call is expected")
@@ -136,8 +136,6 @@ def _expectation(gold: list[GoldCall], category: Any) -> str:
 def answer_text(response: str) -> str:
     """The answer as BFCL reads it: the text after the last `</think>` (its Qwen handler's rule); "" when
     generation was cut inside the reasoning (the text opens `<think>` and never closes it)."""
-    if _THINK_CLOSE in response:
-        return response.rsplit(_THINK_CLOSE, 1)[1]
     return split_reasoning(response)[1]
 
 

@@ -45,14 +45,6 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over mask=1 entries (unbiased std); masked-out entries come back as 0."""
-    mean = masked_mean(x, mask)
-    count = mask.to(x.dtype).sum()
-    var = masked_sum((x - mean) ** 2, mask) / (count - 1).clamp(min=1)
-    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))
-
-
 # --------------------------------------------------------------------------- chunked vocab math
 
 
@@ -89,38 +81,49 @@ def _scaled(block: Tensor, temperature: float) -> Tensor:
     return z / temperature if temperature != 1.0 else z
 
 
+def _scaled_chunks(logits: Tensor, temperature: float) -> Iterator[tuple[slice, Tensor]]:
+    """(flat rows, z = logits[rows] / T upcast to fp32) chunk by chunk; z may share memory with logits (never
+    write into it)."""
+    for start, block in _row_blocks(logits, _chunk_rows(logits.shape[-1])):
+        yield slice(start, start + block.shape[0]), _scaled(block, temperature)
+
+
+def _chunked_grad(logits: Tensor, temperature: float, dz_of: Callable[[slice, Tensor], Tensor]) -> Tensor:
+    """d/dlogits [..., V] (logits' dtype) from the per-chunk gradient w.r.t. z = logits / T, ``dz_of(rows, z)``
+    [n, V]: d/dlogits = d/dz / T."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_rows = grad.view(-1, logits.shape[-1])
+    for rows, z in _scaled_chunks(logits, temperature):
+        dz = dz_of(rows, z)
+        grad_rows[rows] = dz.div_(temperature) if temperature != 1.0 else dz
+    return grad
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """log softmax(logits / T)[ids], with an analytic backward that builds only the gradient itself."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, ids: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
-        rows = _chunk_rows(logits.shape[-1])
         flat_ids = ids.reshape(-1)
         out = torch.empty(flat_ids.shape[0], dtype=_math_dtype(logits), device=logits.device)  # [N]
         lse = torch.empty_like(out)  # [N]
-        for start, block in _row_blocks(logits, rows):
-            z = _scaled(block, temperature)  # [n, V] fp32
-            stop = start + block.shape[0]
-            lse[start:stop] = torch.logsumexp(z, dim=-1)
-            out[start:stop] = z.gather(-1, flat_ids[start:stop, None]).squeeze(-1) - lse[start:stop]
-        ctx.save_for_backward(logits, flat_ids, lse)
+        for rows, z in _scaled_chunks(logits, temperature):  # z: [n, V] fp32
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            out[rows] = z.gather(-1, flat_ids[rows, None]).squeeze(-1) - lse[rows]
         ctx.temperature = temperature
+        ctx.save_for_backward(logits, flat_ids, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         logits, flat_ids, lse = ctx.saved_tensors
-        temperature = ctx.temperature
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_rows = grad.view(-1, logits.shape[-1])
-        for start, block in _row_blocks(logits, _chunk_rows(logits.shape[-1])):
-            stop = start + block.shape[0]
-            g = grad_out[start:stop, None]  # [n, 1]
-            # d/dz log p(id) = onehot(id) - softmax(z); d/dlogits = that / T.
-            dz = torch.sub(_scaled(block, temperature), lse[start:stop, None]).exp_().mul_(-g)
-            dz.scatter_add_(-1, flat_ids[start:stop, None], g)
-            grad_rows[start:stop] = dz.div_(temperature) if temperature != 1.0 else dz
-        return grad, None, None
+
+        def dz_of(rows: slice, z: Tensor) -> Tensor:  # d/dz log p(id) = onehot(id) - softmax(z)
+            g = grad_out[rows, None]  # [n, 1]
+            dz = torch.sub(z, lse[rows, None]).exp_().mul_(-g)
+            return dz.scatter_add_(-1, flat_ids[rows, None], g)
+
+        return _chunked_grad(logits, ctx.temperature, dz_of), None, None
 
 
 class _TokenEntropy(torch.autograd.Function):
@@ -128,17 +131,14 @@ class _TokenEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
-        rows = _chunk_rows(logits.shape[-1])
         n_rows = logits.numel() // logits.shape[-1] if logits.shape[-1] else 0
         entropy = torch.empty(n_rows, dtype=_math_dtype(logits), device=logits.device)  # [N]
         lse = torch.empty_like(entropy)  # [N]
-        for start, block in _row_blocks(logits, rows):
-            z = _scaled(block, temperature)
-            stop = start + block.shape[0]
-            lse[start:stop] = torch.logsumexp(z, dim=-1)
-            p = torch.sub(z, lse[start:stop, None]).exp_()  # in place: one chunk-sized temporary
+        for rows, z in _scaled_chunks(logits, temperature):
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            p = torch.sub(z, lse[rows, None]).exp_()  # in place: one chunk-sized temporary
             # H = lse - sum p z  (= -sum p log p, since log p = z - lse)
-            entropy[start:stop] = lse[start:stop] - p.mul_(z).sum(-1)
+            entropy[rows] = lse[rows] - p.mul_(z).sum(-1)
         ctx.save_for_backward(logits, lse, entropy)
         ctx.temperature = temperature
         return entropy
@@ -146,17 +146,14 @@ class _TokenEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         logits, lse, entropy = ctx.saved_tensors
-        temperature = ctx.temperature
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_rows = grad.view(-1, logits.shape[-1])
-        for start, block in _row_blocks(logits, _chunk_rows(logits.shape[-1])):
-            stop = start + block.shape[0]
-            log_p = _scaled(block, temperature) - lse[start:stop, None]  # [n, V]
+
+        def dz_of(rows: slice, z: Tensor) -> Tensor:
             # dH/dz_j = -p_j (log p_j + H)
+            log_p = z - lse[rows, None]  # [n, V]
             p = torch.exp(log_p)
-            dz = log_p.add_(entropy[start:stop, None]).mul_(p).mul_(-grad_out[start:stop, None])
-            grad_rows[start:stop] = dz.div_(temperature) if temperature != 1.0 else dz
-        return grad, None
+            return log_p.add_(entropy[rows, None]).mul_(p).mul_(-grad_out[rows, None])
+
+        return _chunked_grad(logits, ctx.temperature, dz_of), None
 
 
 def _check_temperature(temperature: float) -> None:
@@ -390,12 +387,6 @@ def aggregate(loss: Tensor, mask: Tensor, mode: str = "token-mean",
     then gives exactly the full-batch loss and gradient. Left as None they are the local counts.
     """
     return get_aggregation(mode)(loss, mask, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len)
-
-
-def count_loss_tokens_and_seqs(mask: Tensor) -> tuple[int, int]:
-    """(tokens with loss, sequences with at least one loss token) — the global counts for `aggregate`."""
-    keep = mask.bool()
-    return int(keep.sum()), int(keep.any(-1).sum())
 
 
 # --------------------------------------------------------------------------- auxiliary losses

@@ -14,7 +14,7 @@ add three modules per targeted layer to every decode step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tirl.config.schema import RolloutConfig
-from tirl.models.kv_cache import growing_cache
-from tirl.rollout.types import CLOSE_FENCE, OPEN_FENCE, Generation, SamplingParams, prompt_budgets
+from tirl.models.kv_cache import CACHE, growing_cache, returned_cache
+from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
+from tirl.tools.text_format import CODE_OPEN, code_block_end
 
 
 class GenerationBackend(Protocol):
@@ -120,6 +121,20 @@ def sample_tokens(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+def fence_token_index(ids: list[int], decode: Callable[[list[int]], str]) -> int:
+    """Index of the token in which the last ```python fence of ``decode(ids)`` starts (exact, by bisecting over
+    decoded prefixes: the smallest k whose ``decode(ids[:k+1])`` reaches past the fence's first character)."""
+    start = decode(ids).rfind(CODE_OPEN)
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(decode(ids[:mid + 1])) > start:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 class FenceWatcher:
     """Batch-wide check for a closed ```python block, decoding a row's text only near tokens that hold a backtick."""
 
@@ -142,9 +157,7 @@ class FenceWatcher:
         return [b for b in near.nonzero().flatten().tolist() if self.closes_block(tokens[b, :step + 1].tolist())]
 
     def closes_block(self, ids: list[int]) -> bool:
-        text = self.tokenizer.decode(ids)
-        start = text.find(OPEN_FENCE)
-        return start >= 0 and text.find(CLOSE_FENCE, start + len(OPEN_FENCE)) >= 0
+        return code_block_end(self.tokenizer.decode(ids)) is not None
 
 
 class HFBackend:
@@ -208,7 +221,7 @@ class HFBackend:
         past = growing_cache(model, T)
         if past is None:
             out = model(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=position_ids, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1, :].float()
+            past, logits = returned_cache(out), out.logits[:, -1, :].float()
         else:   # the G samples of a group share a prompt: read each distinct prompt once, then copy its cache rows
             slot: dict[tuple[int, ...], int] = {}
             firsts: list[int] = []                     # the first row holding each distinct prompt
@@ -218,7 +231,7 @@ class HFBackend:
             uniq = torch.tensor(firsts, device=device)                                           # [U]
             row_of = torch.tensor([slot[tuple(p)] for p in prompts], device=device)             # [B] → [0, U)
             out = model(input_ids=input_ids[uniq], attention_mask=attn[uniq, :L], position_ids=position_ids[uniq],
-                        past_key_values=past, use_cache=True)
+                        use_cache=True, **{CACHE: past})
             past.batch_select_indices(row_of)
             logits = out.logits[row_of, -1, :].float()
         next_pos = position_ids[:, -1:] + 1
@@ -243,14 +256,14 @@ class HFBackend:
                 if watcher is None:
                     watcher = FenceWatcher(self.tokenizer, backtick_tokens(self.tokenizer), B, logits.shape[-1], device)
                 for b in watcher.closed(tokens, t, live & ~stopped):
-                    fenced[b] = self._fence_token(tokens[b, :t + 1].tolist())
+                    fenced[b] = fence_token_index(tokens[b, :t + 1].tolist(), self.tokenizer.decode)
                     done[b] = True
             done |= lengths >= budget                                             # out of budget: "length"
             if t == T - 1 or bool(done.all()):
                 break
             out = model(input_ids=token[:, None], attention_mask=attn[:, :L + t + 1], position_ids=next_pos,
-                        past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1, :].float()
+                        use_cache=True, **{CACHE: past})
+            past, logits = returned_cache(out), out.logits[:, -1, :].float()
             next_pos = next_pos + 1
         model.train(was_training)
         ids, lps, hs = tokens.tolist(), logps.tolist(), ents.tolist()
@@ -259,18 +272,6 @@ class HFBackend:
                            "eos" if eos[b] else "tool" if b in fenced else "length", fenced.get(b))
                 for b in range(B)]
 
-    def _fence_token(self, ids: list[int]) -> int:
-        """Index of the token in which the last ```python fence starts (exact, by decoding prefixes)."""
-        text = self.tokenizer.decode(ids)
-        start = text.rfind(OPEN_FENCE)
-        lo, hi = 0, len(ids)  # smallest k such that decode(ids[:k+1]) reaches past `start`
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(self.tokenizer.decode(ids[:mid + 1])) > start:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
 
 
 def make_backend(cfg: RolloutConfig, policy, tokenizer) -> GenerationBackend:

@@ -16,20 +16,13 @@ and the rollout goes on.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from tirl.config.schema import RolloutConfig
 from tirl.data.chat_template import encode_environment
 from tirl.rollout.backend import GenerationBackend
 from tirl.rollout.types import SamplingParams, ToolCall, Trajectory
-
-CODE_BLOCK = re.compile(r"```python\n(.*?)\n```", re.S)
-
-
-def last_code_block(text: str) -> str | None:
-    blocks = CODE_BLOCK.findall(text)
-    return blocks[-1] if blocks else None
+from tirl.tools.text_format import last_code_block, output_block
 
 
 @dataclass
@@ -115,7 +108,7 @@ class ToolLoop:
         feedback = res.feedback(self.cfg.max_tool_output_chars)
         code_end = len(t.response_ids)
         lead = "" if self.tokenizer.decode(t.response_ids[-1:]).endswith("\n") else "\n"
-        ids = self._encode(f"{lead}```output\n{feedback}\n```\n")
+        ids = self._encode(f"{lead}{output_block(feedback)}\n")
         t.append(ids, False)
         t.calls.append(ToolCall(code=code, code_start=code_start, code_end=code_end, output_start=code_end,
                                 output_end=len(t.response_ids), passed=res.passed, error=res.error, feedback=feedback))

@@ -5,10 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-# a code block opens and closes with these; generation with ``stop_at_code`` pauses at the closing fence
-OPEN_FENCE = "```python"
-CLOSE_FENCE = "\n```"
-
 
 @dataclass
 class SamplingParams:

@@ -43,7 +43,8 @@ from dataclasses import replace
 from typing import Any
 
 from tirl.config.schema import RolloutConfig
-from tirl.rollout.types import CLOSE_FENCE, OPEN_FENCE, Generation, SamplingParams, prompt_budgets
+from tirl.rollout.backend import fence_token_index
+from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
 
 # the engine's own names are this module's too (``from tirl.rollout import vllm as V``: V.check_vllm_available, …)
 from tirl.rollout.vllm_engine import (  # noqa: F401
@@ -67,6 +68,7 @@ from tirl.rollout.vllm_engine import (  # noqa: F401
     policy_weights,
     write_engine_model_dir,
 )
+from tirl.tools.text_format import FENCE_CLOSE, code_block_end
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,6 @@ def entropy_from_top_logprobs(top_logprobs: list[float]) -> float:
     return h
 
 
-def closes_python_block(text: str) -> bool:
-    """True when ``text`` holds a ```python fence followed later by a closing fence (what HF's FenceWatcher sees)."""
-    i = text.find(OPEN_FENCE)
-    return i >= 0 and text.find(CLOSE_FENCE, i + len(OPEN_FENCE)) >= 0
-
-
 def map_stop_reason(finish_reason: str | None, stop_reason: Any, text: str, stop_at_code: bool) -> str:
     """vLLM's (finish_reason, stop_reason) → "eos" | "tool" | "length" | "resume".
 
@@ -101,24 +97,10 @@ def map_stop_reason(finish_reason: str | None, stop_reason: Any, text: str, stop
     if finish_reason == "length":
         return "length"
     if isinstance(stop_reason, str):
-        if stop_at_code and closes_python_block(text):
+        if stop_at_code and code_block_end(text) is not None:
             return "tool"
         return "resume"
     return "eos"
-
-
-def fence_token_index(ids: list[int], decode) -> int:
-    """Index of the token in which the last ```python fence starts (as ``HFBackend._fence_token``)."""
-    text = decode(ids)
-    start = text.rfind(OPEN_FENCE)
-    lo, hi = 0, len(ids)   # smallest k such that decode(ids[:k+1]) reaches past `start`
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(decode(ids[:mid + 1])) > start:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def step_logprobs(step: dict, token_id: int) -> tuple[float, float]:
@@ -136,7 +118,7 @@ def to_vllm_sampling_kwargs(params: SamplingParams, max_tokens: int, stop_token_
     )
     if params.stop_at_code:
         # a closing fence is "\n```"; vLLM checks stop strings on the detokenised text and keeps them in the output
-        kw.update(stop=[CLOSE_FENCE], include_stop_str_in_output=True)
+        kw.update(stop=[FENCE_CLOSE], include_stop_str_in_output=True)
     return kw
 
 

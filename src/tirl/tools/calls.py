@@ -19,7 +19,6 @@ from typing import Any
 _TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _CODE_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n(.*?)\n?```$", re.DOTALL)
 _DOTTED_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass(frozen=True)
@@ -280,35 +279,3 @@ def format_calls(calls: list[dict[str, Any]]) -> str:
         args = ", ".join(f"{key}={value!r}" for key, value in call["arguments"].items())
         rendered.append(f"{name}({args})")
     return "[" + ", ".join(rendered) + "]"
-
-
-def split_reasoning(response: str) -> tuple[str | None, str]:
-    """Split Qwen3 `<think>\\n…\\n</think>\\n\\n answer` into (reasoning, answer_text), both stripped.
-
-    No `</think>`: (None, whole text) unless the text opens `<think>` (generation was cut inside the
-    reasoning), then (reasoning so far, ""). A leading `<think>` may be absent because some chat
-    templates put it in the prompt.
-    """
-    head, sep, tail = response.partition(_THINK_CLOSE)
-    if not sep:
-        stripped = response.lstrip()
-        if stripped.startswith(_THINK_OPEN):
-            return stripped[len(_THINK_OPEN) :].strip(), ""
-        return None, response.strip()
-    head = head.lstrip()
-    if head.startswith(_THINK_OPEN):
-        head = head[len(_THINK_OPEN) :]
-    return head.strip(), tail.strip()
-
-
-def looks_like_calls(text: str) -> bool:
-    """Heuristic: is this answer text a call list (possibly `[]`) rather than plain prose?
-
-    True when it contains `<tool_call>`, or it parses as calls and starts with `[` or is a bare call.
-    Malformed call attempts such as `[f(1)]` are False: they are neither valid calls nor prose, and
-    callers that must tell them apart use `parse_calls` directly.
-    """
-    text = text.strip()
-    if "<tool_call>" in text:
-        return True
-    return not isinstance(parse_calls(text), ParseError)

@@ -1,14 +1,17 @@
-"""A deterministic backend: a function of the context decides the text, the backend plays the model's part.
+"""Test doubles: scripted stand-ins for a model, whose text a function of the context decides.
 
-Used to check rollout bookkeeping token by token and to run the data pipelines on fixed responses whose right
-output is known. It pauses at a closed ```python block and ends with EOS exactly like ``HFBackend``.
+``ScriptedBackend`` plays the policy in a rollout (``tirl.rollout.backend.GenerationBackend``): it pauses at a
+closed ```python block and ends with EOS exactly like ``HFBackend``, so rollout bookkeeping can be checked token by
+token. ``ScriptedChatBackend`` plays a chat backend of the data pipelines (``tirl.pipelines.chat_backends.ChatBackend``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from tirl.rollout.types import CLOSE_FENCE, OPEN_FENCE, Generation, SamplingParams, prompt_budgets
+from tirl.pipelines.chat_backends import BackendStats, ChatParams, cut_at_stop
+from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
+from tirl.tools.text_format import CODE_OPEN, code_block_end
 
 
 class ScriptedBackend:
@@ -28,15 +31,13 @@ class ScriptedBackend:
     def _one(self, prompt: list[int], params: SamplingParams, budget: int) -> Generation:
         text = self.respond(self.tokenizer.decode(prompt))
         reason = "eos"
-        if params.stop_at_code and OPEN_FENCE in text:
-            open_at = text.index(OPEN_FENCE)
-            close = text.find(CLOSE_FENCE, open_at + len(OPEN_FENCE))
-            if close >= 0:
-                text, reason = text[: close + len(CLOSE_FENCE)], "tool"
+        end = code_block_end(text) if params.stop_at_code else None
+        if end is not None:
+            text, reason = text[:end], "tool"
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         code_start = None
         if reason == "tool":
-            prefix = text[: text.rindex(OPEN_FENCE)]
+            prefix = text[: text.rindex(CODE_OPEN)]
             code_start = len(self.tokenizer.encode(prefix, add_special_tokens=False))
             # the text is encoded as (prefix, block) so the fence starts a token
             ids = self.tokenizer.encode(prefix, add_special_tokens=False) + self.tokenizer.encode(
@@ -46,3 +47,20 @@ class ScriptedBackend:
         if len(ids) > budget:
             ids, reason, code_start = ids[:budget], "length", None
         return Generation(ids, [0.0] * len(ids), [0.0] * len(ids), reason, code_start)
+
+
+class ScriptedChatBackend:
+    """``respond(messages, params) -> text``; ``ScriptedBackend``'s idea at the chat level: a data pipeline run on fixed replies whose right output is known."""
+
+    def __init__(self, respond: Callable[[list[dict], ChatParams], str]):
+        self.respond = respond
+        self.stats = BackendStats()
+
+    def complete(self, messages: list[dict], params: ChatParams) -> list[str]:
+        self.stats.add(requests=1)
+        texts = [cut_at_stop(self.respond(messages, params), params.stop) for _ in range(params.n)]
+        self.stats.add(ok=1)
+        return texts
+
+    def close(self) -> None:
+        pass
