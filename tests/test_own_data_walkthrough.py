@@ -88,6 +88,7 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_dir = tmp_path / export["out"]
+    assert "(full weights, LoRA adapter merged in)" in outputs[2]
     weights = load_file(str(hf_dir / "model.safetensors"))
     assert weights and not [k for k in weights if "lora" in k.lower()]
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
