@@ -273,3 +273,22 @@ def test_a_misnamed_optimized_metric_is_still_an_error_when_validation_ran():
         metric_value({"val/acc": 0.5}, "val/accuracy")
     with pytest.raises(ConfigError, match="'train/los' was never logged"):
         metric_value({"train/loss": 1.0}, "train/los")
+
+
+def test_a_prompt_of_another_task_than_the_runs_reward_is_refused():
+    """One reward per run (the first record's task picks it): a tool-call prompt in a math run, or the reverse,
+    would be scored 0 by the wrong reward without a word. The README's own mixed file shows it."""
+    import json
+
+    from tirl.data.sources import DataError
+    from tirl.modules.grpo import check_records_task
+
+    mixed = [json.loads(line) for line in (FIXTURES / "own_data" / "rl.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in mixed] == ["math", "toolcall", "toolcall"]
+    with pytest.raises(DataError, match=r"Prompt 't1' has task 'toolcall', but this run's reward 'math' scores math"):
+        check_records_task(mixed, "math")
+    with pytest.raises(DataError, match=r"Prompt 'm1' has task 'math', but this run's reward 'toolcall_exact'"):
+        check_records_task(mixed, "toolcall_exact")
+    check_records_task(mixed[1:], "toolcall")                  # one task: fine
+    check_records_task([{"id": "x", "answer": "1"}], "math")   # no task field: the run's task
+    check_records_task(mixed, "repetition_free_custom")       # a reward of no known task: not checked

@@ -160,7 +160,7 @@ def run(cfg: DictConfig) -> float | None:
         ckpt_path = best or None  # test the best checkpoint; without one, the weights as they are
     if cfg.get("test", True):
         if typed.data.test is None:
-            log.warning("test=true but data.test is null; skipping the test stage.")
+            log.info("No test stage: data.test is null (test=false silences this).")
         else:
             trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path)
             metrics.update(trainer.callback_metrics)
