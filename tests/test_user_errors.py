@@ -248,3 +248,47 @@ def test_a_ten_record_file_trains_with_the_default_data_settings(train_cfg, tmp_
     assert value is not None and 0.0 <= value <= 1.0   # val/acc over the 2 held-out prompts
     rows = (tmp_path / "csv").rglob("metrics.csv")
     assert any("train/" in p.read_text() for p in rows)
+
+
+def test_a_file_too_small_to_hold_out_trains_and_ends_without_an_error(train_cfg, tmp_path):
+    """Under 5 records nothing is held out: the run trains, saves, and returns no metric (it used to fail at the
+    end with "optimized_metric 'val/acc' was never logged" after training had finished)."""
+    from tirl.train import run
+
+    four = tmp_path / "four.jsonl"
+    four.write_text("".join(SMALL_MATH.read_text().splitlines(keepends=True)[:4]))
+    cfg = train_cfg("data=jsonl", f"data.train={four}", "trainer.max_steps=1", "method.group_size=2",
+                    "method.rollout_batch_size=2", "rollout.max_new_tokens=16", "rollout.max_total_tokens=32",
+                    "rollout.max_tool_rounds=1", "method.step_level.enabled=false", "test=false")
+    assert run(cfg) is None
+    assert list(tmp_path.rglob("last.ckpt"))
+
+
+def test_a_misnamed_optimized_metric_is_still_an_error_when_validation_ran():
+    from tirl.train import metric_value
+
+    assert metric_value({"val/acc": 0.5, "train/loss": 1.0}, "val/acc") == 0.5
+    assert metric_value({"train/loss": 1.0}, "val/acc") is None            # no validation ran at all
+    with pytest.raises(ConfigError, match="'val/accuracy' was never logged.*val/acc"):
+        metric_value({"val/acc": 0.5}, "val/accuracy")
+    with pytest.raises(ConfigError, match="'train/los' was never logged"):
+        metric_value({"train/loss": 1.0}, "train/los")
+
+
+def test_a_prompt_of_another_task_than_the_runs_reward_is_refused():
+    """One reward per run (the first record's task picks it): a tool-call prompt in a math run, or the reverse,
+    would be scored 0 by the wrong reward without a word. The README's own mixed file shows it."""
+    import json
+
+    from tirl.data.sources import DataError
+    from tirl.modules.grpo import check_records_task
+
+    mixed = [json.loads(line) for line in (FIXTURES / "own_data" / "rl.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in mixed] == ["math", "toolcall", "toolcall"]
+    with pytest.raises(DataError, match=r"Prompt 't1' has task 'toolcall', but this run's reward 'math' scores math"):
+        check_records_task(mixed, "math")
+    with pytest.raises(DataError, match=r"Prompt 'm1' has task 'math', but this run's reward 'toolcall_exact'"):
+        check_records_task(mixed, "toolcall_exact")
+    check_records_task(mixed[1:], "toolcall")                  # one task: fine
+    check_records_task([{"id": "x", "answer": "1"}], "math")   # no task field: the run's task
+    check_records_task(mixed, "repetition_free_custom")       # a reward of no known task: not checked

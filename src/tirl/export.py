@@ -58,6 +58,9 @@ def run(cfg: DictConfig) -> str:
         module.export_hf(str(out), merge_lora=bool(cfg.merge_lora))
     except (ModelNotFoundError, ValueError) as err:
         raise ConfigError(str(err)) from None
-    log.info("Exported %s to %s (%s).", cfg.ckpt, out,
-             "LoRA adapter alone" if (out / "adapter_config.json").exists() else "full weights")
+    if (out / "adapter_config.json").exists():
+        kind = "LoRA adapter alone"
+    else:
+        kind = "full weights, LoRA adapter merged in" if module.model_cfg.lora.enabled else "full weights"
+    log.info("Exported %s to %s (%s).", cfg.ckpt, out, kind)
     return str(out)

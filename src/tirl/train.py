@@ -89,8 +89,13 @@ def build_module(typed: TypedConfig, tokenizer: Any, init_from: str | None) -> A
 
 
 def metric_value(metrics: Mapping[str, Any], name: str | None) -> float | None:
-    """The optimised metric as a float (None when no metric is configured)."""
+    """The optimised metric as a float (None when no metric is configured, or when it is a ``val/`` metric and no
+    validation ran at all: a train file too small to hold prompts out, or ``limit_val_batches=0``). Raises
+    ConfigError when validation ran but never logged ``name`` (a typo in ``optimized_metric``)."""
     if not name:
+        return None
+    if name not in metrics and name.startswith("val/") and not any(str(k).startswith("val/") for k in metrics):
+        log.warning("No validation ran, so optimized_metric '%s' has no value; give data.val=<file> for one.", name)
         return None
     if name not in metrics:
         logged = ", ".join(sorted(metrics)) or "none"
@@ -150,13 +155,13 @@ def run(cfg: DictConfig) -> float | None:
             metrics.update(before)   # the optimised metric still exists if fit ends before its first validation
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         after = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        log.info("After training: %s", after or "no validation ran during training (see trainer.val_check_interval)")
+        log.info("After training: %s", after or "no validation ran (no held-out set; give data.val=<file> for one)")
         metrics.update(trainer.callback_metrics)
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         ckpt_path = best or None  # test the best checkpoint; without one, the weights as they are
     if cfg.get("test", True):
         if typed.data.test is None:
-            log.warning("test=true but data.test is null; skipping the test stage.")
+            log.info("No test stage: data.test is null (test=false silences this).")
         else:
             trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path)
             metrics.update(trainer.callback_metrics)

@@ -22,7 +22,9 @@ import torch
 
 from tirl.callbacks.samples_table import SamplesTable
 from tirl.config.schema import MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+from tirl.config.tasks import REWARD_TASKS
 from tirl.data.prompts import PromptEncoder
+from tirl.data.sources import DataError
 from tirl.methods.advantages import episode_samples
 from tirl.methods.episode_filter import EpisodeFilter
 from tirl.methods.shaping import shape_advantages
@@ -46,6 +48,18 @@ from tirl.rollout.types import Trajectory
 from tirl.tools.sandbox import sandbox_from_config
 
 log = logging.getLogger(__name__)
+
+
+def check_records_task(records: list[dict], reward: str) -> None:
+    """Refuse prompts of another task than the run's reward scores (one reward per run, picked from the first
+    record's ``task``): a tool-call prompt graded by the math reward would silently score 0. Records without a
+    ``task`` and rewards of no known task pass. Raises DataError naming the prompt and what to change."""
+    reward_task = REWARD_TASKS.get(reward)
+    for r in records:
+        if reward_task is not None and r.get("task") not in (None, reward_task):
+            raise DataError(f"Prompt {r.get('id')!r} has task {r['task']!r}, but this run's reward '{reward}' scores "
+                            f"{reward_task} answers; keep one task per RL file (its first record's task picks the "
+                            f"reward for all) and train each task in a run of its own.")
 
 
 class GRPOModule(RoundUpdate, PolicyModule):
@@ -112,6 +126,7 @@ class GRPOModule(RoundUpdate, PolicyModule):
         return t.model_text(self.tokenizer, (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id))
 
     def rollout_groups(self, records: list[dict], group_size: int, loop: ToolLoop | None = None) -> list[Trajectory]:
+        check_records_task(records, self.method_cfg.reward.name)   # before any rollout time is spent
         prompts, metas = [], []
         for gi, r in enumerate(records):
             ids = self.encode_prompt(r)

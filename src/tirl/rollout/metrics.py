@@ -8,7 +8,8 @@ import torch
 
 from tirl.config.schema import RolloutConfig
 from tirl.rollout.types import Trajectory
-from tirl.tools.calls import parse_calls, split_reasoning
+from tirl.tools.calls import parse_calls
+from tirl.tools.text_format import split_reasoning
 
 # tasks whose tool use is text graded against a gold answer, never run: the sandbox is not theirs
 SANDBOX_FREE_TASKS = ("toolcall",)
