@@ -68,7 +68,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         root = Path(tmp)
-        from tirl.eval.bfcl_score import bfcl_available
+        from tirl.benchmarks.bfcl_score import bfcl_available
 
         if bfcl_available():
             rows.append(timed_pass(f"BFCL simple (limit {args.limit})",
@@ -77,7 +77,7 @@ def main() -> None:
         else:
             print("bfcl-eval not installed (scripts/install_bfcl.sh): BFCL pass skipped")
         try:
-            from tirl.eval.math_bench import load_benchmark
+            from tirl.benchmarks.math_bench import load_benchmark
 
             load_benchmark("math500", limit=1)
             math_source = ["bench=[math500]"]

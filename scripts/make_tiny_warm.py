@@ -132,7 +132,7 @@ class Snapshot(pl.Callback):
 
 
 def report(args) -> None:
-    from tirl.eval.heldout import heldout_accuracy
+    from tirl.benchmarks.heldout import heldout_accuracy
 
     for task in ("math", "toolcall"):
         greedy = heldout_accuracy(str(args.out), task, n=args.eval)

@@ -4,7 +4,7 @@ tool-call RL stalls on the tiny model.
     python scripts/toolcall_errors.py [--model tiny-warm] [--ckpt run/checkpoints/last.ckpt] [--n 128] [--samples 8]
 
 Samples ``--samples`` answers at ``--temperature`` for each of ``--n`` held-out synthetic prompts (the prompts
-``val/acc`` is not measured on: `tirl.eval.heldout`'s seed), classifies each with `tirl.eval.toolcall_errors`, and
+``val/acc`` is not measured on: `tirl.benchmarks.heldout`'s seed), classifies each with `tirl.benchmarks.toolcall_errors`, and
 prints the fraction of each error kind per category, irrelevance split into small talk and a missing function,
 rows split by how many functions the prompt offers. ``--ckpt`` loads a Lightning checkpoint of an RL run over
 ``--model`` (through ``init_from``, as training and evaluation read it: the policy weights, LoRA merged; the
@@ -34,8 +34,8 @@ def main() -> None:
     import torch
 
     from tirl.config.schema import MethodConfig, ModelConfig, RewardConfig, SandboxConfig
-    from tirl.eval.heldout import heldout_records, preset_rollout
-    from tirl.eval.toolcall_errors import KINDS, prompt_group, toolcall_error
+    from tirl.benchmarks.heldout import heldout_records, preset_rollout
+    from tirl.benchmarks.toolcall_errors import KINDS, prompt_group, toolcall_error
     from tirl.models.load import ModelNotFoundError, load_tokenizer
     from tirl.modules.grpo import GRPOModule
 

@@ -165,7 +165,7 @@ def test_hf_rows_stop_at_their_own_budgets():
 
 
 def math_prompts(tok, n: int) -> list[list[int]]:
-    from tirl.eval.heldout import heldout_records
+    from tirl.benchmarks.heldout import heldout_records
 
     encoder = PromptEncoder(tok)
     return [encoder.ids(r) for r in heldout_records("math", n)]
@@ -219,9 +219,9 @@ def test_step_level_continuations_are_the_same_alone_and_in_any_batch(warm, tok,
 def test_eval_generation_and_benchmark_score_do_not_depend_on_the_batch(warm, sandbox, tmp_path):
     import json
 
-    from tirl.eval.generate import EvalGenerator
-    from tirl.eval.math_run import evaluate_math
-    from tirl.eval.task_config import MathTaskConfig
+    from tirl.benchmarks.generate import EvalGenerator
+    from tirl.benchmarks.math_run import evaluate_math
+    from tirl.benchmarks.task_config import MathTaskConfig
 
     model, tok = warm
     gen = EvalGenerator(HFBackend(model, tok), tok, RolloutConfig(**GREEDY), sandbox=sandbox)

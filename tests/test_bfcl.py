@@ -26,8 +26,8 @@ from tirl.data.bfcl_prompt import (
     system_prompt,
     turn_messages,
 )
-from tirl.eval.bfcl import evaluate_bfcl, summarize, write_score_files
-from tirl.eval.bfcl_score import CategoryResult, ItemResult, bfcl_available, score_ast
+from tirl.benchmarks.bfcl import evaluate_bfcl, summarize, write_score_files
+from tirl.benchmarks.bfcl_score import CategoryResult, ItemResult, bfcl_available, score_ast
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bfcl"
 HAS_BFCL = bfcl_available()
@@ -310,7 +310,7 @@ def _replay_gold(item: BFCLItem):
 
 @needs_bfcl
 def test_multi_turn_gold_replay_is_valid_and_silence_is_not():
-    from tirl.eval.bfcl import run_multi_turn
+    from tirl.benchmarks.bfcl import run_multi_turn
 
     item = load_bfcl("multi_turn_base", limit=1)[0]
     run = run_multi_turn(item, _replay_gold(item))

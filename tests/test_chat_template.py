@@ -170,7 +170,7 @@ def test_task_prompt_adds_system_prompt_and_shows_tools_once(tok):
 
 def test_one_prompt_across_training_validation_pipelines_and_evaluation(tok):
     """Each record of a hand-written file gives the same prompt ids through every path that prompts a model."""
-    from tirl.eval.generate import EvalGenerator
+    from tirl.benchmarks.generate import EvalGenerator
     from tirl.modules.grpo import GRPOModule
     from tirl.pipelines.chat_backends import HFChatBackend
     from tirl.rollout.backend import HFBackend

@@ -286,7 +286,7 @@ def plain_greedy(model, tok, prompts: list[str]) -> list[list[int]]:
 def test_export_round_trip_loads_in_plain_transformers_and_scores_as_the_ckpt(stages, tmp_path, kind, merge):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tirl.eval.heldout import heldout_records
+    from tirl.benchmarks.heldout import heldout_records
 
     ckpt, out = stages[kind], tmp_path / "exported"
     if kind == "lora_ckpt" and merge:   # the command itself, once (a fresh Python costs seconds); else its run()
@@ -321,7 +321,7 @@ def test_export_round_trip_loads_in_plain_transformers_and_scores_as_the_ckpt(st
 
 def held_out_correct(records, name_or_path, init_from) -> list[float]:
     from tirl.config.schema import RewardConfig
-    from tirl.eval.heldout import preset_rollout
+    from tirl.benchmarks.heldout import preset_rollout
 
     module = GRPOModule(MethodConfig(reward=RewardConfig(name="toolcall_exact")), ModelConfig(name_or_path=name_or_path),
                         preset_rollout("toolcall"), SandboxConfig(workers=1), load_tiny_tokenizer(),

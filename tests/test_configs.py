@@ -223,7 +223,7 @@ def test_debug_presets_compose_on_the_cpu(preset, key, value):
 
 @pytest.mark.parametrize("task", ["math", "bfcl"])
 def test_eval_config_validates(task):
-    from tirl.eval.task_config import validate_eval
+    from tirl.benchmarks.task_config import validate_eval
 
     cfg = compose_resolved([f"task={task}", "model=qwen8b", "rollout.self_correction.enabled=true"], config_name="eval")
     typed, typed_task = validate_eval(cfg)

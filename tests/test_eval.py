@@ -12,12 +12,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from tirl.config import CONFIG_DIR, ConfigError, runnable
-from tirl.eval.bfcl_run import lazy_by_group
-from tirl.eval.bfcl_score import CategoryResult, ItemResult, bfcl_available
-from tirl.eval.math_bench import BenchmarkError, load_benchmark
-from tirl.eval.math_eval import MathSample, bench_metrics, best_of_n_index, judge, pass_at_k
-from tirl.eval.results import CacheError, GenerationCache, markdown_table
-from tirl.eval.task_config import validate_eval
+from tirl.benchmarks.bfcl_run import lazy_by_group
+from tirl.benchmarks.bfcl_score import CategoryResult, ItemResult, bfcl_available
+from tirl.benchmarks.math_bench import BenchmarkError, load_benchmark
+from tirl.benchmarks.math_eval import MathSample, bench_metrics, best_of_n_index, judge, pass_at_k
+from tirl.benchmarks.results import CacheError, GenerationCache, markdown_table
+from tirl.benchmarks.task_config import validate_eval
 
 torch.set_num_threads(1)
 FIXTURES = Path(__file__).parent / "fixtures" / "bfcl"
@@ -216,7 +216,7 @@ def test_bfcl_end_to_end_ast_categories_and_resume(hydra_configs, tmp_path):
 
 
 def test_toolcall_error_kinds_by_hand():
-    from tirl.eval.toolcall_errors import KINDS, prompt_group, think_restates_request, toolcall_error
+    from tirl.benchmarks.toolcall_errors import KINDS, prompt_group, think_restates_request, toolcall_error
 
     gold = [{"get_weather": {"city": ["Paris"], "units": ["", "celsius"]}}]
     request = "Get the weather in Paris."

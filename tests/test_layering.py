@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = {
     **dict.fromkeys(("rl", "tools", "models", "config", "errors"), 0),
     **dict.fromkeys(("data", "rollout", "rewards", "methods"), 1),
-    **dict.fromkeys(("modules", "pipelines", "eval", "callbacks", "logging"), 2),
+    **dict.fromkeys(("modules", "pipelines", "benchmarks", "callbacks", "logging"), 2),
     **dict.fromkeys(("train", "evaluate", "export"), 3),
 }
 ENTRY_POINT = 3

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tirl.eval.lazy import count_reflective, is_lazy, lazy_ratio
+from tirl.benchmarks.lazy import count_reflective, is_lazy, lazy_ratio
 
 
 def words(text: str) -> int:

@@ -5,7 +5,7 @@ and the relevance categories (irrelevance, live_irrelevance, live_relevance) com
 prompts (`bfcl:<category>` records: `answer`, `tools`, `category`); each gets the gold call list and systematic
 perturbations of it (other allowed values, wrong value, wrong type, dropped argument, extra / dropped call, wrong
 function, positional arguments, call-list wrappings), or for relevance items call attempts of every shape. The
-reward, which imports nothing from bfcl-eval, must give bfcl-eval's verdict (through `tirl.eval.bfcl_score`, which
+reward, which imports nothing from bfcl-eval, must give bfcl-eval's verdict (through `tirl.benchmarks.bfcl_score`, which
 drives bfcl-eval's decoder and `ast_checker`) on every pair.
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 from tirl.data.bfcl_files import gold_calls, load_bfcl
 from tirl.data.sources import load_records
-from tirl.eval.bfcl_score import bfcl_available, score_ast_item, score_relevance_item
+from tirl.benchmarks.bfcl_score import bfcl_available, score_ast_item, score_relevance_item
 from tirl.rewards.toolcall import dcore_reward, toolcall_exact
 
 pytestmark = pytest.mark.skipif(not bfcl_available(), reason="bfcl-eval not installed (run scripts/install_bfcl.sh); "

@@ -26,7 +26,7 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 def test_warm_checkpoint_solves_some_held_out_math_greedily():
-    from tirl.eval.heldout import heldout_accuracy
+    from tirl.benchmarks.heldout import heldout_accuracy
 
     # measured 0.59 on 64 problems (0.50 on these 16) when shipped (scripts/make_tiny_warm.py); a random model
     # scores 0

@@ -109,8 +109,8 @@ def test_values_out_of_range_name_key_and_range(train_cfg, override, needles):
 
 
 def test_eval_checks_every_benchmark_source_before_generating(tmp_path):
-    from tirl.eval.math_bench import BenchmarkError
-    from tirl.eval.task_config import BFCLTaskConfig, MathTaskConfig, check_eval_sources
+    from tirl.benchmarks.math_bench import BenchmarkError
+    from tirl.benchmarks.task_config import BFCLTaskConfig, MathTaskConfig, check_eval_sources
 
     (tmp_path / "math500.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
     check_eval_sources(MathTaskConfig(bench=["math500"], bench_dir=str(tmp_path)))

@@ -25,7 +25,7 @@ from tirl.config import (
     task_wrapper,
 )
 from tirl.config.preflight import check_paths
-from tirl.eval.task_config import MathTaskConfig, check_eval_sources, validate_eval
+from tirl.benchmarks.task_config import MathTaskConfig, check_eval_sources, validate_eval
 from tirl.logging.quiet import quiet_library_notices
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     import torch
 
-    from tirl.eval.generate import EvalGenerator, eval_rollout_config
-    from tirl.eval.results import flat_metrics, log_to_loggers, markdown_table, write_results
+    from tirl.benchmarks.generate import EvalGenerator, eval_rollout_config
+    from tirl.benchmarks.results import flat_metrics, log_to_loggers, markdown_table, write_results
     from tirl.models.load import load_tokenizer
     from tirl.modules.policy import PolicyModule
     from tirl.rollout.backend import make_backend
@@ -82,7 +82,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 "enable_thinking": typed.model.enable_thinking}
     extra: dict[str, Any] = {}
     if isinstance(task, MathTaskConfig):
-        from tirl.eval.math_run import evaluate_math
+        from tirl.benchmarks.math_run import evaluate_math
 
         generator.sandbox = sandbox_from_config(typed.sandbox)
         try:
@@ -92,7 +92,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         columns = [f"avg@{task.n_samples}", *[f"pass@{k}" for k in task.pass_k], "best_of_n",
                    "mean_response_tokens", "code_pass_rate", "problems"]
     else:
-        from tirl.eval.bfcl_run import evaluate_bfcl_task, length_fn
+        from tirl.benchmarks.bfcl_run import evaluate_bfcl_task, length_fn
 
         results, tables, extra = evaluate_bfcl_task(task, generator, out_dir / "bfcl", length_fn(tokenizer))
         columns = ["accuracy", "correct", "total"]

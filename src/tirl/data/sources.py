@@ -169,7 +169,7 @@ def _read_bfcl(spec: str) -> Iterator[Located]:
 
     category, _, source = spec.partition(":")
     if category.startswith("multi_turn"):
-        raise DataError(f"bfcl:{category} is multi-turn and has no single RL prompt; evaluate it with tirl.eval.bfcl.")
+        raise DataError(f"bfcl:{category} is multi-turn and has no single RL prompt; evaluate it with tirl.benchmarks.bfcl.")
     try:
         items = load_bfcl(category, source or "package")
     except BFCLDataError as err:

@@ -143,7 +143,7 @@ def decode_bfcl_calls(answer_text: str) -> list[dict[str, Any]] | ParseError:
     """Decode answer text as bfcl-eval's Python prompting decoder does, as `{"name", "arguments"}` dicts.
 
     The same text is accepted, and decodes to the same values, as with `default_decode_ast_prompting` (bfcl-eval
-    2026.3.23) behind tirl's BFCL scorer (`tirl.eval.bfcl_score`), so a reward built on it agrees with the
+    2026.3.23) behind tirl's BFCL scorer (`tirl.benchmarks.bfcl_score`), so a reward built on it agrees with the
     checker. Its rules, lenient and strict: surrounding backticks, newlines and spaces are stripped, brackets are
     added when missing (a bare `f(a=1)`, `f(a=1), g(b=2)` or a list cut before its `]`), then wrapping `'` quotes
     go; each element must be a call (a dotted name); **positional arguments are dropped** (`f("Paris")` is

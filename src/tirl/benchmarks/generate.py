@@ -10,7 +10,7 @@ from typing import Any
 
 from tirl.config.schema import RolloutConfig
 from tirl.data.prompts import PromptEncoder
-from tirl.eval.math_eval import MathSample
+from tirl.benchmarks.math_eval import MathSample
 from tirl.rollout.backend import HFBackend
 from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import SamplingParams, Trajectory

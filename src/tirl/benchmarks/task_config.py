@@ -71,7 +71,7 @@ def check_eval_sources(task: MathTaskConfig | BFCLTaskConfig) -> None:
     file in ``task.bench_dir`` or ``task.bench_paths`` fails here, not after the benchmarks before it were generated
     (hub ids are fetched when read). BFCL: the installed package's data or the ``task.source`` directory exists."""
     if isinstance(task, MathTaskConfig):
-        from tirl.eval.math_bench import resolve_source
+        from tirl.benchmarks.math_bench import resolve_source
 
         for name in task.bench:
             resolve_source(name, task.bench_dir, task.bench_paths.get(name))
