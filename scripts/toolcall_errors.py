@@ -33,9 +33,9 @@ def main() -> None:
 
     import torch
 
-    from tirl.config.schema import MethodConfig, ModelConfig, RewardConfig, SandboxConfig
     from tirl.benchmarks.heldout import heldout_records, preset_rollout
     from tirl.benchmarks.toolcall_errors import KINDS, prompt_group, toolcall_error
+    from tirl.config.schema import MethodConfig, ModelConfig, RewardConfig, SandboxConfig
     from tirl.models.load import ModelNotFoundError, load_tokenizer
     from tirl.modules.grpo import GRPOModule
 

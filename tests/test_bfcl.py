@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tirl.benchmarks.bfcl import evaluate_bfcl, summarize, write_score_files
+from tirl.benchmarks.bfcl_score import CategoryResult, ItemResult, bfcl_available, score_ast
 from tirl.data.bfcl_files import (
     NON_LIVE,
     BFCLDataError,
@@ -26,8 +28,6 @@ from tirl.data.bfcl_prompt import (
     system_prompt,
     turn_messages,
 )
-from tirl.benchmarks.bfcl import evaluate_bfcl, summarize, write_score_files
-from tirl.benchmarks.bfcl_score import CategoryResult, ItemResult, bfcl_available, score_ast
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bfcl"
 HAS_BFCL = bfcl_available()

@@ -320,8 +320,8 @@ def test_export_round_trip_loads_in_plain_transformers_and_scores_as_the_ckpt(st
 
 
 def held_out_correct(records, name_or_path, init_from) -> list[float]:
-    from tirl.config.schema import RewardConfig
     from tirl.benchmarks.heldout import preset_rollout
+    from tirl.config.schema import RewardConfig
 
     module = GRPOModule(MethodConfig(reward=RewardConfig(name="toolcall_exact")), ModelConfig(name_or_path=name_or_path),
                         preset_rollout("toolcall"), SandboxConfig(workers=1), load_tiny_tokenizer(),

@@ -11,13 +11,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from tirl.config import CONFIG_DIR, ConfigError, runnable
 from tirl.benchmarks.bfcl_run import lazy_by_group
 from tirl.benchmarks.bfcl_score import CategoryResult, ItemResult, bfcl_available
 from tirl.benchmarks.math_bench import BenchmarkError, load_benchmark
 from tirl.benchmarks.math_eval import MathSample, bench_metrics, best_of_n_index, judge, pass_at_k
 from tirl.benchmarks.results import CacheError, GenerationCache, markdown_table
 from tirl.benchmarks.task_config import validate_eval
+from tirl.config import CONFIG_DIR, ConfigError, runnable
 
 torch.set_num_threads(1)
 FIXTURES = Path(__file__).parent / "fixtures" / "bfcl"

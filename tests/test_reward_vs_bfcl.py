@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from tirl.benchmarks.bfcl_score import bfcl_available, score_ast_item, score_relevance_item
 from tirl.data.bfcl_files import gold_calls, load_bfcl
 from tirl.data.sources import load_records
-from tirl.benchmarks.bfcl_score import bfcl_available, score_ast_item, score_relevance_item
 from tirl.rewards.toolcall import dcore_reward, toolcall_exact
 
 pytestmark = pytest.mark.skipif(not bfcl_available(), reason="bfcl-eval not installed (run scripts/install_bfcl.sh); "

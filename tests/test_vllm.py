@@ -14,8 +14,8 @@ import torch
 from tirl.config.schema import RolloutConfig
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer
 from tirl.rollout import vllm as V
-from tirl.rollout.backend import fence_token_index
 from tirl.rollout.types import SamplingParams
+from tirl.tools.text_format import fence_token_index
 
 torch.set_num_threads(1)
 

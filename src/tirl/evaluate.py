@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tirl.benchmarks.task_config import MathTaskConfig, check_eval_sources, validate_eval
 from tirl.config import (
     ConfigError,
     hydra_entry,
@@ -25,7 +26,6 @@ from tirl.config import (
     task_wrapper,
 )
 from tirl.config.preflight import check_paths
-from tirl.benchmarks.task_config import MathTaskConfig, check_eval_sources, validate_eval
 from tirl.logging.quiet import quiet_library_notices
 
 log = logging.getLogger(__name__)

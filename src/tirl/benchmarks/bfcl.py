@@ -20,6 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tirl.benchmarks.bfcl_multiturn import run_multi_turn, score_multi_turn
+from tirl.benchmarks.bfcl_score import BFCL_MODEL_NAME, CategoryResult, ItemResult, score_ast
+from tirl.benchmarks.results import GenerationCache
 from tirl.data.bfcl_files import (
     FILE_PREFIX,
     LIVE,
@@ -33,9 +36,6 @@ from tirl.data.bfcl_files import (
 )
 from tirl.data.bfcl_prompt import build_messages, strip_stale_reasoning
 from tirl.data.jsonl import write_jsonl
-from tirl.benchmarks.bfcl_multiturn import run_multi_turn, score_multi_turn
-from tirl.benchmarks.bfcl_score import BFCL_MODEL_NAME, CategoryResult, ItemResult, score_ast
-from tirl.benchmarks.results import GenerationCache
 
 __all__ = [
     "BFCLItem", "CategoryResult", "ItemResult", "build_messages", "evaluate_bfcl", "load_bfcl",

@@ -20,9 +20,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from tirl.benchmarks.bfcl_score import bfcl_eval_modules, screen_python_calls
 from tirl.data.bfcl_files import BFCLItem
 from tirl.data.bfcl_prompt import strip_stale_reasoning, turn_messages
-from tirl.benchmarks.bfcl_score import bfcl_eval_modules, screen_python_calls
 from tirl.tools.text_format import split_reasoning
 
 MAX_STEPS_PER_TURN = 20

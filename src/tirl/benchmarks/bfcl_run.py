@@ -16,14 +16,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tirl.data.bfcl_files import FILE_PREFIX, MULTI_TURN, canonical_category, load_bfcl
-from tirl.data.bfcl_prompt import build_messages
 from tirl.benchmarks.bfcl import evaluate_bfcl
 from tirl.benchmarks.bfcl_score import CategoryResult
 from tirl.benchmarks.generate import EvalGenerator
 from tirl.benchmarks.lazy import lazy_ratio
 from tirl.benchmarks.results import GenerationCache
 from tirl.benchmarks.task_config import BFCLTaskConfig
+from tirl.data.bfcl_files import FILE_PREFIX, MULTI_TURN, canonical_category, load_bfcl
+from tirl.data.bfcl_prompt import build_messages
 
 LAZY_GROUPS = {
     "parallel": ["parallel", "parallel_multiple", "live_parallel", "live_parallel_multiple"],

@@ -8,9 +8,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from tirl.benchmarks.math_eval import MathSample
 from tirl.config.schema import RolloutConfig
 from tirl.data.prompts import PromptEncoder
-from tirl.benchmarks.math_eval import MathSample
 from tirl.rollout.backend import HFBackend
 from tirl.rollout.tool_loop import ToolLoop
 from tirl.rollout.types import SamplingParams, Trajectory

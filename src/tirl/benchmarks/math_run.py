@@ -7,12 +7,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tirl.data.prompts import math_record
 from tirl.benchmarks.generate import EvalGenerator
 from tirl.benchmarks.math_bench import load_benchmark
 from tirl.benchmarks.math_eval import MathSample, bench_metrics, best_of_n_index, judge, sample_record
 from tirl.benchmarks.results import GenerationCache, settings_hash
 from tirl.benchmarks.task_config import MathTaskConfig
+from tirl.data.prompts import math_record
 
 TABLE_COLUMNS = ["id", "gold", "best_of_n_answer", "best_of_n_correct", "correct_of_n", "code_pass_rate", "tokens"]
 

@@ -14,7 +14,7 @@ add three modules per targeted layer to every decode step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -25,7 +25,7 @@ from torch import nn
 from tirl.config.schema import RolloutConfig
 from tirl.models.kv_cache import CACHE, growing_cache, returned_cache
 from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
-from tirl.tools.text_format import CODE_OPEN, code_block_end
+from tirl.tools.text_format import code_block_end, fence_token_index
 
 
 class GenerationBackend(Protocol):
@@ -119,20 +119,6 @@ def sample_tokens(probs: torch.Tensor) -> torch.Tensor:
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
     # the first index whose CDF exceeds u: a zero-probability token (flat CDF step) is never chosen
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
-
-
-def fence_token_index(ids: list[int], decode: Callable[[list[int]], str]) -> int:
-    """Index of the token in which the last ```python fence of ``decode(ids)`` starts (exact, by bisecting over
-    decoded prefixes: the smallest k whose ``decode(ids[:k+1])`` reaches past the fence's first character)."""
-    start = decode(ids).rfind(CODE_OPEN)
-    lo, hi = 0, len(ids)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(decode(ids[:mid + 1])) > start:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 class FenceWatcher:

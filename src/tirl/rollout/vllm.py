@@ -43,7 +43,6 @@ from dataclasses import replace
 from typing import Any
 
 from tirl.config.schema import RolloutConfig
-from tirl.rollout.backend import fence_token_index
 from tirl.rollout.types import Generation, SamplingParams, prompt_budgets
 
 # the engine's own names are this module's too (``from tirl.rollout import vllm as V``: V.check_vllm_available, …)
@@ -68,7 +67,7 @@ from tirl.rollout.vllm_engine import (  # noqa: F401
     policy_weights,
     write_engine_model_dir,
 )
-from tirl.tools.text_format import FENCE_CLOSE, code_block_end
+from tirl.tools.text_format import FENCE_CLOSE, code_block_end, fence_token_index
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ Every reader and writer of these formats (rollout, rewards, data, pipelines, eva
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CODE_OPEN = "```python"                 # what opens a block the environment runs
@@ -64,3 +65,17 @@ def last_code_block(text: str) -> str | None:
     """The code of the last complete ```python block, or None."""
     blocks = CODE_BLOCK.findall(text)
     return blocks[-1] if blocks else None
+
+
+def fence_token_index(ids: list[int], decode: Callable[[list[int]], str]) -> int:
+    """Index of the token in which the last ```python fence of ``decode(ids)`` starts (exact, by bisecting over
+    decoded prefixes: the smallest k whose ``decode(ids[:k+1])`` reaches past the fence's first character)."""
+    start = decode(ids).rfind(CODE_OPEN)
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(decode(ids[:mid + 1])) > start:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
