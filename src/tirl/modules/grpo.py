@@ -323,5 +323,10 @@ class GRPOModule(RoundUpdate, PolicyModule):
         self._epoch_end("test")
 
     def configure_callbacks(self):
+        """The samples table, once: Lightning calls this at every fit/validate/test, and a second copy would make it
+        log an 'override' notice each time."""
         k = self.method_cfg.log_samples
-        return [SamplesTable(k)] if k else []
+        trainer = getattr(self, "_trainer", None)
+        if not k or (trainer is not None and any(isinstance(c, SamplesTable) for c in trainer.callbacks)):
+            return []
+        return [SamplesTable(k)]
