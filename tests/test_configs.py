@@ -87,7 +87,7 @@ def test_scale_is_chosen_by_the_model_or_explicitly_and_wins_over_the_method():
 PINNED = {
     (): dict(  # python src/train.py: THOR at the tiny scale
         lr=1e-4, lr_schedule="cosine", group_size=8, rollout_batch_size=8, micro_batch_size=32, clip=(0.2, 0.28, 3.0),
-        schedule=(None, 1, "rollout", "tokens"), filter=(8, 2, False), step_cut=(16, 4),
+        schedule=(None, 1, "rollout", "tokens"), filter=(8, 2, True), step_cut=(16, 4),
         kl=(0.0, "k3"), nll_coef=0.01, agg="token-mean", reward="math", task="math", shaping="none",
         step_level=(True, 4, 0.1), episode_filter=True, rollout=(640, 128, 256, 2, 1.0), steps=(60, 10)),
     ("method=thor", "model=qwen8b"): dict(  # the paper's THOR values, no experiment
