@@ -330,10 +330,14 @@ def test_workers_end_with_the_process_that_owns_them(ending):
     # workers read EOF on their channel): either way no worker outlives it.
     script = ("import sys, time\nfrom tirl.tools.sandbox import LocalSandbox\n"
               "sb = LocalSandbox(workers=2, preload=())\nprint(*sb.worker_pids(), flush=True)\n"
+              "sys.stdin.readline()\n"          # the workers are seen alive before the owner ends (no race)
               "if sys.argv[1] == 'sigkill':\n    time.sleep(60)\n")
-    owner = subprocess.Popen([sys.executable, "-c", script, ending], stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen([sys.executable, "-c", script, ending], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
     pids = [int(p) for p in owner.stdout.readline().split()]
     assert len(pids) == 2 and all(_running(p) for p in pids)
+    owner.stdin.write("go\n")
+    owner.stdin.flush()
     if ending == "sigkill":
         owner.kill()
     owner.wait(10)
