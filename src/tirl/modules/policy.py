@@ -23,6 +23,7 @@ from tirl.models.load import (
     read_checkpoint,
 )
 from tirl.models.reference import is_lora
+from tirl.models.sharding import is_sharded, shard_policy
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -68,6 +69,9 @@ class PolicyModule(L.LightningModule):
                 trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing, lora=lora,
                 seed=m.seed, init_from=self.init_from,
             )
+        mesh = getattr(self, "_device_mesh", None)   # set by Lightning's ModelParallelStrategy (hardware=fsdp)
+        if mesh is not None and not is_sharded(self.policy):
+            shard_policy(self.policy, mesh["data_parallel"])
         if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
             # from_pretrained hands the policy over in eval mode and Lightning keeps each module's mode: without this
             # it would train in eval mode, where transformers' gradient checkpointing is off (RL has dropout off
