@@ -1,4 +1,4 @@
-"""Export run: a tirl ``.ckpt`` → a Hugging Face directory (weights, config, tokenizer).
+"""Export run: a tirl ``.ckpt`` (file, or a ``hardware=fsdp`` run's sharded directory) → a Hugging Face directory (weights, config, tokenizer).
 
     python src/export.py ckpt=logs/<task>/runs/<run>/checkpoints/last.ckpt out=exported/ [merge_lora=false]
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from tirl.config import ConfigError
+from tirl.models.sharded_checkpoint import looks_sharded, sharded_checkpoint_problem
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,14 @@ def run(cfg: DictConfig) -> str:
     for key, example in (("ckpt", "logs/<task>/runs/<run>/checkpoints/last.ckpt"), ("out", "exported/my_model")):
         if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
             raise ConfigError(f"Config value '{key}' is required; set it on the command line, e.g. {key}={example}.")
-    if not Path(str(cfg.ckpt)).expanduser().is_file():   # before the seconds of importing torch and Lightning
-        raise ConfigError(f"ckpt='{cfg.ckpt}' does not exist; pass the path of a tirl .ckpt file, e.g. "
-                          f"ckpt=logs/<task>/runs/<run>/checkpoints/last.ckpt.")
+    ckpt = Path(str(cfg.ckpt)).expanduser()
+    if looks_sharded(ckpt):   # a hardware=fsdp run's checkpoint directory, consolidated on this one process
+        problem = sharded_checkpoint_problem(ckpt)
+        if problem:
+            raise ConfigError(f"ckpt: {problem}")
+    elif not ckpt.is_file():   # before the seconds of importing torch and Lightning
+        raise ConfigError(f"ckpt='{cfg.ckpt}' does not exist; pass the path of a tirl .ckpt file (or a sharded "
+                          f"checkpoint's .ckpt/ directory), e.g. ckpt=logs/<task>/runs/<run>/checkpoints/last.ckpt.")
     out = Path(str(cfg.out)).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"out='{cfg.out}' already exists and is not an empty directory; pick a new directory "

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from tirl.config.schema import EpisodeFilterConfig
 from tirl.config.tasks import REWARD_TASKS, is_local_path, source_task
 from tirl.config.validate import ConfigError, TypedConfig
+from tirl.models.sharded_checkpoint import looks_sharded, sharded_checkpoint_problem
 
 # What each datamodule feeds: SFT chat samples or RL prompts (a user's own datamodule is not checked).
 DATAMODULE_KINDS: dict[str, str] = {
@@ -106,6 +107,11 @@ def check_init_from(init_from: str) -> None:
     fix = "point init_from at a tirl .ckpt file or an HF model directory, or set init_from=null"
     if not path.exists():
         raise ConfigError(f"init_from={init_from} does not exist (relative paths start at {Path.cwd()}); {fix}.")
+    if looks_sharded(path):
+        problem = sharded_checkpoint_problem(path)
+        if problem:
+            raise ConfigError(f"init_from: {problem}")
+        return
     if path.is_dir() and not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise ConfigError(f"init_from={init_from} is a directory without config.json, so not an HF model directory; "
                           f"{fix}.")
@@ -120,9 +126,14 @@ def check_paths(cfg: Any, typed: TypedConfig | None) -> None:
     if init_from:
         check_init_from(str(init_from))
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and str(ckpt_path) not in LIGHTNING_CKPT_NAMES and not Path(str(ckpt_path)).expanduser().is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path} is not a file; point ckpt_path at a Lightning .ckpt to resume "
-                          "(init_from starts from a checkpoint's weights without resuming), or set ckpt_path=null.")
+    if ckpt_path and str(ckpt_path) not in LIGHTNING_CKPT_NAMES and looks_sharded(str(ckpt_path)):
+        problem = sharded_checkpoint_problem(str(ckpt_path))
+        if problem:
+            raise ConfigError(f"ckpt_path: {problem}")
+    elif ckpt_path and str(ckpt_path) not in LIGHTNING_CKPT_NAMES and not Path(str(ckpt_path)).expanduser().is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} is neither a file nor a sharded checkpoint directory; point ckpt_path "
+                          "at a Lightning .ckpt (or a hardware=fsdp run's .ckpt/ directory) to resume (init_from starts "
+                          "from a checkpoint's weights without resuming), or set ckpt_path=null.")
     if typed is None:
         return
     for split in ("train", "val", "test"):

@@ -275,15 +275,32 @@ class RLPromptDataModule(LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"next_batch": self._next_batch, "refills": self._refills, "seed": self.seed,
+        # refills are counted per rank and Lightning saves rank 0's datamodule state alone: every rank's count goes in
+        # (a collective: Lightning builds the checkpoint dict on every rank)
+        return {"next_batch": self._next_batch, "refills": self._refills_per_rank(), "seed": self.seed,
                 "batch_size": self.batch_size}
+
+    def _refills_per_rank(self) -> list[int]:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return [self._refills]
+        import torch
+
+        return [int(n) for n in trainer.strategy.all_gather(torch.tensor(self._refills)).reshape(-1).tolist()]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("seed", self.seed) != self.seed or state_dict.get("batch_size", self.batch_size) != self.batch_size:
             log.warning("Resuming with a different data seed or batch size: the prompt stream will not continue "
                         "where the checkpoint left it.")
         self._next_batch = int(state_dict["next_batch"])
-        self._refills = int(state_dict.get("refills", 0))
+        refills = state_dict.get("refills", 0)   # one int in checkpoints written before per-rank counts
+        if isinstance(refills, list):
+            rank, world = self._rank()
+            if len(refills) != world:
+                log.warning("The checkpoint's refill positions were saved by %d rank(s) and are resumed by %d: "
+                            "refill prompts will not continue exactly.", len(refills), world)
+            refills = refills[rank] if rank < len(refills) else max(refills)
+        self._refills = int(refills)
 
     # -------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tirl.errors import UserError
+from tirl.models.sharded_checkpoint import looks_sharded, read_sharded_checkpoint
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer, tiny_warm_dir
 
 log = logging.getLogger(__name__)
@@ -83,17 +84,18 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
 
 
 def init_kind(init_from: str) -> str:
-    """What ``init_from`` names: ``"ckpt"`` (a tirl Lightning checkpoint file), ``"adapter"`` (a directory holding a
-    peft adapter alone) or ``"hf"`` (an HF model directory). Raises ModelNotFoundError when it does not exist."""
+    """What ``init_from`` names: ``"ckpt"`` (a tirl Lightning checkpoint: a file, or the directory of a sharded one,
+    see ``tirl.models.sharded_checkpoint``), ``"adapter"`` (a directory holding a peft adapter alone) or ``"hf"``
+    (an HF model directory). Raises ModelNotFoundError when it does not exist."""
     path = Path(init_from).expanduser()
-    if path.is_file():
+    if path.is_file() or looks_sharded(path):
         return "ckpt"
     if path.is_dir():
         return "adapter" if (path / "adapter_config.json").is_file() else "hf"
     if not _looks_local(init_from) and not init_from.endswith(".ckpt"):
         return "hf"   # a hub id
     raise ModelNotFoundError(
-        f"init_from='{init_from}' does not exist; point it at a tirl .ckpt, an HF model directory or an adapter "
+        f"init_from='{init_from}' does not exist; point it at a tirl .ckpt (file or sharded directory), an HF model directory or an adapter "
         f"directory written by `python src/export.py merge_lora=false`."
     )
 
@@ -101,19 +103,29 @@ def init_kind(init_from: str) -> str:
 def read_checkpoint(ckpt_path: str) -> tuple[dict[str, torch.Tensor], LoraSpec | None, dict]:
     """The policy weights of a tirl Lightning checkpoint (``policy.`` prefix removed; the reference copy and the
     optimizer state left out), the LoRA spec they were trained with (None for a full fine-tune), and the run's
-    hyper-parameters (``method``, ``model``, ``init_from``, … as plain dicts).
+    hyper-parameters (``method``, ``model``, ``init_from``, … as plain dicts). ``ckpt_path``: a ``.ckpt`` file, or
+    the directory of a sharded checkpoint (``hardware=fsdp``), consolidated here on one process.
 
-    Raises ModelNotFoundError for a missing file or one that is not a tirl checkpoint."""
-    if not Path(ckpt_path).expanduser().is_file():
-        raise ModelNotFoundError(f"Checkpoint '{ckpt_path}' does not exist; pass the path of a tirl .ckpt file "
-                                 f"(e.g. logs/<task>/runs/<run>/checkpoints/last.ckpt).")
-    try:   # tirl saves plain containers only, so no pickled code from a downloaded file ever runs
-        ckpt = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=True)
-    except Exception as err:   # a truncated file, an HF .bin, a pickle of something else
-        raise ModelNotFoundError(f"'{ckpt_path}' could not be read as a Lightning checkpoint ({type(err).__name__}); "
-                                 f"pass a .ckpt written by a tirl run.") from None
-    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
-    weights = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+    Raises ModelNotFoundError for a missing path or one that is not a (complete) tirl checkpoint."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir() and looks_sharded(path):
+        try:
+            weights, ckpt = read_sharded_checkpoint(path)
+        except ValueError as err:
+            raise ModelNotFoundError(str(err)) from None
+    elif not path.is_file():
+        kind = "is a directory but not a sharded checkpoint (no .metadata, meta.pt or *.distcp)" if path.is_dir() \
+            else "does not exist"
+        raise ModelNotFoundError(f"Checkpoint '{ckpt_path}' {kind}; pass a tirl .ckpt file or sharded checkpoint "
+                                 f"directory (e.g. logs/<task>/runs/<run>/checkpoints/last.ckpt).")
+    else:
+        try:   # tirl saves plain containers only, so no pickled code from a downloaded file ever runs
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:   # a truncated file, an HF .bin, a pickle of something else
+            raise ModelNotFoundError(f"'{ckpt_path}' could not be read as a Lightning checkpoint "
+                                     f"({type(err).__name__}); pass a .ckpt written by a tirl run.") from None
+        state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
+        weights = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
     if not weights:
         raise ModelNotFoundError(f"'{ckpt_path}' holds no policy weights; pass a .ckpt written by a tirl run.")
     hparams = dict(ckpt.get("hyper_parameters") or {})

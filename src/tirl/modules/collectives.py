@@ -35,3 +35,30 @@ def mean_over_ranks(metrics: dict[str, float], device=None) -> dict[str, float]:
     t = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, …]`` (picklable objects, every rank gets the list); ``[obj]`` on one process.
+
+    For per-rank state in a checkpoint: Lightning writes the non-tensor part of a checkpoint (``meta.pt`` of a
+    sharded one, the whole ``.ckpt`` under DDP) from rank 0 alone, so what differs between ranks (RNG streams,
+    refill positions) must be gathered into it. A collective: every rank must call it."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def own_entry(per_rank: list, rank: int, what: str):
+    """This rank's entry of a list ``gather_objects`` wrote; with another number of ranks than saved it, rank 0's
+    entry and one warning (the run goes on, but does not continue exactly). Raises nothing."""
+    import logging
+
+    if rank < len(per_rank) and (not is_distributed() or len(per_rank) == dist.get_world_size()):
+        return per_rank[rank]
+    world = dist.get_world_size() if is_distributed() else 1
+    logging.getLogger(__name__).warning(
+        "The checkpoint's %s was saved by %d rank(s) and is resumed by %d: rank %d takes rank 0's, so the run does "
+        "not continue exactly.", what, len(per_rank), world, rank)
+    return per_rank[0]

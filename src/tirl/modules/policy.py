@@ -14,6 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from tirl.config.schema import MethodConfig, ModelConfig
 from tirl.logging.step_metrics import forget_step_metrics
+from tirl.modules.collectives import gather_objects, own_entry
 from tirl.models.load import (
     LoraSpec,
     ModelNotFoundError,
@@ -97,19 +98,23 @@ class PolicyModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # Exact resume: Lightning restores weights, optimiser, scheduler, step and datamodule state; the RNG streams
-    # that drive sampling are ours to carry.
+    # that drive sampling are ours to carry. Every rank samples with its own streams (they drift apart as ranks draw
+    # different numbers of tokens), while Lightning writes the non-tensor part of a checkpoint from rank 0 alone
+    # (the .ckpt under DDP, meta.pt of a sharded directory), so each rank's streams are gathered into it.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["tirl_rng"] = {
+        checkpoint["tirl_rng"] = gather_objects({
             "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
+        })
         checkpoint["tirl_lora"] = is_lora(self.policy)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
         # Applied just before the first training step rather than now: between loading and that step Lightning
         # builds a new DataLoader iterator, which draws from the global torch RNG and would shift sampling.
-        self._resume_rng = checkpoint.get("tirl_rng")
+        rng = checkpoint.get("tirl_rng")
+        # a list since per-rank streams are saved (one dict per rank); one dict in checkpoints written before
+        self._resume_rng = own_entry(rng, self.global_rank, "RNG state") if isinstance(rng, list) else rng
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         forget_step_metrics(self.trainer)   # a step's metrics row holds only what that step logs
