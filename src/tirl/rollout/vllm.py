@@ -60,6 +60,7 @@ from tirl.rollout.vllm_engine import (  # noqa: F401
     close_engine,
     engine_device,
     engine_dtype,
+    full_state,
     merged_lora_state,
     open_engine,
     parameter_version,

@@ -99,23 +99,43 @@ def parameter_version(policy) -> int:
     return sum(p._version for p in policy.parameters() if p.requires_grad)
 
 
-def merged_lora_state(policy) -> dict:
-    """HF-named weights of a peft LoRA model with the adapter merged in (the base tensors are left untouched).
+def full_state(policy) -> dict:
+    """``policy.state_dict()`` with every tensor whole and detached: an FSDP2-sharded policy's ``DTensor`` shards are
+    all-gathered (``full_tensor()``), so every rank gets the full weights.
 
-    W' = W + (α/r)·B·A for every adapted linear layer; keys lose peft's ``base_model.model.`` prefix and its
+    A collective on a sharded policy: every rank must call it, at the same point (``VLLMBackend.sync_weights`` does,
+    at the first generation after an optimizer step, which every rank reaches with its share of the round)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach() for k, v in policy.state_dict().items()}
+
+
+def merged_lora_state(policy, state: dict | None = None) -> dict:
+    """HF-named weights of a peft LoRA model with the adapter merged in, computed on copies: the live model (and, when
+    sharded, its shards) is never merged into, so training goes on with the adapter as it was.
+
+    W' = W + s·B·A (``s`` = α/r, peft's ``scaling``; Wᵀ layouts, ``fan_in_fan_out``, transposed back) for every
+    adapted linear layer of every active adapter; keys lose peft's ``base_model.model.`` prefix and its
     ``.base_layer`` wrapper so they match the base checkpoint's names, which is what vLLM's loader expects.
-    """
+    ``state``: the policy's full state dict when already gathered (``full_state``); default: gathered here.
+    Raises ValueError for an adapter kind this formula does not cover (DoRA)."""
+    state = full_state(policy) if state is None else state
     out = {}
     for name, module in policy.named_modules():
         if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
-            key = _hf_name(name) + ".weight"
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-            out[key] = (module.base_layer.weight + delta).detach()
-    for name, tensor in policy.state_dict().items():
+            prefix = name + "."
+            weight = state[prefix + "base_layer.weight"]
+            for a in module.active_adapters:
+                if a not in module.lora_A:
+                    continue
+                if getattr(module, "use_dora", {}).get(a, False):
+                    raise ValueError(f"{name} uses DoRA, which the vLLM weight push cannot merge; train plain LoRA "
+                                     f"(model.lora) for rollout=vllm.")
+                delta = (state[f"{prefix}lora_B.{a}.weight"] @ state[f"{prefix}lora_A.{a}.weight"]) * module.scaling[a]
+                weight = weight + (delta.T if getattr(module, "fan_in_fan_out", False) else delta)
+            out[_hf_name(name) + ".weight"] = weight
+    for name, tensor in state.items():
         if "lora_" in name:
             continue
-        key = _hf_name(name.replace(".base_layer", ""))
-        out.setdefault(key, tensor.detach())
+        out.setdefault(_hf_name(name.replace(".base_layer", "")), tensor)
     return out
 
 
@@ -124,11 +144,13 @@ def _hf_name(peft_name: str) -> str:
 
 
 def policy_weights(policy) -> dict:
-    """The weights vLLM should serve: merged LoRA, or the full state dict (FSDP2 DTensors gathered)."""
+    """The weights vLLM should serve: the full state dict (an FSDP2-sharded policy's shards gathered on every rank,
+    see ``full_state``: a collective) or, for a LoRA policy, the base with the adapter merged in (on the gathered
+    copies, ``merged_lora_state``). Peak memory: one full copy of the weights on each rank while it is pushed."""
     from tirl.models.reference import is_lora
 
-    state = merged_lora_state(policy) if is_lora(policy) else {k: v.detach() for k, v in policy.state_dict().items()}
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+    state = full_state(policy)
+    return merged_lora_state(policy, state) if is_lora(policy) else state
 
 
 def _reload_weights_on_worker(worker, weights: list) -> None:
@@ -173,9 +195,14 @@ def open_engine(model: str, device: str, knobs: dict | None = None, cpu_kvcache_
     warning sentence lists those that cannot be); ``engine_kwargs`` go to ``LLM`` as they are. On a CPU the KV
     cache is ``cpu_kvcache_space_gb`` GiB. Close it with ``close_engine`` (also done at interpreter exit).
     """
+    import torch.distributed as dist
+
     kept, notes = platform_engine_kwargs(knobs or {}, device)
     if notes:
         log.warning("rollout=vllm on CPU ignores %s.", ", ".join(notes))
+    # Under DDP/FSDP the trainer's process group exists already: vLLM then builds its groups inside it, each rank one
+    # replica of its own ("external data parallel", as in verl), and must not tear it down when it closes.
+    trainer_group = dist.is_available() and dist.is_initialized()
     # in this process, so weight pushes are plain tensor handoffs, not IPC (and no stray engine process at exit)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if device == "cpu":
@@ -184,6 +211,7 @@ def open_engine(model: str, device: str, knobs: dict | None = None, cpu_kvcache_
 
     with _threads_kept():
         llm = LLM(model=model, **kept, **engine_kwargs)
+    llm._tirl_trainer_group = trainer_group
     _OPEN.add(llm)
     return llm
 
@@ -200,15 +228,42 @@ def close_engine(llm) -> None:
     _OPEN.discard(llm)
     engine = getattr(llm, "llm_engine", None)
     core = getattr(engine, "engine_core", None)
-    if core is not None:
-        with contextlib.suppress(Exception):
-            core.shutdown()
-    if not _OPEN:   # the process group is shared by every in-process engine: the last one out tears it down
-        with contextlib.suppress(Exception):
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    with _trainer_group_kept(getattr(llm, "_tirl_trainer_group", False)):
+        if core is not None:
+            with contextlib.suppress(Exception):
+                core.shutdown()
+        if not _OPEN:   # the process group is shared by every in-process engine: the last one out tears it down
+            with contextlib.suppress(Exception):
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-            cleanup_dist_env_and_memory()
+                cleanup_dist_env_and_memory()
     gc.collect()
+
+
+@contextlib.contextmanager
+def _trainer_group_kept(keep: bool):
+    """While vLLM tears an engine down, keep the trainer's (DDP/FSDP) default process group when ``keep``.
+
+    vLLM's engine shutdown ends with ``torch.distributed.destroy_process_group()`` of the default group, made for a
+    group it created itself; under DDP/FSDP it is the trainer's, and destroying it left the ranks without their
+    collectives (measured: the next FSDP all-gather re-initialised a group and the ranks hung). The groups vLLM made
+    inside it (destroyed by passing them) still go."""
+    import torch.distributed as dist
+
+    if not keep:
+        yield
+        return
+    destroy = dist.destroy_process_group
+
+    def destroy_unless_default(group=None):
+        if group is not None and group is not dist.GroupMember.WORLD:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_unless_default
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
 
 
 def write_engine_model_dir(model, tokenizer, prefix: str = "tirl_vllm_", weights: bool = False) -> str:
@@ -217,10 +272,12 @@ def write_engine_model_dir(model, tokenizer, prefix: str = "tirl_vllm_", weights
     ``architectures=None``, from which vLLM builds a model without its LM head and every weight push fails."""
     import copy
 
+    from tirl.models.sharding import unsharded_class
+
     path = tempfile.mkdtemp(prefix=prefix)
     config = copy.deepcopy(model.config)
     if not config.architectures:
-        config.architectures = [type(model).__name__]
+        config.architectures = [unsharded_class(model).__name__]   # not FSDP2's generated FSDP<class> of a sharded one
     if weights:
         model.save_pretrained(path)          # writes the weights and its own config ...
     config.save_pretrained(path)             # ... which this one (with architectures) replaces
