@@ -53,3 +53,12 @@ class RandomRolloutGRPO(GRPOModule):
             with open(os.path.join(out_dir, f"rank{self.global_rank}.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
         return super().mean_over_ranks(metrics)
+
+    def on_train_end(self) -> None:
+        # the trained policy as FSDP itself gathers it (a collective), for the export tests to compare against
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        out_dir = os.environ.get("TIRL_RECORD_DIR")
+        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if out_dir and self.global_rank == 0:
+            torch.save(full, os.path.join(out_dir, "final_policy.pt"))
