@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -81,7 +80,7 @@ def runs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     extra = [*LORA, "method.lr=1e-2"] if request.param == "lora" else ["method.lr=1e-3"]
     whole = train(root / "whole", *extra)
-    resumed = train(root / "resumed", *extra, f"ckpt_path={whole / 'checkpoints' / 'step_000002.ckpt'}")
+    train(root / "resumed", *extra, f"ckpt_path={whole / 'checkpoints' / 'step_000002.ckpt'}")
     return {"kind": request.param, "whole": root / "whole", "resumed": root / "resumed", "ckpts": whole / "checkpoints"}
 
 
@@ -113,7 +112,7 @@ def test_a_sharded_checkpoint_is_a_dcp_directory_holding_every_ranks_rng_streams
     assert isinstance(rng, list) and len(rng) == 2
     assert not torch.equal(rng[0]["torch"], rng[1]["torch"])     # the ranks' streams differ: one copy would not do
     assert rng[0]["python"] != rng[1]["python"] and rng[0]["numpy"] != rng[1]["numpy"]
-    assert meta["RLPromptDataModule"]["refills"] == [0, 0] and meta["RLPromptDataModule"]["next_batch"] == 2
+    assert meta["RLPromptDataModule"]["refills_per_rank"] == [0, 0] and meta["RLPromptDataModule"]["next_batch"] == 2
 
 
 @pytest.mark.distributed
@@ -229,3 +228,30 @@ def test_weights_gathered_from_a_two_rank_sharded_policy_reach_each_ranks_engine
             assert r["gap_after_first_push"] < tol and r["gap_after_update_push"] < tol, (rank, kind, r)
             assert r["gather_left_trainer_unchanged"] == 0.0
             assert r["trainer_moved"] > 0.1 and r["gap_stale_engine"] > 100 * tol, (rank, kind, r)
+
+
+def test_each_rank_resumes_its_own_refill_position():
+    """Refill prompts are counted per rank (rank r draws refill r, r + world, …) and Lightning saves rank 0's
+    datamodule state alone: the checkpoint carries every rank's count and each rank takes its own back."""
+    from types import SimpleNamespace
+
+    from tirl.data.rl_datamodule import RLPromptDataModule
+    from tirl.models.tiny import load_tiny_tokenizer
+
+    def module(rank: int, refills: int):
+        dm = RLPromptDataModule(load_tiny_tokenizer(), train="synthetic:math", batch_size=4, val_size=0)
+        gather = lambda t: torch.tensor([3, 5])   # noqa: E731  what strategy.all_gather returns on both ranks
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, strategy=SimpleNamespace(all_gather=gather))
+        dm._refills = refills
+        return dm
+
+    state = module(0, 3).state_dict()
+    assert state["refills_per_rank"] == [3, 5]
+    for rank, want in ((0, 3), (1, 5)):
+        dm = module(rank, 0)
+        dm.load_state_dict(state)
+        assert dm._refills == want
+    old = {k: v for k, v in state.items() if k != "refills_per_rank"}   # a checkpoint from before: one count
+    dm = module(1, 0)
+    dm.load_state_dict(old)
+    assert dm._refills == 3

@@ -277,8 +277,8 @@ class RLPromptDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         # refills are counted per rank and Lightning saves rank 0's datamodule state alone: every rank's count goes in
         # (a collective: Lightning builds the checkpoint dict on every rank)
-        return {"next_batch": self._next_batch, "refills": self._refills_per_rank(), "seed": self.seed,
-                "batch_size": self.batch_size}
+        return {"next_batch": self._next_batch, "refills": self._refills, "refills_per_rank": self._refills_per_rank(),
+                "seed": self.seed, "batch_size": self.batch_size}
 
     def _refills_per_rank(self) -> list[int]:
         trainer = self.trainer
@@ -293,7 +293,7 @@ class RLPromptDataModule(LightningDataModule):
             log.warning("Resuming with a different data seed or batch size: the prompt stream will not continue "
                         "where the checkpoint left it.")
         self._next_batch = int(state_dict["next_batch"])
-        refills = state_dict.get("refills", 0)   # one int in checkpoints written before per-rank counts
+        refills = state_dict.get("refills_per_rank", state_dict.get("refills", 0))   # older checkpoints: one int
         if isinstance(refills, list):
             rank, world = self._rank()
             if len(refills) != world:

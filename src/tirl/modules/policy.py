@@ -14,7 +14,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from tirl.config.schema import MethodConfig, ModelConfig
 from tirl.logging.step_metrics import forget_step_metrics
-from tirl.modules.collectives import gather_objects, own_entry
 from tirl.models.load import (
     LoraSpec,
     ModelNotFoundError,
@@ -25,6 +24,7 @@ from tirl.models.load import (
 )
 from tirl.models.reference import is_lora
 from tirl.models.sharding import is_sharded, shard_policy
+from tirl.modules.collectives import gather_objects, own_entry
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
