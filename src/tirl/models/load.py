@@ -27,7 +27,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tirl.errors import UserError
-from tirl.models.sharded_checkpoint import looks_sharded, read_sharded_checkpoint
 from tirl.models.tiny import build_tiny, load_tiny_tokenizer, tiny_warm_dir
 
 log = logging.getLogger(__name__)
@@ -87,6 +86,8 @@ def init_kind(init_from: str) -> str:
     """What ``init_from`` names: ``"ckpt"`` (a tirl Lightning checkpoint: a file, or the directory of a sharded one,
     see ``tirl.models.sharded_checkpoint``), ``"adapter"`` (a directory holding a peft adapter alone) or ``"hf"``
     (an HF model directory). Raises ModelNotFoundError when it does not exist."""
+    from tirl.models.sharded_checkpoint import looks_sharded
+
     path = Path(init_from).expanduser()
     if path.is_file() or looks_sharded(path):
         return "ckpt"
@@ -107,6 +108,8 @@ def read_checkpoint(ckpt_path: str) -> tuple[dict[str, torch.Tensor], LoraSpec |
     the directory of a sharded checkpoint (``hardware=fsdp``), consolidated here on one process.
 
     Raises ModelNotFoundError for a missing path or one that is not a (complete) tirl checkpoint."""
+    from tirl.models.sharded_checkpoint import looks_sharded, read_sharded_checkpoint
+
     path = Path(ckpt_path).expanduser()
     if path.is_dir() and looks_sharded(path):
         try:

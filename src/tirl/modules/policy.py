@@ -24,7 +24,6 @@ from tirl.models.load import (
 )
 from tirl.models.reference import is_lora
 from tirl.models.sharding import is_sharded, shard_policy
-from tirl.modules.collectives import gather_objects, own_entry
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -102,6 +101,8 @@ class PolicyModule(L.LightningModule):
     # different numbers of tokens), while Lightning writes the non-tensor part of a checkpoint from rank 0 alone
     # (the .ckpt under DDP, meta.pt of a sharded directory), so each rank's streams are gathered into it.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from tirl.modules.collectives import gather_objects
+
         checkpoint["tirl_rng"] = gather_objects({
             "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -112,6 +113,8 @@ class PolicyModule(L.LightningModule):
         self.configure_model()
         # Applied just before the first training step rather than now: between loading and that step Lightning
         # builds a new DataLoader iterator, which draws from the global torch RNG and would shift sampling.
+        from tirl.modules.collectives import own_entry
+
         rng = checkpoint.get("tirl_rng")
         # a list since per-rank streams are saved (one dict per rank); one dict in checkpoints written before
         self._resume_rng = own_entry(rng, self.global_rank, "RNG state") if isinstance(rng, list) else rng
