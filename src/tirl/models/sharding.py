@@ -40,15 +40,6 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def unsharded_class(model: nn.Module) -> type:
-    """The class ``model`` had before ``fully_shard``: FSDP2 swaps a sharded module's class for a generated subclass
-    (``FSDPQwen3ForCausalLM`` for ``Qwen3ForCausalLM``), whose name no loader (vLLM's architectures, an HF config)
-    knows."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-
-
 def shard_policy(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None,
                  reduce_dtype: torch.dtype | None = torch.float32, reshard_after_forward: bool = True,
                  cpu_offload: bool = False) -> nn.Module:
@@ -70,4 +61,3 @@ def shard_policy(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = No
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return model
-

@@ -272,17 +272,23 @@ def write_engine_model_dir(model, tokenizer, prefix: str = "tirl_vllm_", weights
     ``architectures=None``, from which vLLM builds a model without its LM head and every weight push fails."""
     import copy
 
-    from tirl.models.sharding import unsharded_class
-
     path = tempfile.mkdtemp(prefix=prefix)
     config = copy.deepcopy(model.config)
     if not config.architectures:
-        config.architectures = [unsharded_class(model).__name__]   # not FSDP2's generated FSDP<class> of a sharded one
+        config.architectures = [model_class(model).__name__]
     if weights:
         model.save_pretrained(path)          # writes the weights and its own config ...
     config.save_pretrained(path)             # ... which this one (with architectures) replaces
     tokenizer.save_pretrained(path)
     return path
+
+
+def model_class(model) -> type:
+    """The class ``model`` was built as: for an FSDP2-sharded model not the subclass ``fully_shard`` swapped in
+    (``FSDPQwen3ForCausalLM`` for ``Qwen3ForCausalLM``), whose name vLLM does not know as an architecture."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
 @dataclass
