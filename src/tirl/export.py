@@ -1,4 +1,5 @@
-"""Export run: a tirl ``.ckpt`` (file, or a ``hardware=fsdp`` run's sharded directory) → a Hugging Face directory (weights, config, tokenizer).
+"""Export run: a tirl ``.ckpt`` (a file, or a ``hardware=fsdp`` run's sharded directory, read in this one process)
+→ a Hugging Face directory (weights, config, tokenizer).
 
     python src/export.py ckpt=logs/<task>/runs/<run>/checkpoints/last.ckpt out=exported/ [merge_lora=false]
 

@@ -133,7 +133,8 @@ class PolicyModule(L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str, map_location=None, tokenizer=None, **kwargs):
-        """The module a tirl ``.ckpt`` was saved from, with its policy weights (for export, evaluation, inspection).
+        """The module a tirl ``.ckpt`` (a file, or a sharded run's directory, read in this one process) was saved
+        from, with its policy weights (for export, evaluation, inspection).
 
         Lightning's own ``load_from_checkpoint`` would pass the plain dicts tirl saves as hyper-parameters (so a
         checkpoint loads with ``weights_only=True``) to a constructor expecting typed configs; this rebuilds them.
