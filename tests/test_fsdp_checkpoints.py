@@ -255,3 +255,16 @@ def test_each_rank_resumes_its_own_refill_position():
     dm = module(1, 0)
     dm.load_state_dict(old)
     assert dm._refills == 3
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_resuming_a_sharded_directory_without_a_sharded_strategy_is_one_sentence(tmp_path):
+    from tirl.config.preflight import check_paths
+
+    ckpt = dcp_dir(tmp_path / "last.ckpt", {"state_dict": {"policy.w": torch.ones(2)}}, {"hyper_parameters": {}})
+    mp = {"_target_": "lightning.pytorch.strategies.ModelParallelStrategy", "data_parallel_size": 2}
+    check_paths(OmegaConf.create({"ckpt_path": str(ckpt), "trainer": {"strategy": mp}}), None)   # hardware=fsdp
+    for strategy in ("ddp", "auto", {"_target_": "lightning.pytorch.strategies.DDPStrategy"}):
+        with pytest.raises(ConfigError, match="only a sharded run resumes; add hardware=fsdp") as err:
+            check_paths(OmegaConf.create({"ckpt_path": str(ckpt), "trainer": {"strategy": strategy}}), None)
+        assert "\n" not in str(err.value)

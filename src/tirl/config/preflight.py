@@ -119,6 +119,24 @@ def check_init_from(init_from: str) -> None:
         raise ConfigError(f"init_from={init_from} is a file but not a .ckpt checkpoint; {fix}.")
 
 
+def resumes_sharded(strategy: Any) -> bool:
+    """Whether the ``trainer.strategy`` config loads a sharded (distributed-checkpoint) directory: Lightning's
+    ``ModelParallelStrategy`` (FSDP2; ``hardware=fsdp``) or ``FSDPStrategy`` and their subclasses, or an ``fsdp*``
+    registry name; not DDP, a single device or ``auto``, which would read the directory as one file."""
+    target = strategy.get("_target_") if hasattr(strategy, "get") else strategy
+    if not target:
+        return False
+    if "." not in str(target):
+        return str(target).startswith("fsdp")
+    try:
+        from hydra.utils import get_class
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        return issubclass(get_class(str(target)), (ModelParallelStrategy, FSDPStrategy))
+    except Exception:   # an unimportable target fails with its own sentence when the trainer is built
+        return True
+
+
 def check_paths(cfg: Any, typed: TypedConfig | None) -> None:
     """Every file or directory the run reads exists: ``init_from``, ``ckpt_path`` and the data sources that are
     paths. Relative paths are read from the current directory (Hydra does not change it here)."""
@@ -130,6 +148,10 @@ def check_paths(cfg: Any, typed: TypedConfig | None) -> None:
         problem = sharded_checkpoint_problem(str(ckpt_path))
         if problem:
             raise ConfigError(f"ckpt_path: {problem}")
+        if not resumes_sharded(OmegaConf.select(cfg, "trainer.strategy")):
+            raise ConfigError(f"ckpt_path={ckpt_path} is a sharded checkpoint directory, which only a sharded run "
+                              f"resumes; add hardware=fsdp (on a CPU: trainer.accelerator=cpu trainer.devices=2), or "
+                              f"start from its weights without resuming with init_from={ckpt_path}.")
     elif ckpt_path and str(ckpt_path) not in LIGHTNING_CKPT_NAMES and not Path(str(ckpt_path)).expanduser().is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} is neither a file nor a sharded checkpoint directory; point ckpt_path "
                           "at a Lightning .ckpt (or a hardware=fsdp run's .ckpt/ directory) to resume (init_from starts "
