@@ -52,10 +52,12 @@ def packed_logprobs(model, packed: PackedBatch, temperature: float = 1.0,
     runs on the K positions only (``logits_to_keep`` as indices: a [K, V] peak).
     """
     head = _chunkable_head(model)
-    if packed.logit_pos.numel() == 0:   # nothing to predict; still run the model so every rank joins FSDP's gathers
-        model(input_ids=packed.input_ids[:, :1], use_cache=False, logits_to_keep=1)
-        zero = packed.targets.new_zeros(0, dtype=torch.float32)
-        return zero, (zero if with_entropy else None)
+    if packed.logit_pos.numel() == 0:
+        # nothing to predict (a rank's zero-weighted pass over the empty batch): still run the model and keep the
+        # result in its graph, so the backward reaches every parameter and every rank joins DDP's/FSDP's collectives
+        logits = model(input_ids=packed.input_ids[:, :1], use_cache=False, logits_to_keep=1).logits
+        zero = (logits.sum() * 0).float().expand(0)                                             # [0]
+        return zero, (zero.detach() if with_entropy else None)
     if head is None:
         logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                        logits_to_keep=packed.logit_pos).logits[0]                               # [K, V]
