@@ -27,6 +27,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 class BudgetRecordingGRPO(FixedRolloutGRPO):
     """Records full (unsharded) gradients and weights, and the tokens of each micro-batch this rank ran."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.share_contexts = False   # the samples share a prompt and are short: the shared pass would be cheaper
+
     def micro_batch_loss(self, mb, counts):
         self.mb_tokens = getattr(self, "mb_tokens", []) + [int(mb.attention_mask.sum())]
         return super().micro_batch_loss(mb, counts)

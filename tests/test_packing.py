@@ -210,6 +210,27 @@ def test_recomputed_old_log_probs_and_entropies_packed_equal_padded():
     assert (got_lp - tb.old_log_probs)[m].abs().min() > 0                  # every loss token was rewritten
 
 
+def test_packing_reads_a_shared_prompt_once_only_where_that_reads_fewer_tokens():
+    module = make_module(packing=True)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(10, 1000, (40,), generator=g).tolist()
+
+    def group(lengths):
+        return collate_samples([Sample(prompt, torch.randint(10, 1000, (n,), generator=g).tolist(), [1] * n,
+                                       [-3.0] * n, [0.0] * n, 1.0) for n in lengths], 0)
+
+    even = group([4, 5, 4, 5])        # packed 4·40 + 18 = 178 tokens; shared 40 + 4·5 = 60: the shared pass
+    packed, shared = module.micro_batch_reading(even)
+    assert packed is None and shared is not None and shared.tokens_read() == 60
+    tailed = group([4, 5, 4, 120])    # packed 293; shared 40 + 4·120 = 520: packed
+    packed, shared = module.micro_batch_reading(tailed)
+    assert shared is None and packed.input_ids.shape == (1, 293)
+    module.share_contexts = False     # (as with gradient checkpointing: no cache to share) always packed
+    assert module.micro_batch_reading(even)[0] is not None
+    module.method_cfg.packing = False
+    assert module.micro_batch_reading(tailed)[0] is None
+
+
 # --------------------------------------------------------------------------- token-budget micro-batches
 
 
