@@ -267,3 +267,23 @@ def test_token_budget_micro_batches_give_the_full_batch_gradient_within_the_budg
     assert out["loss"] == pytest.approx(want_loss, abs=1e-5)
     for a, b in zip(grads[0], want):
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-7
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_bad_packing_keys_fail_at_start_in_one_sentence(train_cfg):
+    from tirl.config import CONFIG_DIR, ConfigError, check_overrides, validate
+
+    with pytest.raises(ConfigError, match=r"^Config key 'method.micro_batch_tokens' is 0; it must be at least 1\.$"):
+        validate(train_cfg("method.micro_batch_tokens=0"))
+    with pytest.raises(ConfigError, match="did you mean 'micro_batch_tokens'"):
+        check_overrides(["method.micro_batch_tokenz=512"], CONFIG_DIR, "train")
+
+
+def test_packing_keys_compose_with_their_defaults(train_cfg):
+    from tirl.config import validate
+
+    cfg = train_cfg("method.micro_batch_tokens=4096")
+    validate(cfg)
+    assert cfg.method.packing is True and cfg.method.micro_batch_tokens == 4096
