@@ -153,7 +153,7 @@ def make_module(lora: bool = False, **method_kw) -> GRPOModule:
     # move the trained weights (LoRA's B starts at 0) so the policy differs from the reference: a real KL term
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, p in module.policy.named_parameters():
+        for p in module.policy.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     module._trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=0)

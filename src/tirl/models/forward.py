@@ -101,8 +101,9 @@ def packed_logprobs(model, packed: PackedBatch, temperature: float = 1.0,
     under softmax(logits / temperature), one forward over the [1, T] packed row.
 
     No attention mask and no cache are passed, so transformers reads the restarting ``position_ids`` as packed
-    sequences (``masking_utils.find_packed_sequence_indices``: block-diagonal causal mask for SDPA/eager; the varlen
-    kernel for flash-attention). With a plain lm_head the logits are made chunk by chunk from the K hidden states
+    sequences (``masking_utils.find_packed_sequence_indices``: a block-diagonal causal mask for eager; the varlen
+    kernel for flash-attention); an SDPA model attends sequence by sequence (``_per_sequence_attention``). Peak
+    activations are those of one T-token row. With a plain lm_head the logits are made chunk by chunk from the K hidden states
     (``tirl.rl.core.linear_token_logprobs``: peak ≈ 2-3 × 64 MiB beyond the activations); else the model's own head
     runs on the K positions only (``logits_to_keep`` as indices: a [K, V] peak).
     """

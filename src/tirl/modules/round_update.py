@@ -118,8 +118,8 @@ class RoundUpdate:
     def recompute_old_log_probs(self, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The trainer's own log-probs and full-vocabulary entropies [N, L-1] of every loss token of the round,
         before any update (verl's ``compute_log_prob``), read the way the update reads them (packed rows; or
-        shared contexts, response windows) and in the same micro-batches so the first step's ratio is 1 to float precision. Other positions keep their values."""
-        m = self.method_cfg
+        shared contexts, response windows) so the first step's ratio is 1 to float precision. Other positions keep
+        their values."""
         temperature = self.rollout_cfg.temperature or 1.0
         logp_all, ent_all = batch.old_log_probs.clone(), batch.entropy.clone()
         chunks = self.micro_batches(batch)
