@@ -196,6 +196,21 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(lora, loss, monkeypatch
     assert abs(loss_and_grads(packed, tb)[0] - want_loss) > 1e-4
 
 
+def test_packed_with_activation_checkpointing_keeps_the_padded_gradient():
+    """Checkpointing recomputes each layer in the backward, outside the per-sequence attention switch: packing then
+    uses transformers' block-diagonal mask, and the gradient is still the padded one."""
+    padded = make_module(packing=False, loss=LOSSES["kl_nll_tokens"])
+    packed = make_module(packing=True, loss=LOSSES["kl_nll_tokens"])
+    packed.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    packed.policy.train()
+    tb = collate_samples(mixed_batch(), 0)
+    want_loss, want = loss_and_grads(padded, tb)
+    got_loss, got = loss_and_grads(packed, tb)
+    assert got_loss == pytest.approx(want_loss, abs=1e-5)
+    for a, b in zip(got, want):
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-7
+
+
 def test_recomputed_old_log_probs_and_entropies_packed_equal_padded():
     padded = make_module(packing=False, old_log_probs="recompute", micro_batch_size=2)
     packed = make_module(packing=True, old_log_probs="recompute", micro_batch_tokens=40)
