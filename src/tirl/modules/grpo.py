@@ -33,6 +33,7 @@ from tirl.models.forward import is_checkpointing, sequence_logits
 from tirl.models.kv_cache import has_plain_kv_cache
 from tirl.models.load import disable_dropout
 from tirl.models.reference import make_frozen_reference, reference_model
+from tirl.models.sharding import full_weights
 from tirl.modules import collectives
 from tirl.modules.policy import PolicyModule
 from tirl.modules.round_update import RoundUpdate
@@ -97,6 +98,13 @@ class GRPOModule(RoundUpdate, PolicyModule):
             self.frozen_ref = make_frozen_reference(self.policy, self.method_cfg.loss.kl_coef)
         if self.sandbox is None:
             self.sandbox = sandbox_from_config(self.sandbox_cfg)
+
+    def frozen_copies(self) -> list[torch.nn.Module]:
+        """A full fine-tune's KL reference when fitting (``make_frozen_reference``): copied from the whole policy
+        before sharding, then sharded like it, so no rank holds a second full model."""
+        if self.frozen_ref is None and self.fitting():
+            self.frozen_ref = make_frozen_reference(self.policy, self.method_cfg.loss.kl_coef)
+        return [self.frozen_ref] if self.frozen_ref is not None else []
 
     def teardown(self, stage: str) -> None:
         if self.sandbox is not None:
@@ -244,7 +252,8 @@ class GRPOModule(RoundUpdate, PolicyModule):
 
     def training_step(self, batch: list[dict], batch_idx: int):
         m = self.method_cfg
-        trajs, rewards, correct, samples, stats = self.make_experience(list(batch))
+        with full_weights(self.policy):   # FSDP: ranks generate different amounts, so no collective inside
+            trajs, rewards, correct, samples, stats = self.make_experience(list(batch))
         metrics = self.rollout_metrics(trajs, rewards, correct)
         metrics.update(stats)
         tb = None
@@ -293,7 +302,8 @@ class GRPOModule(RoundUpdate, PolicyModule):
         samples = (m.val_samples if samples is None else samples) if temperature > 0 else 1
         cfg = RolloutConfig(**{**self.rollout_cfg.__dict__, "temperature": temperature})
         loop = ToolLoop(make_backend(cfg, self.policy, self.tokenizer), self.sandbox, self.tokenizer, cfg)
-        trajs = self.rollout_groups(records, samples, loop)
+        with full_weights(self.policy):
+            trajs = self.rollout_groups(records, samples, loop)
         rewards, correct = self.score(trajs, records)
         return trajs, rewards, correct
 
