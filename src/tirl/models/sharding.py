@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -35,10 +36,15 @@ class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` as pure data parallelism: a 1-D mesh over every process of every node
     (``data_parallel`` of size world, ``tensor_parallel`` of size 1), so each rank gets its own share of the data;
     the module shards itself in ``configure_model`` (``shard_policy``). Lightning's default mesh would be
-    (nodes, devices per node), which gives all ranks of a node the same data. ``kwargs``: ModelParallelStrategy's
-    (``save_distributed_checkpoint``, ``process_group_backend``, ``timeout``)."""
+    (nodes, devices per node), which gives all ranks of a node the same data. ``timeout``: seconds (or a timedelta)
+    a collective may wait before its rank fails (tests set it short so a desync fails instead of hanging).
+    ``kwargs``: ModelParallelStrategy's (``save_distributed_checkpoint``, ``process_group_backend``)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, timeout: float | timedelta | None = None, **kwargs):
+        if timeout is not None and not isinstance(timeout, timedelta):
+            kwargs["timeout"] = timedelta(seconds=float(timeout))
+        elif timeout is not None:
+            kwargs["timeout"] = timeout
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
 
     def setup_environment(self) -> None:
@@ -85,9 +91,12 @@ def shard_policy(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = No
     kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
                   offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     blocks = decoder_blocks(model)
+    trains = any(p.requires_grad for p in model.parameters())
     for i, block in enumerate(blocks):
-        # the last block's parameters are needed again at once by backward: keeping them saves one all-gather
-        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
+        # the last block's parameters are needed again at once by backward: keeping them saves one all-gather (a
+        # frozen copy has no backward, so it would keep them gathered for good)
+        last = trains and i == len(blocks) - 1
+        fully_shard(block, reshard_after_forward=reshard_after_forward and not last, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return model
 

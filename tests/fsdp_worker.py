@@ -1,0 +1,100 @@
+"""The training side of tests/test_fsdp_cpu.py's gradient tests, run as a script so Lightning can start its second
+rank by re-running it: ``python tests/fsdp_worker.py {full|lora} OUT_DIR``.
+
+The real ``GRPOModule.training_step``/``update`` under ``FSDP2Strategy`` (2 CPU ranks, gloo, fp32, KL term on); only
+``make_experience`` is replaced (``test_ddp_cpu.FixedRolloutGRPO``: uneven shares, one rank with nothing). Writes, per
+optimizer step, the full (gathered) gradient and the weights it was taken at, and at the end the per-step metrics, how
+the KL reference is held, and (LoRA) the reference's and the policy's logits on a fixed input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import torch
+
+from test_ddp_cpu import PPO_EPOCHS, SPLITS, WORLD, FixedRolloutGRPO, _one_item, module_kwargs
+
+KL_COEF = 0.05
+PROBE_IDS = [[5, 17, 300, 42, 9, 101, 77, 250]]
+
+
+def worker_kwargs(mode: str) -> dict:
+    """The module's arguments for ``mode``: a full fine-tune or a LoRA adapter, both with a k3 KL term."""
+    from tirl.config.schema import LoraConfig, LossConfig
+
+    kwargs = module_kwargs()
+    kwargs["method"] = dataclasses.replace(kwargs["method"], loss=LossConfig(kl_coef=KL_COEF))
+    if mode == "lora":
+        kwargs["model"] = dataclasses.replace(kwargs["model"], lora=LoraConfig(enabled=True, r=4, alpha=8))
+    return kwargs
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective), a plain tensor as it is."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+class FSDPRecordingGRPO(FixedRolloutGRPO):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_metrics: list[dict] = []
+
+    def update(self, batch, groups=None):
+        out = super().update(batch, groups)
+        self.step_metrics += self.last_step_metrics
+        return out
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = {n: gathered(p.grad) for n, p in self.policy.named_parameters() if p.grad is not None}
+        weights = {n: gathered(p) for n, p in self.policy.named_parameters()}
+        record = {"grads": grads, "weights": weights, "counts": dict(self.seen_counts), "passes": self.passes}
+        if self.global_rank == 0:
+            torch.save(record, os.path.join(self.out_dir, f"step{self.global_step}.pt"))
+        self.passes = 0
+
+    def on_train_end(self) -> None:
+        from torch.distributed.tensor import DTensor
+
+        from tirl.models.reference import reference_model
+        from tirl.models.sharding import is_sharded
+
+        out = {"metrics": self.step_metrics, "policy_sharded": is_sharded(self.policy)}
+        if self.frozen_ref is not None:
+            params = list(self.frozen_ref.parameters())
+            out["ref_sharded"] = is_sharded(self.frozen_ref) and all(isinstance(p, DTensor) for p in params)
+            out["ref_local_fraction"] = sum(p.to_local().numel() for p in params) / sum(p.numel() for p in params)
+            out["ref_weights"] = {n: gathered(p) for n, p in self.frozen_ref.named_parameters()}
+        ids = torch.tensor(PROBE_IDS)
+        with torch.no_grad():
+            out["policy_logits"] = self.policy(input_ids=ids).logits.detach().clone()
+            with reference_model(self.policy, self.frozen_ref) as ref:
+                out["ref_logits"] = ref(input_ids=ids).logits.detach().clone()
+        torch.save(out, os.path.join(self.out_dir, f"final_rank{self.global_rank}.pt"))
+
+
+def main(mode: str, out_dir: str) -> None:
+    import lightning.pytorch as pl
+
+    from tirl.models.sharding import FSDP2Strategy
+    from tirl.modules.grpo import GRPOModule
+    from test_ddp_cpu import fixed_samples
+
+    torch.set_num_threads(1)
+    kwargs = worker_kwargs(mode)
+    probe = GRPOModule(**kwargs)
+    probe.configure_model()
+    module = FSDPRecordingGRPO(fixed_samples(probe), out_dir, **kwargs)
+    prompts = torch.utils.data.DataLoader(list(range(WORLD * len(SPLITS))), batch_size=1, collate_fn=_one_item)
+    # a rank left waiting in a collective fails after 30 s instead of hanging (the test's timeout is the backstop)
+    strategy = FSDP2Strategy(process_group_backend="gloo", timeout=30)
+    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=len(SPLITS) * PPO_EPOCHS,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=prompts)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
