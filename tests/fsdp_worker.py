@@ -18,6 +18,7 @@ import torch
 from test_ddp_cpu import PPO_EPOCHS, SPLITS, WORLD, FixedRolloutGRPO, _one_item, module_kwargs
 
 KL_COEF = 0.05
+MICRO_BATCH = 2
 PROBE_IDS = [[5, 17, 300, 42, 9, 101, 77, 250]]
 
 
@@ -26,7 +27,9 @@ def worker_kwargs(mode: str) -> dict:
     from tirl.config.schema import LoraConfig, LossConfig
 
     kwargs = module_kwargs()
-    kwargs["method"] = dataclasses.replace(kwargs["method"], loss=LossConfig(kl_coef=KL_COEF))
+    # micro-batches of 2: a rank reads a shared prompt once where its pair shares one, not where it holds 1 or 0 rows
+    kwargs["method"] = dataclasses.replace(kwargs["method"], loss=LossConfig(kl_coef=KL_COEF),
+                                           micro_batch_size=MICRO_BATCH)
     if mode == "lora":
         kwargs["model"] = dataclasses.replace(kwargs["model"], lora=LoraConfig(enabled=True, r=4, alpha=8))
     return kwargs

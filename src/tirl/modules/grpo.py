@@ -33,7 +33,7 @@ from tirl.models.forward import is_checkpointing, sequence_logits
 from tirl.models.kv_cache import has_plain_kv_cache
 from tirl.models.load import disable_dropout
 from tirl.models.reference import make_frozen_reference, reference_model
-from tirl.models.sharding import full_weights
+from tirl.models.sharding import full_weights, is_sharded
 from tirl.modules import collectives
 from tirl.modules.policy import PolicyModule
 from tirl.modules.round_update import RoundUpdate
@@ -173,9 +173,18 @@ class GRPOModule(RoundUpdate, PolicyModule):
             self._plain_cache = has_plain_kv_cache(self.policy)
         return self._plain_cache and not is_checkpointing(self.policy)
 
+    def shared_contexts(self, mb: TensorBatch):
+        """``mb``'s shared contexts (``TensorBatch.shared_contexts``) when the model can read them, else None. Under
+        FSDP every forward is a collective, so all ranks take the same path (two forwards with a shared context, one
+        without): a micro-batch on any rank without one (an empty share, no two rows alike) turns it off for all."""
+        shared = mb.shared_contexts() if self.can_share_contexts() else None
+        if is_sharded(self.policy) and self._all_reduce(float(shared is None), "max") > 0:
+            return None
+        return shared
+
     def micro_batch_loss(self, mb: TensorBatch, counts: dict[str, tuple[float, float]]) -> tuple[torch.Tensor, dict]:
         loss_cfg = self.method_cfg.loss
-        shared = mb.shared_contexts() if self.can_share_contexts() else None
+        shared = self.shared_contexts(mb)
         # per-token tensors: the continuations' (shared contexts), or from the first column any row has a loss
         # token in (prompts cost no lm_head either way)
         tok = shared.tokens if shared is not None else mb.response_window()

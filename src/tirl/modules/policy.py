@@ -106,7 +106,11 @@ class PolicyModule(L.LightningModule):
                 PolicyModule._warned_cpu_dtype = True
             param_dtype = torch.float32
         num_nodes = self._trainer.num_nodes if self._trainer is not None else 1
-        shard_policy(model, sharding_mesh(data_parallel, f.sharding, num_nodes), param_dtype=param_dtype,
+        mesh = sharding_mesh(data_parallel, f.sharding, num_nodes)
+        if model is self.policy:
+            log.info("FSDP2 shards the policy over mesh (%s), %s compute, %s gradient reduction",
+                     ", ".join(f"{n}={s}" for n, s in zip(mesh.mesh_dim_names, mesh.shape)), param_dtype, f.reduce_dtype)
+        shard_policy(model, mesh, param_dtype=param_dtype,
                      reduce_dtype=DTYPES[f.reduce_dtype], reshard_after_forward=f.reshard_after_forward,
                      cpu_offload=f.cpu_offload)
 

@@ -6,7 +6,7 @@ ranks); ``ppo_epochs`` repeats the pass. Before the first step the trainer can r
 truncated importance sampling (``method.rollout_correction``). The math is in ``tirl.rl.core``.
 
 The host module provides ``method_cfg``, ``rollout_cfg``, ``policy``, ``tokenizer``, ``micro_batch_loss``,
-``global_counts``, ``can_share_contexts``, ``_all_reduce`` and Lightning's ``optimizers``/``manual_backward``.
+``global_counts``, ``shared_contexts``, ``_all_reduce`` and Lightning's ``optimizers``/``manual_backward``.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class RoundUpdate:
         for k in range(n_passes):
             idx = chunks[min(k, len(chunks) - 1)]
             mb = batch.select(idx).to(self.device)
-            shared = mb.shared_contexts() if self.can_share_contexts() else None
+            shared = self.shared_contexts(mb)
             tok = shared.tokens if shared is not None else mb.response_window()
             logits = sequence_logits(self.policy, tok, shared)
             if k >= len(chunks):
