@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,8 +185,12 @@ def load_policy(
     model = _load_model(name_or_path, dtype, attn_implementation, trust_remote_code, seed, key)
     if init_from:
         model = load_start_weights(model, init_from, name_or_path)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:   # transformers 5.2x renamed it (the old name warns); the vLLM venv's has only the old
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora:
         model = apply_lora(model, lora if isinstance(lora, LoraSpec) else LoraSpec(**lora))
@@ -224,7 +229,10 @@ def apply_lora(model: PreTrainedModel, spec: LoraSpec):
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
         target_modules=list(spec.target_modules), task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` while wrapping; nothing to act on here
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def disable_dropout(model: nn.Module) -> dict[str, float]:

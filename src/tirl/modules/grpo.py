@@ -16,6 +16,7 @@ level, say — is a config change. Collectives are in ``tirl.modules.collectives
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
@@ -132,6 +133,12 @@ class GRPOModule(RoundUpdate, PolicyModule):
         """What the rewards read: the model-written spans only (a tool output's ``\\boxed{}``, ``</think>`` or
         repeated lines are not the model's), special tokens kept, the closing end-of-turn dropped."""
         return t.model_text(self.tokenizer, (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id))
+
+    def sampling_weights(self):
+        """The context rollouts run in: under FSDP with HF sampling, the policy's full weights gathered once for the
+        whole phase (``tirl.models.sharding.full_weights``: no collective inside, so ranks may generate different
+        numbers of tokens, tool rounds and resamples); vLLM samples from its own copy, so nothing is gathered."""
+        return full_weights(self.policy) if self.rollout_cfg.backend == "hf" else nullcontext(self.policy)
 
     def rollout_groups(self, records: list[dict], group_size: int, loop: ToolLoop | None = None) -> list[Trajectory]:
         check_records_task(records, self.method_cfg.reward.name)   # before any rollout time is spent
@@ -261,7 +268,7 @@ class GRPOModule(RoundUpdate, PolicyModule):
 
     def training_step(self, batch: list[dict], batch_idx: int):
         m = self.method_cfg
-        with full_weights(self.policy):   # FSDP: ranks generate different amounts, so no collective inside
+        with self.sampling_weights():   # FSDP: ranks generate different amounts, so no collective inside
             trajs, rewards, correct, samples, stats = self.make_experience(list(batch))
         metrics = self.rollout_metrics(trajs, rewards, correct)
         metrics.update(stats)
@@ -311,7 +318,7 @@ class GRPOModule(RoundUpdate, PolicyModule):
         samples = (m.val_samples if samples is None else samples) if temperature > 0 else 1
         cfg = RolloutConfig(**{**self.rollout_cfg.__dict__, "temperature": temperature})
         loop = ToolLoop(make_backend(cfg, self.policy, self.tokenizer), self.sandbox, self.tokenizer, cfg)
-        with full_weights(self.policy):
+        with self.sampling_weights():
             trajs = self.rollout_groups(records, samples, loop)
         rewards, correct = self.score(trajs, records)
         return trajs, rewards, correct
