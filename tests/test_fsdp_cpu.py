@@ -150,9 +150,10 @@ def test_thor_run_with_step_level_and_self_correction_finishes_on_two_sharded_ra
     assert [r for r in rows if r.get("val/acc")], "held-out rollouts under FSDP logged no val/acc"
 
 
-def test_dcore_full_finetune_with_kl_and_grpo_hybrid_mesh_finish_on_two_sharded_ranks(tmp_path):
+def test_dcore_full_finetune_with_kl_and_grpo_lora_on_a_hybrid_mesh_finish_on_two_sharded_ranks(tmp_path):
     """D-CORE (full fine-tune, k3 KL: the sharded frozen reference; DA-GRPO entropies from the recompute pass),
-    then plain GRPO on multinode's hybrid (replicate x shard) mesh, one node of 2 ranks."""
+    then GRPO with a LoRA adapter (sampled through the merged-LoRA path over the gathered weights), activation
+    checkpointing and multinode's hybrid (replicate x shard) mesh, one node of 2 ranks."""
     _, rows = train_run(tmp_path / "dcore", "method=dcore", "data=synthetic_toolcall", "trainer.max_steps=4",
                         "method.old_log_probs=recompute", "method.group_size=2", "method.rollout_batch_size=4",
                         "method.mini_batch_size=2", "method.micro_batch_size=2", "rollout.max_tool_rounds=1")
@@ -160,7 +161,7 @@ def test_dcore_full_finetune_with_kl_and_grpo_hybrid_mesh_finish_on_two_sharded_
     assert train and all(float(r["train/grad_norm"]) > 0 and float(r["train/kl"]) >= 0 for r in train)
     assert all(r.get("train/rollout_mismatch/kl_k3") for r in train)   # the recompute pass ran sharded
     output, rows = train_run(tmp_path / "grpo", "method=grpo", "data=synthetic_math", "model.fsdp.sharding=hybrid",
-                             "trainer.max_steps=2", "method.group_size=2", "method.rollout_batch_size=2",
+                             "model.lora.enabled=true", "model.gradient_checkpointing=true", "trainer.max_steps=2", "method.group_size=2", "method.rollout_batch_size=2",
                              "method.mini_batch_size=2", "method.micro_batch_size=2")
     assert "mesh (replicate=1, shard=2)" in output
     assert len([r for r in rows if r.get("train/reward_mean")]) == 2
