@@ -64,7 +64,8 @@ class FSDPRecordingGRPO(FixedRolloutGRPO):
         from tirl.models.reference import reference_model
         from tirl.models.sharding import is_sharded
 
-        out = {"metrics": self.step_metrics, "policy_sharded": is_sharded(self.policy)}
+        out = {"metrics": self.step_metrics, "policy_sharded": is_sharded(self.policy),
+               "sampler": self.trainer.strategy.distributed_sampler_kwargs}
         if self.frozen_ref is not None:
             params = list(self.frozen_ref.parameters())
             out["ref_sharded"] = is_sharded(self.frozen_ref) and all(isinstance(p, DTensor) for p in params)

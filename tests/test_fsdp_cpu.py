@@ -100,6 +100,8 @@ def test_sharded_update_gives_the_one_process_gradient_with_the_kl_reference(mod
         norm = torch.cat([g.double().flatten() for g in want.values()]).norm().item()   # fp32 sums drift 1e-4
         for rank in range(2):   # the clip saw (and both ranks logged) the norm over both ranks' shards
             assert final[rank]["metrics"][step]["grad_norm"] == pytest.approx(norm, rel=1e-5), (step, rank)
+    for rank in range(2):   # held-out prompts are split over both ranks (the mesh is data parallel over all)
+        assert final[rank]["sampler"] == {"num_replicas": 2, "rank": rank} and final[rank]["policy_sharded"]
     kl = [m["kl"] for m in final[0]["metrics"]]
     assert kl[0] <= 1e-6 and max(kl[1:]) > 1e-3   # the reference is the start; the policy then moves away from it
     if mode == "lora":
