@@ -14,7 +14,6 @@ import os
 import sys
 
 import torch
-
 from test_ddp_cpu import PPO_EPOCHS, SPLITS, WORLD, FixedRolloutGRPO, _one_item, module_kwargs
 
 KL_COEF = 0.05
@@ -81,10 +80,10 @@ class FSDPRecordingGRPO(FixedRolloutGRPO):
 
 def main(mode: str, out_dir: str) -> None:
     import lightning.pytorch as pl
+    from test_ddp_cpu import fixed_samples
 
     from tirl.models.sharding import FSDP2Strategy
     from tirl.modules.grpo import GRPOModule
-    from test_ddp_cpu import fixed_samples
 
     torch.set_num_threads(1)
     kwargs = worker_kwargs(mode)

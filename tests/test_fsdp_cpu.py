@@ -75,7 +75,14 @@ def test_sharded_update_gives_the_one_process_gradient_with_the_kl_reference(mod
     the sharded model): every optimizer step's gradient over 2 FSDP ranks equals the one-process gradient of the
     whole batch at the same weights (fp32, 1e-5 relative), and ``train/grad_norm`` is its global norm."""
     from fsdp_worker import MICRO_BATCH, PROBE_IDS
-    from test_ddp_cpu import PPO_EPOCHS, RESPONSE_LENGTHS, SPLITS, STEP_LENGTH, full_batch_gradient
+    from test_ddp_cpu import (
+        PPO_EPOCHS,
+        RESPONSE_LENGTHS,
+        SPLITS,
+        STEP_LENGTH,
+        fixed_samples,
+        full_batch_gradient,
+    )
 
     torch.set_num_threads(1)
     run_ranks([sys.executable, str(TESTS / "fsdp_worker.py"), mode, str(tmp_path)], timeout=150)
@@ -83,8 +90,6 @@ def test_sharded_update_gives_the_one_process_gradient_with_the_kl_reference(mod
     final = [torch.load(tmp_path / f"final_rank{r}.pt") for r in range(2)]
     start = torch.load(tmp_path / "step0.pt")["weights"]
     ref = one_process_module(mode, start)
-    from test_ddp_cpu import fixed_samples
-
     samples = fixed_samples(ref)
     for step in range(len(SPLITS) * PPO_EPOCHS):
         rec = torch.load(tmp_path / f"step{step}.pt")

@@ -75,10 +75,8 @@ class PolicyModule(L.LightningModule):
         # copies (a full fine-tune's KL reference) are taken from the whole policy, before it is split over ranks
         frozen = self.frozen_copies()
         mesh = getattr(self, "_device_mesh", None)   # set by Lightning's ModelParallelStrategy (hardware=fsdp)
-        if mesh is not None:
-            for model in (self.policy, *frozen):
-                if not is_sharded(model):
-                    self.shard(model, mesh["data_parallel"])
+        if mesh is not None and not is_sharded(self.policy):
+            self.shard([self.policy, *frozen], mesh["data_parallel"])
         if self.fitting():
             # from_pretrained hands the policy over in eval mode and Lightning keeps each module's mode: without this
             # it would train in eval mode, where transformers' gradient checkpointing is off (RL has dropout off
@@ -94,25 +92,21 @@ class PolicyModule(L.LightningModule):
         """Frozen copies of the policy the run needs (made here, from the unsharded policy); sharded like it."""
         return []
 
-    def shard(self, model: torch.nn.Module, data_parallel) -> None:
-        """FSDP2 over ``data_parallel`` (Lightning's mesh) as ``model.fsdp`` says (``tirl.models.sharding``). CPU ranks
-        compute in float32: bf16 all-gathers are for GPUs (on a CPU they are slow and change the numbers)."""
+    def shard(self, models: list[torch.nn.Module], data_parallel) -> None:
+        """FSDP2 for ``models`` (the policy first) over ``data_parallel`` (Lightning's mesh) as ``model.fsdp`` says
+        (``tirl.models.sharding``). CPU ranks compute in float32: bf16 all-gathers are for GPUs (on a CPU they are
+        slow and change the numbers)."""
         f = self.model_cfg.fsdp
         param_dtype = DTYPES[f.param_dtype]
         if data_parallel.device_type == "cpu" and param_dtype != torch.float32:
-            if not getattr(PolicyModule, "_warned_cpu_dtype", False):
-                log.warning("model.fsdp.param_dtype=%s is for GPUs; CPU ranks shard and compute in float32.",
-                            f.param_dtype)
-                PolicyModule._warned_cpu_dtype = True
+            log.warning("model.fsdp.param_dtype=%s is for GPUs; CPU ranks shard and compute in float32.", f.param_dtype)
             param_dtype = torch.float32
-        num_nodes = self._trainer.num_nodes if self._trainer is not None else 1
-        mesh = sharding_mesh(data_parallel, f.sharding, num_nodes)
-        if model is self.policy:
-            log.info("FSDP2 shards the policy over mesh (%s), %s compute, %s gradient reduction",
-                     ", ".join(f"{n}={s}" for n, s in zip(mesh.mesh_dim_names, mesh.shape)), param_dtype, f.reduce_dtype)
-        shard_policy(model, mesh, param_dtype=param_dtype,
-                     reduce_dtype=DTYPES[f.reduce_dtype], reshard_after_forward=f.reshard_after_forward,
-                     cpu_offload=f.cpu_offload)
+        mesh = sharding_mesh(data_parallel, f.sharding, self._trainer.num_nodes if self._trainer is not None else 1)
+        log.info("FSDP2 shards the policy over mesh (%s), %s compute, %s gradient reduction",
+                 ", ".join(f"{n}={s}" for n, s in zip(mesh.mesh_dim_names, mesh.shape)), param_dtype, f.reduce_dtype)
+        for model in models:
+            shard_policy(model, mesh, param_dtype=param_dtype, reduce_dtype=DTYPES[f.reduce_dtype],
+                         reshard_after_forward=f.reshard_after_forward, cpu_offload=f.cpu_offload)
 
     def on_fit_start(self) -> None:
         # The frozen reference copy (a full fine-tune's KL term) is in eval mode on purpose: Lightning's warning about
