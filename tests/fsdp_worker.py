@@ -1,5 +1,6 @@
 """The training side of tests/test_fsdp_cpu.py's gradient tests, run as a script so Lightning can start its second
-rank by re-running it: ``python tests/fsdp_worker.py {full|lora} OUT_DIR``.
+rank by re-running it: ``python tests/fsdp_worker.py {full|lora} OUT_DIR``; and ``gather OUT_DIR`` under torchrun, which
+checks ``tirl.models.sharding.full_weights`` alone.
 
 The real ``GRPOModule.training_step``/``update`` under ``FSDP2Strategy`` (2 CPU ranks, gloo, fp32, KL term on); only
 ``make_experience`` is replaced (``test_ddp_cpu.FixedRolloutGRPO``: uneven shares, one rank with nothing). Writes, per
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from datetime import timedelta
 
 import torch
 from test_ddp_cpu import PPO_EPOCHS, SPLITS, WORLD, FixedRolloutGRPO, _one_item, module_kwargs
@@ -99,5 +101,43 @@ def main(mode: str, out_dir: str) -> None:
     trainer.fit(module, train_dataloaders=prompts)
 
 
+def gather(out_dir: str) -> None:
+    """Inside ``full_weights`` each rank runs a different number of forwards (1 on rank 0, 3 on rank 1) with no
+    collective; the logits are the unsharded model's; afterwards every parameter is a shard again and forwards
+    reshard as before (a later training forward and backward work)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from tirl.models.load import load_policy
+    from tirl.models.sharding import full_weights, shard_policy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    rank = dist.get_rank()
+    ids = torch.tensor(PROBE_IDS)
+    whole = load_policy("tiny").eval()
+    with torch.no_grad():
+        want = whole(input_ids=ids).logits
+    model = shard_policy(load_policy("tiny").eval(), init_device_mesh("cpu", (2,)))
+    out = {}
+    with torch.no_grad(), full_weights(model):
+        out["inside_plain"] = not any(isinstance(p, DTensor) for p in model.parameters())
+        for _ in range(1 + 2 * rank):
+            logits = model(input_ids=ids).logits
+        out["logits_err"] = (logits - want).abs().max().item()
+    out["after_sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
+    model.train()
+    model(input_ids=ids).logits.sum().backward()
+    # the first block reshards after its forward again (only the last block keeps its weights for backward)
+    out["block0_sharded_after_forward"] = all(isinstance(p, DTensor) for p in model.model.layers[0].parameters())
+    out["grads"] = all(isinstance(p.grad, DTensor) for p in model.parameters())
+    torch.save(out, os.path.join(out_dir, f"gather_rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "gather":
+        gather(sys.argv[2])
+    else:
+        main(sys.argv[1], sys.argv[2])

@@ -69,6 +69,18 @@ def load(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
             p.copy_(weights[name])
 
 
+def test_full_weights_lets_ranks_run_different_forwards_then_shards_again(tmp_path):
+    """``full_weights`` (what every rollout phase runs in): one gather, then rank 0 runs 1 forward and rank 1 runs 3
+    without waiting on each other, with the unsharded model's logits; afterwards the parameters are shards again,
+    forwards reshard again, and a training step's gradients are sharded."""
+    run_ranks([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(TESTS / "fsdp_worker.py"), "gather", str(tmp_path)], timeout=90)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"gather_rank{rank}.pt")
+        assert out["inside_plain"] and out["logits_err"] < 1e-5
+        assert out["after_sharded"] and out["block0_sharded_after_forward"] and out["grads"]
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_sharded_update_gives_the_one_process_gradient_with_the_kl_reference(mode, tmp_path):
     """Full fine-tune (frozen reference copied before sharding, sharded itself) and LoRA (reference = adapter off on

@@ -140,9 +140,11 @@ def full_weights(model: nn.Module) -> Iterator[nn.Module]:
     if not units or getattr(model, "_tirl_full_weights", False):
         yield model
         return
-    # a unit that reshards after its forward would free what it gathered and gather again in the next forward
-    saved = [(group, group.post_forward_mesh_info) for unit in units
-             for group in unit._get_fsdp_state()._fsdp_param_groups]
+    # a unit that reshards after its forward would free what it gathered and gather again in the next forward;
+    # FSDP2 has a setter for that but no getter, so each unit's own setting is kept to be put back as it was
+    states = [unit._get_fsdp_state() for unit in units]
+    saved = [(state, state._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in state._fsdp_param_groups])
+             for state in states]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
     model._tirl_full_weights = True
@@ -153,8 +155,10 @@ def full_weights(model: nn.Module) -> Iterator[nn.Module]:
                 handle.wait()
         yield model
     finally:
-        for group, mesh_info in saved:
-            group.post_forward_mesh_info = mesh_info
+        for state, auto, groups in saved:
+            state._auto_reshard_after_forward = auto
+            for group, mesh_info in groups:
+                group.post_forward_mesh_info = mesh_info
         for unit in units:
             unit.reshard()
         model._tirl_full_weights = False
