@@ -138,7 +138,7 @@ def test_sharded_update_gives_the_one_process_gradient_with_the_kl_reference(mod
 
 TINY_RUN = ["model=tiny", "hardware=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
             "+trainer.strategy.process_group_backend=gloo", "trainer.strategy.timeout=30",
-            "validate_before_fit=false", "test=false", "sandbox.workers=1", "callbacks.progress_bar.refresh_rate=0",
+            "test=false", "sandbox.workers=1", "callbacks.progress_bar.refresh_rate=0",
             "trainer.enable_model_summary=false", "data.val_size=2", "method.val_samples=1"]
 
 
@@ -158,8 +158,8 @@ def trained_steps(rows: list[dict]) -> list[dict]:
 def test_thor_run_with_step_level_and_self_correction_finishes_on_two_sharded_ranks(tmp_path):
     """THOR: tool rounds, step-level resampling and self-correction differ per rank, old log-probs recomputed, a
     held-out validation in between; the sampled lengths differ across ranks."""
-    _, rows = train_run(tmp_path, "method=thor", "data=synthetic_math", "trainer.max_steps=2",
-                        "trainer.val_check_interval=1", "method.old_log_probs=recompute",
+    _, rows = train_run(tmp_path, "method=thor", "data=synthetic_math", "validate_before_fit=false",
+                        "trainer.max_steps=2", "trainer.val_check_interval=1", "method.old_log_probs=recompute",
                         "rollout.self_correction.enabled=true", "method.group_size=4", "method.rollout_batch_size=4",
                         "method.micro_batch_size=4")
     train = trained_steps(rows)
@@ -170,17 +170,20 @@ def test_thor_run_with_step_level_and_self_correction_finishes_on_two_sharded_ra
 
 
 def test_dcore_full_finetune_with_kl_and_grpo_lora_on_a_hybrid_mesh_finish_on_two_sharded_ranks(tmp_path):
-    """D-CORE (full fine-tune, k3 KL: the sharded frozen reference; DA-GRPO entropies from the recompute pass),
-    then GRPO with a LoRA adapter (sampled through the merged-LoRA path over the gathered weights), activation
-    checkpointing and multinode's hybrid (replicate x shard) mesh, one node of 2 ranks."""
-    _, rows = train_run(tmp_path / "dcore", "method=dcore", "data=synthetic_toolcall", "trainer.max_steps=4",
-                        "method.old_log_probs=recompute", "method.group_size=2", "method.rollout_batch_size=4",
-                        "method.mini_batch_size=2", "method.micro_batch_size=2", "rollout.max_tool_rounds=1")
+    """D-CORE: full fine-tune with a k3 KL term, so a sharded frozen reference, made after the validation before fit
+    had sharded the policy; DA-GRPO entropies from the recompute pass. Then GRPO with a LoRA adapter (sampled
+    through the merged-LoRA path over the gathered weights), activation checkpointing and multinode's hybrid
+    (replicate x shard) mesh, one node of 2 ranks."""
+    _, rows = train_run(tmp_path / "dcore", "method=dcore", "data=synthetic_toolcall", "validate_before_fit=true",
+                        "trainer.max_steps=4", "method.old_log_probs=recompute", "method.group_size=2",
+                        "method.rollout_batch_size=4", "method.mini_batch_size=2", "method.micro_batch_size=2",
+                        "rollout.max_tool_rounds=1")
     train = trained_steps(rows)
     assert train and all(float(r["train/grad_norm"]) > 0 and float(r["train/kl"]) >= 0 for r in train)
     assert all(r.get("train/rollout_mismatch/kl_k3") for r in train)   # the recompute pass ran sharded
-    output, rows = train_run(tmp_path / "grpo", "method=grpo", "data=synthetic_math", "model.fsdp.sharding=hybrid",
-                             "model.lora.enabled=true", "model.gradient_checkpointing=true", "trainer.max_steps=2", "method.group_size=2", "method.rollout_batch_size=2",
+    output, rows = train_run(tmp_path / "grpo", "method=grpo", "data=synthetic_math", "validate_before_fit=false",
+                             "model.fsdp.sharding=hybrid", "model.lora.enabled=true",
+                             "model.gradient_checkpointing=true", "trainer.max_steps=2", "method.group_size=2", "method.rollout_batch_size=2",
                              "method.mini_batch_size=2", "method.micro_batch_size=2")
     assert "mesh (replicate=1, shard=2)" in output
     assert len([r for r in rows if r.get("train/reward_mean")]) == 2

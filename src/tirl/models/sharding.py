@@ -143,8 +143,8 @@ def full_weights(model: nn.Module) -> Iterator[nn.Module]:
     # a unit that reshards after its forward would free what it gathered and gather again in the next forward;
     # FSDP2 has a setter for that but no getter, so each unit's own setting is kept to be put back as it was
     states = [unit._get_fsdp_state() for unit in units]
-    saved = [(state, state._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in state._fsdp_param_groups])
-             for state in states]
+    saved = [(state, state._auto_reshard_after_forward,
+              [(group, group.post_forward_mesh_info) for group in state._fsdp_param_groups]) for state in states]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
     model._tirl_full_weights = True

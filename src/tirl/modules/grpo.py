@@ -33,7 +33,7 @@ from tirl.methods.step_level import StepLevel
 from tirl.models.forward import is_checkpointing, sequence_logits
 from tirl.models.kv_cache import has_plain_kv_cache
 from tirl.models.load import disable_dropout
-from tirl.models.reference import make_frozen_reference, reference_model
+from tirl.models.reference import freeze, make_frozen_reference, needs_frozen_reference, reference_model
 from tirl.models.sharding import full_weights, is_sharded
 from tirl.modules import collectives
 from tirl.modules.policy import PolicyModule
@@ -102,9 +102,12 @@ class GRPOModule(RoundUpdate, PolicyModule):
 
     def frozen_copies(self) -> list[torch.nn.Module]:
         """A full fine-tune's KL reference when fitting (``make_frozen_reference``): copied from the whole policy
-        before sharding, then sharded like it, so no rank holds a second full model."""
-        if self.frozen_ref is None and self.fitting():
-            self.frozen_ref = make_frozen_reference(self.policy, self.method_cfg.loss.kl_coef)
+        before sharding, then sharded like it, so no rank holds a second full model. When the policy is sharded
+        already (a validation before fit sharded it) the start is loaded again instead: it has not trained yet."""
+        kl_coef = self.method_cfg.loss.kl_coef
+        if self.frozen_ref is None and self.fitting() and needs_frozen_reference(self.policy, kl_coef):
+            self.frozen_ref = (freeze(self.load_start_policy()) if is_sharded(self.policy)
+                               else make_frozen_reference(self.policy, kl_coef))
         return [self.frozen_ref] if self.frozen_ref is not None else []
 
     def teardown(self, stage: str) -> None:

@@ -60,23 +60,28 @@ class PolicyModule(L.LightningModule):
         self.save_hyperparameters({"method": asdict(method), "model": asdict(model), "init_from": init_from})
         self.policy = None
 
+    def load_start_policy(self) -> torch.nn.Module:
+        """The policy as the run starts: the model config's weights, or ``init_from``'s (``tirl.models.load``)."""
+        m = self.model_cfg
+        lora = None
+        if m.lora.enabled:
+            lora = LoraSpec(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                            target_modules=list(m.lora.target_modules))
+        return load_policy(
+            m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing, lora=lora,
+            seed=m.seed, init_from=self.init_from,
+        )
+
     def configure_model(self) -> None:
         if self.policy is None:
-            m = self.model_cfg
-            lora = None
-            if m.lora.enabled:
-                lora = LoraSpec(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
-                                target_modules=list(m.lora.target_modules))
-            self.policy = load_policy(
-                m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
-                trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing, lora=lora,
-                seed=m.seed, init_from=self.init_from,
-            )
+            self.policy = self.load_start_policy()
         # copies (a full fine-tune's KL reference) are taken from the whole policy, before it is split over ranks
         frozen = self.frozen_copies()
         mesh = getattr(self, "_device_mesh", None)   # set by Lightning's ModelParallelStrategy (hardware=fsdp)
-        if mesh is not None and not is_sharded(self.policy):
-            self.shard([self.policy, *frozen], mesh["data_parallel"])
+        unsharded = [model for model in (self.policy, *frozen) if not is_sharded(model)]
+        if mesh is not None and unsharded:
+            self.shard(unsharded, mesh["data_parallel"])
         if self.fitting():
             # from_pretrained hands the policy over in eval mode and Lightning keeps each module's mode: without this
             # it would train in eval mode, where transformers' gradient checkpointing is off (RL has dropout off
