@@ -41,7 +41,9 @@ def run_ranks(cmd: list[str], timeout: float) -> str:
         os.killpg(proc.pid, signal.SIGKILL)   # the launcher and every rank it started
         output, _ = proc.communicate()
         pytest.fail(f"{' '.join(cmd[1:3])} still running after {timeout:.0f} s (a rank hung):\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-4000:]
+    if proc.returncode != 0:   # the launcher's summary comes last; the ranks' own errors are what say why
+        errors = "\n".join(line for line in output.splitlines() if "Error" in line or "error" in line)
+        pytest.fail(f"exit {proc.returncode}; error lines:\n{errors[-4000:]}\n--- tail:\n{output[-3000:]}")
     return output
 
 
