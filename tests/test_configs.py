@@ -196,7 +196,9 @@ def test_every_experiment_preset_validates(preset):
 def test_experiment_presets_pick_their_model_and_hardware():
     cfg = compose_resolved(["experiment=thor_qwen8b", "data.train=x.jsonl"])
     assert (cfg.model.name_or_path, cfg.rollout.backend, cfg.trainer.strategy._target_) == (
-        "Qwen/Qwen3-8B", "vllm", "lightning.pytorch.strategies.FSDPStrategy")
+        "Qwen/Qwen3-8B", "vllm", "tirl.models.sharding.FSDP2Strategy")
+    assert (cfg.model.fsdp.param_dtype, cfg.model.gradient_checkpointing, cfg.trainer.precision) == (
+        "bfloat16", True, "32-true")   # fp32 master shards, bf16 compute by FSDP2's policy, not Lightning's autocast
     assert validate(compose_resolved(["experiment=dcore_qwen14b", "data.train=x.jsonl"])).model.name_or_path == "Qwen/Qwen3-14B"
     tiny = compose_resolved(["experiment=dcore_tiny"])
     assert (tiny.model.name_or_path, tiny.trainer.accelerator, tiny.data.train) == ("tiny-warm", "cpu", "synthetic:toolcall")
@@ -295,6 +297,7 @@ def test_required_value_left_missing_says_how_to_set_it():
     (["+experiment=thor_tinyy"], ["'thor_tinyy'", "'experiment'", "dcore_qwen14b"]),
     (["model.dtyp=bfloat16"], ["'model.dtyp'", "did you mean 'dtype'?"]),
     (["method.shaping.alpah=0.2"], ["'method.shaping.alpah'", "did you mean 'alpha'?"]),
+    (["hardware=fsdp", "model.fsdp.param_dtyp=float32"], ["'model.fsdp.param_dtyp'", "did you mean 'param_dtype'?"]),
 ])
 def test_command_line_typos_are_named_before_hydra_runs(argv, needles):
     with pytest.raises(ConfigError) as err:

@@ -54,20 +54,53 @@ def test_trainer_of_each_non_sharded_preset_builds_with_the_accelerator_forced_t
     assert trainer.num_devices == (2 if hardware == "ddp" else 1)
 
 
-@pytest.mark.parametrize("hardware,sharding,nodes", [("fsdp", "FULL_SHARD", 1), ("multinode", "HYBRID_SHARD", 2)])
-def test_fsdp_strategies_build_with_layer_wrapping_and_checkpointing(hardware, sharding, nodes):
-    """Lightning refuses FSDP on a CPU Trainer, so the strategy object is what a CPU can build."""
-    from lightning.pytorch.strategies import FSDPStrategy
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+@pytest.mark.parametrize("hardware,sharding,nodes", [("fsdp", "full", 1), ("multinode", "hybrid", 2)])
+def test_fsdp_presets_build_fsdp2_with_one_data_parallel_mesh_and_bf16_compute(hardware, sharding, nodes):
+    """Both presets are FSDP2 (Lightning's ModelParallelStrategy, which unlike FSDP1 runs on CPU ranks), with a
+    data-parallel mesh over every rank (so each rank gets its own prompts) and the FSDP2 knobs in model.fsdp; a
+    trainer built with accelerator=cpu takes the strategy."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from tirl.config import validate
 
     cfg = compose_hydra([f"hardware={hardware}", "model=qwen8b"])
     strategy = instantiate(cfg.trainer.strategy)
-    assert isinstance(strategy, FSDPStrategy)
-    assert strategy.sharding_strategy.name == sharding and strategy._state_dict_type == "sharded"
-    assert Qwen3DecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
-    assert Qwen3DecoderLayer in strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
-    assert not strategy.cpu_offload.offload_params
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert strategy._tensor_parallel_size == 1 and strategy._data_parallel_size == "auto"   # world size at setup
+    assert strategy._timeout.total_seconds() == 1800
+    fsdp = validate(cfg).model.fsdp
+    assert (fsdp.sharding, fsdp.param_dtype, fsdp.reduce_dtype, fsdp.cpu_offload) == (sharding, "bfloat16", "float32", False)
+    assert cfg.model.gradient_checkpointing   # activation checkpointing per decoder block (the 8B preset's)
+    assert cfg.trainer.precision == "32-true" and cfg.trainer.accelerator == "gpu"
     assert cfg.trainer.num_nodes == nodes if hardware == "multinode" else "num_nodes" not in cfg.trainer
+    with open_dict(cfg):
+        cfg.trainer.accelerator, cfg.trainer.devices = "cpu", 2
+        cfg.trainer.default_root_dir = "/tmp/tirl-fsdp-build"
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    assert type(trainer.strategy).__name__ == "FSDP2Strategy" and trainer.num_devices == 2
+    assert trainer.num_nodes == nodes
+
+
+def test_hybrid_sharding_mesh_is_nodes_by_ranks_per_node_and_refuses_an_uneven_split(monkeypatch):
+    """multinode's mesh: replicate over the nodes, shard over each node's ranks (torch's HSDP layout); built from a
+    stand-in for Lightning's 1-D mesh of 8 ranks, since a real one needs 8 processes."""
+    from tirl.models.sharding import sharding_mesh
+
+    class Flat:   # what sharding_mesh reads from Lightning's data_parallel mesh
+        device_type = "cpu"
+
+        def size(self):
+            return 8
+
+    made = {}
+    monkeypatch.setattr("torch.distributed.device_mesh.init_device_mesh",
+                        lambda device, shape, mesh_dim_names: made.update(shape=shape, names=mesh_dim_names))
+    flat = Flat()
+    assert sharding_mesh(flat, "full", 2) is flat
+    sharding_mesh(flat, "hybrid", 2)
+    assert made == {"shape": (2, 4), "names": ("replicate", "shard")}
+    with pytest.raises(ValueError, match="same number of processes on each of the 3 nodes"):
+        sharding_mesh(flat, "hybrid", 3)
 
 
 # ------------------------------------------------------------------ W&B offline

@@ -23,6 +23,16 @@ class LoraConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """How the policy is sharded under ``hardware=fsdp``/``multinode`` (``tirl.models.sharding``); unused otherwise."""
+    sharding: str = "full"              # full (shard over all ranks) | hybrid (shard in a node, replicate across nodes)
+    param_dtype: str = "bfloat16"       # all-gather + compute dtype; master shards stay model.dtype. CPU ranks: float32
+    reduce_dtype: str = "float32"       # gradient reduce-scatter dtype
+    reshard_after_forward: bool = True  # free gathered blocks after forward (False: faster backward, more memory)
+    cpu_offload: bool = False           # shards, gradients, optimizer state on the CPU between uses (slow, fits more)
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "tiny-warm"     # HF hub id, local directory, or tiny / tiny-warm
     dtype: str = "float32"              # float32 | bfloat16 | float16 | auto
@@ -32,6 +42,7 @@ class ModelConfig:
     enable_thinking: bool = True        # passed to the tokenizer's chat template (Qwen3 reads it)
     tool_prompt: str = "system"         # system (tools listed in the system prompt, BFCL style) | template
     lora: LoraConfig = field(default_factory=LoraConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     seed: int = 0                       # init seed for `tiny`
 
 

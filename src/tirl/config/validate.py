@@ -74,6 +74,9 @@ OPTION_SCHEMAS: dict[tuple[str, str], type] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "model.tool_prompt": ("system", "template"),
+    "model.fsdp.sharding": ("full", "hybrid"),
+    "model.fsdp.param_dtype": ("float32", "bfloat16", "float16"),
+    "model.fsdp.reduce_dtype": ("float32", "bfloat16", "float16"),
     "method.kind": ("rl", "sft"),
     "method.lr_schedule": ("constant", "cosine", "linear"),
     "method.metric_mode": ("max", "min"),

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,7 +175,8 @@ def load_start_weights(model: PreTrainedModel, init_from: str, base: str) -> Pre
             log.warning("The adapter in '%s' was trained on '%s'; it goes onto "
                                                 "model.name_or_path='%s'.", init_from, wrote, base)
         try:
-            return PeftModel.from_pretrained(model, str(Path(init_from).expanduser())).merge_and_unload()
+            with quiet_peft_wrap():
+                return PeftModel.from_pretrained(model, str(Path(init_from).expanduser())).merge_and_unload()
         except RuntimeError as err:
             raise ModelNotFoundError(f"The adapter in '{init_from}' does not fit the model '{base}' "
                                      f"({str(err).splitlines()[-1][:160]}); set model.name_or_path to its base model.") from None
@@ -199,8 +203,12 @@ def load_policy(
     model = _load_model(name_or_path, dtype, attn_implementation, trust_remote_code, seed, key)
     if init_from:
         model = load_start_weights(model, init_from, name_or_path)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:   # transformers 5.2x renamed it (the old name warns); the vLLM venv's has only the old
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora:
         model = apply_lora(model, lora if isinstance(lora, LoraSpec) else LoraSpec(**lora))
@@ -239,7 +247,17 @@ def apply_lora(model: PreTrainedModel, spec: LoraSpec):
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
         target_modules=list(spec.target_modules), task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with quiet_peft_wrap():
+        return get_peft_model(model, config)
+
+
+@contextmanager
+def quiet_peft_wrap() -> Iterator[None]:
+    """Wrapping a model in peft 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning a
+    user cannot act on); that one warning is silenced while inside, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def disable_dropout(model: nn.Module) -> dict[str, float]:

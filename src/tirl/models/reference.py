@@ -6,7 +6,8 @@ adapter those carried already merged in (``tirl.models.load``), so the KL is 0 a
 - beta == 0: there is no reference at all (no copy, no forward pass).
 - LoRA: the reference *is* that starting model — the same weights with the RL adapter switched off — so it costs
   no second model.
-- full fine-tune with beta > 0: a frozen deep copy taken at the start of RL.
+- full fine-tune with beta > 0: a frozen deep copy taken at the start of RL (under FSDP: copied from the whole
+  policy before sharding, then sharded itself, so each rank holds 1/world of it).
 """
 
 from __future__ import annotations
@@ -23,14 +24,29 @@ def is_lora(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def make_frozen_reference(policy: nn.Module, kl_coef: float) -> nn.Module | None:
-    """The frozen copy a full fine-tune needs, or None when no copy is needed (beta = 0 or LoRA)."""
-    if kl_coef == 0 or is_lora(policy):
-        return None
-    ref = copy.deepcopy(policy).eval()
-    for p in ref.parameters():
+def needs_frozen_reference(policy: nn.Module, kl_coef: float) -> bool:
+    """Whether the KL term needs a frozen copy of ``policy`` (a full fine-tune with beta > 0)."""
+    return kl_coef != 0 and not is_lora(policy)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with every parameter frozen; returns it."""
+    model.eval()
+    for p in model.parameters():
         p.requires_grad_(False)
-    return ref
+    return model
+
+
+def make_frozen_reference(policy: nn.Module, kl_coef: float) -> nn.Module | None:
+    """The frozen copy a full fine-tune needs, or None when no copy is needed (beta = 0 or LoRA). Raises
+    RuntimeError for a sharded ``policy`` (a copy of one rank's shards is no model: copy first, then shard both)."""
+    if not needs_frozen_reference(policy, kl_coef):
+        return None
+    from tirl.models.sharding import is_sharded
+
+    if is_sharded(policy):
+        raise RuntimeError("The frozen reference must be copied from the policy before it is sharded.")
+    return freeze(copy.deepcopy(policy))
 
 
 @contextmanager

@@ -16,6 +16,7 @@ level, say — is a config change. Collectives are in ``tirl.modules.collectives
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
@@ -32,7 +33,8 @@ from tirl.methods.step_level import StepLevel
 from tirl.models.forward import is_checkpointing, packed_logprobs, sequence_logits
 from tirl.models.kv_cache import has_plain_kv_cache
 from tirl.models.load import disable_dropout
-from tirl.models.reference import make_frozen_reference, reference_model
+from tirl.models.reference import freeze, make_frozen_reference, needs_frozen_reference, reference_model
+from tirl.models.sharding import full_weights, is_sharded
 from tirl.modules import collectives
 from tirl.modules.policy import PolicyModule
 from tirl.modules.round_update import RoundUpdate
@@ -98,6 +100,16 @@ class GRPOModule(RoundUpdate, PolicyModule):
         if self.sandbox is None:
             self.sandbox = sandbox_from_config(self.sandbox_cfg)
 
+    def frozen_copies(self) -> list[torch.nn.Module]:
+        """A full fine-tune's KL reference when fitting (``make_frozen_reference``): copied from the whole policy
+        before sharding, then sharded like it, so no rank holds a second full model. When the policy is sharded
+        already (a validation before fit sharded it) the start is loaded again instead: it has not trained yet."""
+        kl_coef = self.method_cfg.loss.kl_coef
+        if self.frozen_ref is None and self.fitting() and needs_frozen_reference(self.policy, kl_coef):
+            self.frozen_ref = (freeze(self.load_start_policy()) if is_sharded(self.policy)
+                               else make_frozen_reference(self.policy, kl_coef))
+        return [self.frozen_ref] if self.frozen_ref is not None else []
+
     def teardown(self, stage: str) -> None:
         if self.sandbox is not None:
             self.sandbox.close()
@@ -124,6 +136,12 @@ class GRPOModule(RoundUpdate, PolicyModule):
         """What the rewards read: the model-written spans only (a tool output's ``\\boxed{}``, ``</think>`` or
         repeated lines are not the model's), special tokens kept, the closing end-of-turn dropped."""
         return t.model_text(self.tokenizer, (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id))
+
+    def sampling_weights(self):
+        """The context rollouts run in: under FSDP with HF sampling, the policy's full weights gathered once for the
+        whole phase (``tirl.models.sharding.full_weights``: no collective inside, so ranks may generate different
+        numbers of tokens, tool rounds and resamples); vLLM samples from its own copy, so nothing is gathered."""
+        return full_weights(self.policy) if self.rollout_cfg.backend == "hf" else nullcontext(self.policy)
 
     def rollout_groups(self, records: list[dict], group_size: int, loop: ToolLoop | None = None) -> list[Trajectory]:
         check_records_task(records, self.method_cfg.reward.name)   # before any rollout time is spent
@@ -168,9 +186,17 @@ class GRPOModule(RoundUpdate, PolicyModule):
     def micro_batch_reading(self, mb: TensorBatch) -> tuple[PackedBatch | None, SharedContextBatch | None]:
         """How a pass reads ``mb`` (both exact): packed (``method.packing``), unless reading each shared context once
         and padding the continuations reads fewer tokens (a long prompt shared by short, even responses); else
-        padded, with shared contexts when the model allows. Returns (packed, shared), at most one not None."""
+        padded, with shared contexts when the model allows. Returns (packed, shared), at most one not None.
+
+        Under FSDP every forward is a collective, so all ranks take the same path: a shared context costs two
+        forwards, packed or padded rows one, and a micro-batch on any rank without a shared context to read (an
+        empty share, no two rows alike, packing cheaper) turns it off for all (one scalar all-reduce per pass)."""
         shared = mb.shared_contexts() if self.can_share_contexts() else None
-        if self.method_cfg.packing and (shared is None or int(mb.attention_mask.sum()) <= shared.tokens_read()):
+        if self.method_cfg.packing and shared is not None and int(mb.attention_mask.sum()) <= shared.tokens_read():
+            shared = None
+        if is_sharded(self.policy) and self._all_reduce(float(shared is None), "max") > 0:
+            shared = None
+        if self.method_cfg.packing and shared is None:
             return pack_rows(mb), None
         return None, shared
 
@@ -260,7 +286,8 @@ class GRPOModule(RoundUpdate, PolicyModule):
 
     def training_step(self, batch: list[dict], batch_idx: int):
         m = self.method_cfg
-        trajs, rewards, correct, samples, stats = self.make_experience(list(batch))
+        with self.sampling_weights():   # FSDP: ranks generate different amounts, so no collective inside
+            trajs, rewards, correct, samples, stats = self.make_experience(list(batch))
         metrics = self.rollout_metrics(trajs, rewards, correct)
         metrics.update(stats)
         tb = None
@@ -309,7 +336,8 @@ class GRPOModule(RoundUpdate, PolicyModule):
         samples = (m.val_samples if samples is None else samples) if temperature > 0 else 1
         cfg = RolloutConfig(**{**self.rollout_cfg.__dict__, "temperature": temperature})
         loop = ToolLoop(make_backend(cfg, self.policy, self.tokenizer), self.sandbox, self.tokenizer, cfg)
-        trajs = self.rollout_groups(records, samples, loop)
+        with self.sampling_weights():
+            trajs = self.rollout_groups(records, samples, loop)
         rewards, correct = self.score(trajs, records)
         return trajs, rewards, correct
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import warnings
@@ -23,7 +24,9 @@ from tirl.models.load import (
     read_checkpoint,
 )
 from tirl.models.reference import is_lora
-from tirl.models.sharding import is_sharded, shard_policy
+from tirl.models.sharding import DTYPES, is_sharded, shard_policy, sharding_mesh
+
+log = logging.getLogger(__name__)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -57,27 +60,58 @@ class PolicyModule(L.LightningModule):
         self.save_hyperparameters({"method": asdict(method), "model": asdict(model), "init_from": init_from})
         self.policy = None
 
+    def load_start_policy(self) -> torch.nn.Module:
+        """The policy as the run starts: the model config's weights, or ``init_from``'s (``tirl.models.load``)."""
+        m = self.model_cfg
+        lora = None
+        if m.lora.enabled:
+            lora = LoraSpec(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                            target_modules=list(m.lora.target_modules))
+        return load_policy(
+            m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing, lora=lora,
+            seed=m.seed, init_from=self.init_from,
+        )
+
     def configure_model(self) -> None:
         if self.policy is None:
-            m = self.model_cfg
-            lora = None
-            if m.lora.enabled:
-                lora = LoraSpec(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
-                                target_modules=list(m.lora.target_modules))
-            self.policy = load_policy(
-                m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
-                trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing, lora=lora,
-                seed=m.seed, init_from=self.init_from,
-            )
+            self.policy = self.load_start_policy()
+        # copies (a full fine-tune's KL reference) are taken from the whole policy, before it is split over ranks
+        frozen = self.frozen_copies()
         mesh = getattr(self, "_device_mesh", None)   # set by Lightning's ModelParallelStrategy (hardware=fsdp)
-        if mesh is not None and not is_sharded(self.policy):
-            shard_policy(self.policy, mesh["data_parallel"])
-        if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
+        unsharded = [model for model in (self.policy, *frozen) if not is_sharded(model)]
+        if mesh is not None and unsharded:
+            self.shard(unsharded, mesh["data_parallel"])
+        if self.fitting():
             # from_pretrained hands the policy over in eval mode and Lightning keeps each module's mode: without this
             # it would train in eval mode, where transformers' gradient checkpointing is off (RL has dropout off
             # anyway). Only this module itself is flagged, not all children: a frozen KL reference copy stays eval.
             self.training = True
             self.policy.train()
+
+    def fitting(self) -> bool:
+        """Whether a Trainer runs this module's ``fit`` now."""
+        return self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+
+    def frozen_copies(self) -> list[torch.nn.Module]:
+        """Frozen copies of the policy the run needs (made here, from the unsharded policy); sharded like it."""
+        return []
+
+    def shard(self, models: list[torch.nn.Module], data_parallel) -> None:
+        """FSDP2 for ``models`` (the policy first) over ``data_parallel`` (Lightning's mesh) as ``model.fsdp`` says
+        (``tirl.models.sharding``). CPU ranks compute in float32: bf16 all-gathers are for GPUs (on a CPU they are
+        slow and change the numbers)."""
+        f = self.model_cfg.fsdp
+        param_dtype = DTYPES[f.param_dtype]
+        if data_parallel.device_type == "cpu" and param_dtype != torch.float32:
+            log.warning("model.fsdp.param_dtype=%s is for GPUs; CPU ranks shard and compute in float32.", f.param_dtype)
+            param_dtype = torch.float32
+        mesh = sharding_mesh(data_parallel, f.sharding, self._trainer.num_nodes if self._trainer is not None else 1)
+        log.info("FSDP2 shards the policy over mesh (%s), %s compute, %s gradient reduction",
+                 ", ".join(f"{n}={s}" for n, s in zip(mesh.mesh_dim_names, mesh.shape)), param_dtype, f.reduce_dtype)
+        for model in models:
+            shard_policy(model, mesh, param_dtype=param_dtype, reduce_dtype=DTYPES[f.reduce_dtype],
+                         reshard_after_forward=f.reshard_after_forward, cpu_offload=f.cpu_offload)
 
     def on_fit_start(self) -> None:
         # The frozen reference copy (a full fine-tune's KL term) is in eval mode on purpose: Lightning's warning about

@@ -16,6 +16,7 @@ from collections import defaultdict
 import torch
 
 from tirl.models.forward import packed_logprobs, sequence_logits
+from tirl.models.sharding import clip_grad_norm
 from tirl.rl import core
 from tirl.rl.batch import Sample, TensorBatch, collate_samples, window_to_targets
 from tirl.rl.schedule import mini_batches_per_round, plan_round, steps_per_round, token_micro_batches
@@ -75,10 +76,10 @@ class RoundUpdate:
                 for key, v in metrics.items():
                     logs[key].append(float(v) * w)
                 logs["_w"].append(w)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), m.max_grad_norm)
+        grad_norm = clip_grad_norm(self.trainable_parameters(), m.max_grad_norm)   # global under FSDP
         self.optimizer_step_and_schedule(opt)
         wsum = max(sum(logs.pop("_w", [])), 1.0)
-        out = {"loss": sum(logs.pop("loss", [])), "grad_norm": float(grad_norm)}
+        out = {"loss": sum(logs.pop("loss", [])), "grad_norm": grad_norm}
         out.update({key: sum(v) / wsum for key, v in logs.items()})
         return out
 
