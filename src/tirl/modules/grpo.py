@@ -355,7 +355,7 @@ class GRPOModule(RoundUpdate, PolicyModule):
         self.log(f"{prefix}/reward", sum(o["reward"] for o in outs) / n, sync_dist=True)
         self.log(f"{prefix}/response_len", sum(o["len"] for o in outs) / n, sync_dist=True)
         for kind, acc in self.accuracy_by_kind(outs).items():
-            self.log(f"{prefix}/acc/{kind}", acc)   # already the same on every rank
+            self.log(f"{prefix}/acc/{kind}", acc, sync_dist=True)   # already the same on every rank: the mean keeps it
 
     def accuracy_by_kind(self, outs: list[dict]) -> dict[str, float]:
         return accuracy_by_kind(outs, self.mean_over_ranks)
