@@ -159,7 +159,10 @@ class MethodConfig:
     rollout_batch_size: int = 4         # prompts rolled out per round, over all ranks (the RL data batch size)
     mini_batch_size: int | None = None  # prompts per optimizer step over all ranks (whole groups); None = the round
     ppo_epochs: int = 1                 # passes over the round; steps per round = ppo_epochs x rollout/mini
-    micro_batch_size: int = 8           # sequences per forward/backward
+    micro_batch_size: int = 8           # sequences per forward/backward (unless micro_batch_tokens is set)
+    micro_batch_tokens: int | None = None   # max tokens per forward/backward, micro-batches balanced by tokens (verl's
+                                        # use_dynamic_bsz); a longer sequence gets one of its own; None = micro_batch_size
+    packing: bool = True                # padding-free update: a micro-batch's sequences in one row (exact; faster)
     shuffle_seed: int = 0               # seed of the per-epoch shuffle of groups into mini-batches
     old_log_probs: str = "rollout"      # rollout (sampler's) | recompute (trainer forward before the first update)
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)

@@ -107,6 +107,7 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "method.group_size": (1, None, True),
     "method.rollout_batch_size": (1, None, True),
     "method.micro_batch_size": (1, None, True),
+    "method.micro_batch_tokens": (1, None, True),
     "method.ppo_epochs": (1, None, True),
     "method.val_samples": (1, None, True),
     "method.loss.clip_low": (0, None, True),
@@ -229,6 +230,8 @@ def _check_bounds(typed: TypedConfig) -> None:
         obj: Any = typed
         for part in dotted.split("."):
             obj = getattr(obj, part)
+        if obj is None:   # an optional key left unset (e.g. method.micro_batch_tokens: null)
+            continue
         if (obj < low or (obj == low and not low_ok)) or (high is not None and obj > high):
             span = f"{'at least' if low_ok else 'above'} {low}" + (f" and at most {high}" if high is not None else "")
             raise ConfigError(f"Config key '{dotted}' is {obj!r}; it must be {span}.")

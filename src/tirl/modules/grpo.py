@@ -29,7 +29,7 @@ from tirl.methods.advantages import episode_samples
 from tirl.methods.episode_filter import EpisodeFilter
 from tirl.methods.shaping import shape_advantages
 from tirl.methods.step_level import StepLevel
-from tirl.models.forward import is_checkpointing, sequence_logits
+from tirl.models.forward import is_checkpointing, packed_logprobs, sequence_logits
 from tirl.models.kv_cache import has_plain_kv_cache
 from tirl.models.load import disable_dropout
 from tirl.models.reference import make_frozen_reference, reference_model
@@ -39,7 +39,7 @@ from tirl.modules.round_update import RoundUpdate
 from tirl.modules.validation import accuracy_by_kind, heldout_outcomes
 from tirl.rewards import ACCURACY_REWARDS, get_reward
 from tirl.rl import core
-from tirl.rl.batch import Sample, TensorBatch, collate_samples
+from tirl.rl.batch import Sample, TensorBatch, collate_samples, pack_rows
 from tirl.rl.schedule import check_world_size
 from tirl.rollout.backend import make_backend
 from tirl.rollout.metrics import rollout_metrics
@@ -167,19 +167,26 @@ class GRPOModule(RoundUpdate, PolicyModule):
 
     def micro_batch_loss(self, mb: TensorBatch, counts: dict[str, tuple[float, float]]) -> tuple[torch.Tensor, dict]:
         loss_cfg = self.method_cfg.loss
-        shared = mb.shared_contexts() if self.can_share_contexts() else None
-        # per-token tensors: the continuations' (shared contexts), or from the first column any row has a loss
-        # token in (prompts cost no lm_head either way)
-        tok = shared.tokens if shared is not None else mb.response_window()
         temperature = self.rollout_cfg.temperature or 1.0
-        logits = sequence_logits(self.policy, tok, shared)                                 # [B, W, V]
-        logp = core.token_logprobs(logits, tok.targets, temperature=temperature)
+        if self.method_cfg.packing:
+            # one padding-free row; log-probs of the loss tokens only, put back in mb's [N, L-1] target layout
+            tok, packed = mb, pack_rows(mb)
+            logp = packed.unpack(packed_logprobs(self.policy, packed, temperature)[0], mb.response_mask)
+        else:
+            shared = mb.shared_contexts() if self.can_share_contexts() else None
+            # per-token tensors: the continuations' (shared contexts), or from the first column any row has a loss
+            # token in (prompts cost no lm_head either way)
+            tok = shared.tokens if shared is not None else mb.response_window()
+            logits = sequence_logits(self.policy, tok, shared)                             # [B, W, V]
+            logp = core.token_logprobs(logits, tok.targets, temperature=temperature)
         loss_tok, metrics = core.policy_loss(logp, tok.old_log_probs, tok.advantages, tok.response_mask,
                                              loss_cfg.clip_low, loss_cfg.clip_high, loss_cfg.dual_clip)
         if loss_cfg.kl_coef > 0:
             with reference_model(self.policy, self.frozen_ref) as ref, torch.no_grad():
-                ref_logits = sequence_logits(ref, tok, shared)
-                ref_logp = core.token_logprobs(ref_logits, tok.targets, temperature=temperature)
+                if self.method_cfg.packing:
+                    ref_logp = packed.unpack(packed_logprobs(ref, packed, temperature)[0], mb.response_mask)
+                else:
+                    ref_logp = core.token_logprobs(sequence_logits(ref, tok, shared), tok.targets, temperature)
             kl = core.kl_penalty(logp, ref_logp, loss_cfg.kl_kind)
             loss_tok = loss_tok + loss_cfg.kl_coef * kl
             metrics["kl"] = core.masked_mean(kl.detach(), tok.response_mask)

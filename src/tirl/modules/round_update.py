@@ -15,10 +15,10 @@ from collections import defaultdict
 
 import torch
 
-from tirl.models.forward import sequence_logits
+from tirl.models.forward import packed_logprobs, sequence_logits
 from tirl.rl import core
-from tirl.rl.batch import Sample, TensorBatch, collate_samples, window_to_targets
-from tirl.rl.schedule import mini_batches_per_round, plan_round, steps_per_round
+from tirl.rl.batch import Sample, TensorBatch, collate_samples, pack_rows, window_to_targets
+from tirl.rl.schedule import mini_batches_per_round, plan_round, steps_per_round, token_micro_batches
 
 
 class RoundUpdate:
@@ -57,8 +57,7 @@ class RoundUpdate:
         if m.loss.nll_coef > 0 and m.loss.nll_norm == "positive":
             counts["positive"] = (self.global_positive_tokens(mini), 0.0)
         logs: dict[str, list[float]] = defaultdict(list)
-        order = list(range(len(rows)))
-        chunks = [order[s:s + m.micro_batch_size] for s in range(0, len(order), m.micro_batch_size)]
+        chunks = self.micro_batches(mini) if rows else []
         # every rank must run as many backward passes as the busiest one (DDP syncs gradients in each), so
         # ranks with fewer samples add zero-weighted passes
         n_passes = int(self._all_reduce(len(chunks), "max"))
@@ -82,6 +81,17 @@ class RoundUpdate:
         out = {"loss": sum(logs.pop("loss", [])), "grad_norm": float(grad_norm)}
         out.update({key: sum(v) / wsum for key, v in logs.items()})
         return out
+
+    def micro_batches(self, batch: TensorBatch) -> list[list[int]]:
+        """Row indices of ``batch``'s micro-batches: ``method.micro_batch_tokens`` set → balanced by tokens
+        (``tirl.rl.schedule.token_micro_batches``, real tokens per row: what a packed pass reads; a padded pass
+        pads each to its longest row); else ``micro_batch_size`` rows each, in order. Under DDP/FSDP each rank
+        balances its own share (its prompts' groups); ranks then run as many passes as the busiest one."""
+        m = self.method_cfg
+        if m.micro_batch_tokens is not None:
+            return token_micro_batches(batch.attention_mask.sum(-1).tolist(), m.micro_batch_tokens)
+        order = list(range(len(batch)))
+        return [order[s:s + m.micro_batch_size] for s in range(0, len(order), m.micro_batch_size)]
 
     def optimizer_step_and_schedule(self, opt) -> None:
         """One optimizer step and one schedule step. Lightning's ``global_step`` (hence ``trainer.max_steps`` and the
@@ -107,17 +117,25 @@ class RoundUpdate:
     @torch.no_grad()
     def recompute_old_log_probs(self, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The trainer's own log-probs and full-vocabulary entropies [N, L-1] of every loss token of the round,
-        before any update (verl's ``compute_log_prob``), read the way the update reads them (shared contexts,
-        response windows) so the first step's ratio is 1 to float precision. Other positions keep their values."""
+        before any update (verl's ``compute_log_prob``), read the way the update reads them (packed rows; or
+        shared contexts, response windows) and in the same micro-batches so the first step's ratio is 1 to float precision. Other positions keep their values."""
         m = self.method_cfg
         temperature = self.rollout_cfg.temperature or 1.0
         logp_all, ent_all = batch.old_log_probs.clone(), batch.entropy.clone()
-        order = list(range(len(batch)))
-        chunks = [order[s:s + m.micro_batch_size] for s in range(0, len(order), m.micro_batch_size)]
+        chunks = self.micro_batches(batch)
         n_passes = int(self._all_reduce(len(chunks), "max"))   # FSDP: every rank joins every forward
         for k in range(n_passes):
             idx = chunks[min(k, len(chunks) - 1)]
             mb = batch.select(idx).to(self.device)
+            if m.packing:
+                packed = pack_rows(mb)
+                logp, ent = packed_logprobs(self.policy, packed, temperature, with_entropy=True)
+                if k < len(chunks):
+                    rows = torch.tensor(idx)[packed.rows.cpu()]
+                    cols = packed.cols.cpu()
+                    logp_all[rows, cols] = logp.cpu().to(logp_all.dtype)
+                    ent_all[rows, cols] = ent.cpu().to(ent_all.dtype)
+                continue
             shared = mb.shared_contexts() if self.can_share_contexts() else None
             tok = shared.tokens if shared is not None else mb.response_window()
             logits = sequence_logits(self.policy, tok, shared)

@@ -125,6 +125,39 @@ class SharedContextBatch:
     tokens: TensorBatch           # [N, R] continuation ids as input and targets, per-token tensors re-indexed
 
 
+@dataclass
+class PackedBatch:
+    """A micro-batch as one padding-free row: its sequences back to back, positions restarting at 0 per sequence
+    (so transformers keeps attention inside each sequence: the block-diagonal mask of SDPA/eager, flash-attention's
+    varlen path), plus where each loss token's prediction sits. Only loss tokens get logits: prompts, tool outputs
+    and padding cost no lm_head. ``values[k]`` computed at ``logit_pos[k]`` belongs to target ``(rows[k], cols[k])``."""
+
+    input_ids: torch.Tensor       # [1, T] T = the micro-batch's real tokens (no padding)
+    position_ids: torch.Tensor    # [1, T] 0..len_i-1 per sequence
+    logit_pos: torch.Tensor       # [K] packed position whose next-token prediction is loss token k
+    rows: torch.Tensor            # [K] its row in the micro-batch's [N, L-1] target layout
+    cols: torch.Tensor            # [K] its column there
+    targets: torch.Tensor         # [K] the token it predicts
+
+    def unpack(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Per-loss-token ``values`` [K] put back in the [N, L-1] target layout of ``like``; 0 elsewhere (the
+        gradient flows to ``values``)."""
+        out = values.new_zeros(like.shape)
+        return out.index_put((self.rows, self.cols), values)
+
+
+def pack_rows(mb: TensorBatch) -> PackedBatch:
+    """``mb``'s rows packed into one row (``PackedBatch``). A row with no loss token is still packed (it costs its
+    tokens but predicts nothing); an empty micro-batch gives T = K = 0."""
+    lengths = mb.attention_mask.sum(-1)                                                   # [N]
+    keep = mb.attention_mask.bool()                                                       # [N, L] right-padded
+    ids = mb.input_ids[keep][None]                                                        # [1, T]
+    pos = (mb.attention_mask.cumsum(-1) - 1)[keep][None]                                  # [1, T]
+    offsets = lengths.cumsum(0) - lengths                                                 # [N] first packed index
+    rows, cols = mb.response_mask.bool().nonzero(as_tuple=True)                           # [K] each
+    return PackedBatch(ids, pos, offsets[rows] + cols, rows, cols, mb.targets[rows, cols])
+
+
 def collate_samples(samples: list[Sample], pad_id: int) -> TensorBatch:
     n = len(samples)
     width = max(len(s.context) + len(s.response) for s in samples)

@@ -186,6 +186,83 @@ def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return _TokenEntropy.apply(logits, float(temperature)).view(logits.shape[:-1])
 
 
+def _linear_chunk(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    """z = (hidden @ weight.T) / T for one chunk of rows, upcast to fp32 (fp64 for fp64): [n, V]."""
+    return _scaled(hidden @ weight.t(), temperature)
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / T)[ids] over chunks of rows; the logits of one chunk exist at a time and the
+    backward recomputes them (the fused linear + log-softmax of Liger's and verl's chunked losses)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float, rows: int,
+                with_entropy: bool):  # type: ignore[override]
+        n = hidden.shape[0]
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.empty(n, dtype=dtype, device=hidden.device)                               # [K]
+        lse = torch.empty_like(out)                                                           # [K]
+        entropy = torch.empty_like(out) if with_entropy else out.new_empty(0)
+        for s in range(0, n, rows):
+            e = min(s + rows, n)
+            z = _linear_chunk(hidden[s:e], weight, temperature)                               # [n, V]
+            lse[s:e] = torch.logsumexp(z, dim=-1)
+            out[s:e] = z.gather(-1, ids[s:e, None]).squeeze(-1) - lse[s:e]
+            if with_entropy:
+                p = torch.sub(z, lse[s:e, None]).exp_()
+                entropy[s:e] = lse[s:e] - p.mul_(z).sum(-1)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.save_for_backward(hidden, weight, ids, lse)
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_entropy: Tensor):  # type: ignore[override]
+        hidden, weight, ids, lse = ctx.saved_tensors
+        t, rows = ctx.temperature, ctx.rows
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                             device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], rows):
+            e = min(s + rows, hidden.shape[0])
+            z = _linear_chunk(hidden[s:e], weight, t)
+            g = grad_out[s:e, None].to(z.dtype)                                                # [n, 1]
+            dz = torch.sub(z, lse[s:e, None]).exp_().mul_(-g).scatter_add_(-1, ids[s:e, None], g)  # d/dz log p(id)
+            if t != 1.0:
+                dz.div_(t)
+            if need_h:
+                grad_h[s:e] = (dz @ weight.to(dz.dtype)).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(dz.t(), hidden[s:e].to(dz.dtype))
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float = 1.0,
+                          with_entropy: bool = False, chunk_rows: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """log p(ids) and (detached, optional) entropies under softmax(hidden @ weight.T / temperature), from hidden states
+    instead of logits: the lm_head runs chunk by chunk so the [K, V] logits never exist at once.
+
+    hidden: [K, H] final hidden states of the K positions that need a prediction; weight: [V, H] (a bias-free lm_head;
+    gradients flow to both); ids: [K] next tokens. Returns fp32 (fp64 for fp64 inputs) [K] log-probs and [K]
+    entropies (None unless ``with_entropy``; no gradient).
+    Peak memory beyond the inputs: forward 2·c·V and backward 3·c·V fp32 elements for c = ``chunk_rows`` (default
+    ``CHUNK_ELEMENTS // V``, i.e. ≈ 64 MiB per [c, V] temporary, ≤ ~200 MiB in all, independent of K), plus the
+    [V, H] weight gradient when the weight trains; the unchunked path holds K·V logits and their gradient.
+    Raises ValueError for mismatched shapes, ids outside [0, V) or temperature <= 0.
+    """
+    _check_temperature(temperature)
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or ids.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden [K, H] {tuple(hidden.shape)}, weight [V, H] {tuple(weight.shape)} and ids [K] "
+                         f"{tuple(ids.shape)} do not line up; pass one hidden state and one target id per position.")
+    ids = ids.long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+        raise ValueError(f"ids must lie in [0, {weight.shape[0]}); exclude padding with the mask instead.")
+    rows = chunk_rows or _chunk_rows(weight.shape[0])
+    logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, ids, float(temperature), rows, with_entropy)
+    return logp, (entropy if with_entropy else None)
+
+
 # --------------------------------------------------------------------------- advantages
 
 

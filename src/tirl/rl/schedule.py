@@ -94,3 +94,43 @@ def plan_round(group_keys: Sequence[Hashable], num_mini_batches: int, ppo_epochs
             plan.append([row for g in order[start:start + size] for row in groups[g]])
             start += size
     return plan
+
+
+def token_micro_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Micro-batches of a mini-batch's rows by a token budget (verl's ``use_dynamic_bsz``): indices into ``lengths``,
+    each row exactly once, each micro-batch's tokens ≤ ``budget`` except a row longer than the budget, which gets a
+    micro-batch of its own; as few micro-batches as first-fit-decreasing needs, with tokens balanced between them.
+
+    lengths: tokens per row (what a packed forward reads). Method: the rows over budget alone; the rest
+    first-fit-decreasing (FFD) into bins of ``budget`` — k bins; then the longest-processing-time rule (each row,
+    longest first, to the least-loaded of k' bins) for the smallest k' ≥ ceil(tokens/budget) whose bins all fit,
+    which balances the bins (LPT is within 4/3 of the optimal makespan, Graham 1969); FFD's bins when none does.
+    Micro-batches come longest first and list their rows in ascending order. Raises ValueError for budget < 1.
+    """
+    if budget < 1:
+        raise ValueError(f"the token budget must be >= 1, got {budget}.")
+    big = [[i] for i, n in enumerate(lengths) if n > budget]
+    rest = sorted((i for i, n in enumerate(lengths) if n <= budget), key=lambda i: (-lengths[i], i))
+    ffd: list[list[int]] = []
+    loads: list[int] = []
+    for i in rest:
+        j = next((j for j, load in enumerate(loads) if load + lengths[i] <= budget), None)
+        if j is None:
+            ffd.append([i])
+            loads.append(lengths[i])
+        else:
+            ffd[j].append(i)
+            loads[j] += lengths[i]
+    bins = ffd
+    for k in range(max(1, -(-sum(lengths[i] for i in rest) // budget)), len(ffd) + 1):
+        lpt: list[list[int]] = [[] for _ in range(k)]
+        lpt_loads = [0] * k
+        for i in rest:
+            j = min(range(k), key=lambda b: (lpt_loads[b], b))
+            lpt[j].append(i)
+            lpt_loads[j] += lengths[i]
+        if max(lpt_loads) <= budget:
+            bins = lpt
+            break
+    out = [sorted(b) for b in big + bins if b]
+    return sorted(out, key=lambda b: (-sum(lengths[i] for i in b), b))
