@@ -87,7 +87,7 @@ class ForcedLengths:
 def forced_lengths(args) -> list[int] | None:
     if not args.forced_lengths:
         return None
-    from bench_update import response_lengths   # scripts/ is this script's import path
+    from bench_update import response_lengths  # scripts/ is this script's import path
 
     return response_lengths(args.N * args.G, args.median, args.sigma, args.max_new, min_len=2, seed=0)
 

@@ -30,6 +30,7 @@ measured in this run (best of 5).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -130,7 +131,14 @@ def warm_up(model) -> None:
 def run_tirl(args, packing: bool, micro_tokens: int | None) -> dict:
     import torch
 
-    from tirl.config.schema import LoraConfig, LossConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
+    from tirl.config.schema import (
+        LoraConfig,
+        LossConfig,
+        MethodConfig,
+        ModelConfig,
+        RolloutConfig,
+        SandboxConfig,
+    )
     from tirl.models.reference import make_frozen_reference
     from tirl.modules.grpo import GRPOModule
     from tirl.rl.batch import collate_samples
@@ -175,7 +183,8 @@ def run_tirl(args, packing: bool, micro_tokens: int | None) -> dict:
     warm_up(model)
     before = rss_mb()
     t0 = time.perf_counter()
-    metrics = module.update(tb, groups)
+    with profiled(args):
+        metrics = module.update(tb, groups)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "loss": metrics.get("loss"), "grad_norm": metrics.get("grad_norm"),
             "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()}
@@ -203,7 +212,7 @@ def run_trl(args) -> dict:
         output_dir=args.tmp, per_device_train_batch_size=mbs, gradient_accumulation_steps=ga,
         num_generations=args.G, num_iterations=1, max_completion_length=args.max_len, beta=args.beta,
         epsilon=0.2, learning_rate=1e-6, temperature=1.0, loss_type="dapo", use_cpu=True, bf16=False,
-        gradient_checkpointing=False, report_to="none", use_vllm=False, disable_tqdm=True, seed=0,
+        report_to="none", use_vllm=False, disable_tqdm=True, seed=0,
         logging_steps=1000, save_strategy="no",
     )
     trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=cfg,
@@ -235,6 +244,17 @@ def run_trl(args) -> dict:
     before = rss_mb()
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
+    with profiled(args):
+        trl_micro_batches(trainer, policy, chunks, inputs_for, args, opt)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "loss": trainer._bench_loss, "grad_norm": trainer._bench_grad_norm,
+            "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()}
+
+
+def trl_micro_batches(trainer, policy, chunks, inputs_for, args, opt) -> None:
+    """Per micro-batch: TRL's reference log-probs (no grad), ``compute_loss``, backward; then clip and step."""
+    import torch
+
     total = 0.0
     for rows in chunks:
         inputs = inputs_for(rows)
@@ -243,15 +263,26 @@ def run_trl(args) -> dict:
             attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
             with torch.no_grad():
                 inputs["ref_per_token_logps"] = trainer._get_per_token_logps_and_entropies(
-                    trainer.ref_model, ids, attn, inputs["completion_ids"].shape[1], batch_size=mbs)[0]
+                    trainer.ref_model, ids, attn, inputs["completion_ids"].shape[1], batch_size=len(rows))[0]
         loss = trainer.compute_loss(policy, inputs)
         loss.backward()
         total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     opt.step()
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "loss": total, "grad_norm": float(grad_norm), "rss_before_mb": before,
-            "peak_rss_mb": peak_rss_mb()}
+    trainer._bench_loss, trainer._bench_grad_norm = total, float(grad_norm)
+
+
+@contextlib.contextmanager
+def profiled(args):
+    """With --profile: the torch.profiler's top operators by self CPU time of this update, printed to stderr."""
+    if not args.profile:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -318,6 +349,8 @@ def main() -> int:
     ap.add_argument("--only", help="run only the rows whose implementation contains this text (e.g. packed)")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--tmp", default="/tmp/tirl_bench_update", help="scratch folder (TRL's reference checkpoint)")
+    ap.add_argument("--profile", action="store_true",
+                    help="run each row under torch.profiler and print its top operators (slower; use with --only)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -345,6 +378,8 @@ def main() -> int:
         if done.returncode != 0:
             print(f"{setting} {impl} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
             return done.returncode
+        if args.profile:
+            print(f"--- {setting} {impl}: top operators by self CPU time\n{done.stderr}", file=sys.stderr)
         r = json.loads(done.stdout.strip().splitlines()[-1])
         r.update(setting=setting, impl=impl, tokens_per_s=t_all / r["seconds"],
                  mfu=flops / r["seconds"] / (peak * 1e9), update_mb=r["peak_rss_mb"] - r["rss_before_mb"])
