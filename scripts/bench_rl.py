@@ -139,6 +139,7 @@ def run_tirl(args) -> dict:
     torch.set_num_threads(args.threads)
     tok = load_tiny_tokenizer()
     method = MethodConfig(group_size=args.G, rollout_batch_size=args.N, micro_batch_size=args.N * args.G, lr=1e-5,
+                          **({"packing": False} if args.padded else {}),
                           loss=LossConfig(kl_coef=args.beta, agg="token-mean"), log_samples=0)
     model = ModelConfig(name_or_path=model_path(args), seed=0, lora=LoraConfig(enabled=args.lora, r=8, alpha=16))
     rollout = RolloutConfig(backend=args.rollout, max_new_tokens=args.max_new, max_total_tokens=args.max_new,
@@ -285,6 +286,7 @@ def main() -> int:
     ap.add_argument("--max-new", type=int, default=64, help="max completion tokens")
     ap.add_argument("--beta", type=float, default=0.0)
     ap.add_argument("--model", default="tiny", help="tiny, or a tirl.models.tiny.BENCH_MODELS name (bench-40m)")
+    ap.add_argument("--padded", action="store_true", help="tirl's padded update (method.packing=false)")
     ap.add_argument("--forced-lengths", action="store_true",
                     help="force every sample's length on both sides, log-normal (--median, --sigma, cap --max-new)")
     ap.add_argument("--median", type=float, default=250, help="median forced length (tokens)")
@@ -318,7 +320,7 @@ def main() -> int:
             return done.returncode
         results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
     settings = {k: getattr(args, k) for k in ("model", "N", "G", "max_new", "beta", "lora", "steps", "threads",
-                                              "rollout", "forced_lengths")}
+                                              "rollout", "forced_lengths", "padded")}
     lengths = forced_lengths(args)
     if lengths is not None:
         settings["forced"] = f"median {args.median:g}, sigma {args.sigma:g}: {sum(lengths)} tokens a step, max {max(lengths)}"

@@ -1,30 +1,35 @@
 """RL update speed and memory at realistic response lengths: tirl padded vs packed, and TRL's GRPO loss, one run.
 
-    python scripts/bench_update.py                 # the full workload below (~10-15 min on 2 cores)
-    python scripts/bench_update.py --quick         # smoke run: tiny sizes, ~15 s
-    python scripts/bench_update.py --json out.json
+    python scripts/bench_update.py                 # the workload below (~15-25 min on 2 loaded cores)
+    python scripts/bench_update.py --N 8           # the issue's 8 x 8 (twice the time; micro-batches as below)
+    python scripts/bench_update.py --quick         # smoke run: tiny sizes, ~30 s
+    python scripts/bench_update.py --only packed --profile --N 1    # where a row's time goes (torch.profiler)
 
 Workload (seeded, the same in every configuration): ``build_bench_model("bench-40m", vocab_size=--vocab)`` (Qwen3,
-12 layers, hidden 512, random init, fp32, SDPA), N prompts x G samples; prompt lengths uniform in [150, 300] tokens;
-response lengths log-normal, median 250, sigma 0.9, clipped to [16, 2000] (``response_lengths``); token ids uniform
+12 layers, hidden 512, random init, fp32, SDPA), N = 4 prompts x G = 8 samples; prompt lengths uniform in [150, 300]
+tokens; response lengths log-normal, median 250, sigma 0.9, clipped to [16, 2000] (``response_lengths``; the default
+draw holds a 2,000-token response; N = 8 adds the other 32 of the same 64-sample draw); token ids uniform
 over the vocabulary; one PPO mini-batch = the whole round (one optimizer step, AdamW); full fine-tune with the KL
 term on (beta = 0.001, k3), so the update = policy forward + backward + a frozen reference copy's forward +
 optimizer step; old log-probs from the rollout (no recompute pass); temperature 1; token-mean loss.
 
 Configurations (each in its own child process, one torch thread, peak RSS from ``getrusage`` in that child; the
 "update" column is that peak minus the child's RSS just before the update, i.e. what the update itself added on
-top of model, optimizer-free weights and batch):
-  (a) equal micro-batch SEQUENCE count (--micro-seqs, default 8 = one group): tirl padded, tirl packed, and TRL's
+top of model, reference copy and batch; it includes AdamW's state, equal in every row. RSS rather than tracemalloc,
+which does not see torch's C++ allocations; a child per row because ``ru_maxrss`` never goes down):
+  (a) equal micro-batch SEQUENCE count (--micro-seqs, default 2: with 8 a group holding the 2,000-token answer
+      needs ~12 GB in TRL, more than this shared machine has to spare): tirl padded, tirl packed, and TRL's
       ``GRPOTrainer._compute_loss`` + backward on the same rows (its inputs dict: prompt/completion ids and masks,
       advantages, old and reference per-token log-probs, the reference pass timed as TRL runs it);
-  (b) equal TOKEN budget (--micro-tokens): tirl padded and packed with ``method.micro_batch_tokens``.
+  (b) equal TOKEN budget (--micro-tokens, default 2,048 real tokens): tirl padded and packed with
+      ``method.micro_batch_tokens`` (the same balanced micro-batches; a padded one pads to its longest row).
 Tokens/s counts the batch's real tokens (every sample's prompt + response, no padding) over the update's wall
 time, the same numerator for every row, so ratios of tokens/s are ratios of speed. Model FLOPs (same for every row):
     F = 8 * (N_body * T_all + d * V * T_resp) + 8 * sum_i n_layers * d_attn * L_i^2
 i.e. 6x (forward + backward) + 2x (reference forward) the matmul FLOPs of the non-embedding body on every real
 token and of the lm_head on every response token, plus causal attention (QK^T and AV, 2 * 2 * d_attn * L^2 / 2 per
 layer and sequence in the forward). MFU = F / time / peak, peak = a 2048^3 fp32 ``torch.matmul`` on one thread,
-measured in this run (best of 5).
+measured in this run (best of 5, before and after the rows; the higher, as other processes share the cores).
 """
 
 from __future__ import annotations
