@@ -39,7 +39,7 @@ from tirl.modules.round_update import RoundUpdate
 from tirl.modules.validation import accuracy_by_kind, heldout_outcomes
 from tirl.rewards import ACCURACY_REWARDS, get_reward
 from tirl.rl import core
-from tirl.rl.batch import Sample, TensorBatch, collate_samples, pack_rows
+from tirl.rl.batch import PackedBatch, Sample, SharedContextBatch, TensorBatch, collate_samples, pack_rows
 from tirl.rl.schedule import check_world_size
 from tirl.rollout.backend import make_backend
 from tirl.rollout.metrics import rollout_metrics
@@ -165,15 +165,24 @@ class GRPOModule(RoundUpdate, PolicyModule):
             self._plain_cache = has_plain_kv_cache(self.policy)
         return self._plain_cache and not is_checkpointing(self.policy)
 
+    def micro_batch_reading(self, mb: TensorBatch) -> tuple[PackedBatch | None, SharedContextBatch | None]:
+        """How a pass reads ``mb`` (both exact): packed (``method.packing``), unless reading each shared context once
+        and padding the continuations reads fewer tokens (a long prompt shared by short, even responses); else
+        padded, with shared contexts when the model allows. Returns (packed, shared), at most one not None."""
+        shared = mb.shared_contexts() if self.can_share_contexts() else None
+        if self.method_cfg.packing and (shared is None or int(mb.attention_mask.sum()) <= shared.tokens_read()):
+            return pack_rows(mb), None
+        return None, shared
+
     def micro_batch_loss(self, mb: TensorBatch, counts: dict[str, tuple[float, float]]) -> tuple[torch.Tensor, dict]:
         loss_cfg = self.method_cfg.loss
         temperature = self.rollout_cfg.temperature or 1.0
-        if self.method_cfg.packing:
+        packed, shared = self.micro_batch_reading(mb)
+        if packed is not None:
             # one padding-free row; log-probs of the loss tokens only, put back in mb's [N, L-1] target layout
-            tok, packed = mb, pack_rows(mb)
+            tok = mb
             logp = packed.unpack(packed_logprobs(self.policy, packed, temperature)[0], mb.response_mask)
         else:
-            shared = mb.shared_contexts() if self.can_share_contexts() else None
             # per-token tensors: the continuations' (shared contexts), or from the first column any row has a loss
             # token in (prompts cost no lm_head either way)
             tok = shared.tokens if shared is not None else mb.response_window()
@@ -183,7 +192,7 @@ class GRPOModule(RoundUpdate, PolicyModule):
                                              loss_cfg.clip_low, loss_cfg.clip_high, loss_cfg.dual_clip)
         if loss_cfg.kl_coef > 0:
             with reference_model(self.policy, self.frozen_ref) as ref, torch.no_grad():
-                if self.method_cfg.packing:
+                if packed is not None:
                     ref_logp = packed.unpack(packed_logprobs(ref, packed, temperature)[0], mb.response_mask)
                 else:
                     ref_logp = core.token_logprobs(sequence_logits(ref, tok, shared), tok.targets, temperature)

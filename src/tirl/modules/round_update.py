@@ -6,7 +6,7 @@ ranks); ``ppo_epochs`` repeats the pass. Before the first step the trainer can r
 truncated importance sampling (``method.rollout_correction``). The math is in ``tirl.rl.core``.
 
 The host module provides ``method_cfg``, ``rollout_cfg``, ``policy``, ``tokenizer``, ``micro_batch_loss``,
-``global_counts``, ``can_share_contexts``, ``_all_reduce`` and Lightning's ``optimizers``/``manual_backward``.
+``global_counts``, ``micro_batch_reading``, ``_all_reduce`` and Lightning's ``optimizers``/``manual_backward``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from tirl.models.forward import packed_logprobs, sequence_logits
 from tirl.rl import core
-from tirl.rl.batch import Sample, TensorBatch, collate_samples, pack_rows, window_to_targets
+from tirl.rl.batch import Sample, TensorBatch, collate_samples, window_to_targets
 from tirl.rl.schedule import mini_batches_per_round, plan_round, steps_per_round, token_micro_batches
 
 
@@ -118,8 +118,8 @@ class RoundUpdate:
     def recompute_old_log_probs(self, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The trainer's own log-probs and full-vocabulary entropies [N, L-1] of every loss token of the round,
         before any update (verl's ``compute_log_prob``), read the way the update reads them (packed rows; or
-        shared contexts, response windows) and in the same micro-batches so the first step's ratio is 1 to float precision. Other positions keep their values."""
-        m = self.method_cfg
+        shared contexts, response windows) so the first step's ratio is 1 to float precision. Other positions keep
+        their values."""
         temperature = self.rollout_cfg.temperature or 1.0
         logp_all, ent_all = batch.old_log_probs.clone(), batch.entropy.clone()
         chunks = self.micro_batches(batch)
@@ -127,8 +127,8 @@ class RoundUpdate:
         for k in range(n_passes):
             idx = chunks[min(k, len(chunks) - 1)]
             mb = batch.select(idx).to(self.device)
-            if m.packing:
-                packed = pack_rows(mb)
+            packed, shared = self.micro_batch_reading(mb)
+            if packed is not None:
                 logp, ent = packed_logprobs(self.policy, packed, temperature, with_entropy=True)
                 if k < len(chunks):
                     rows = torch.tensor(idx)[packed.rows.cpu()]
@@ -136,7 +136,6 @@ class RoundUpdate:
                     logp_all[rows, cols] = logp.cpu().to(logp_all.dtype)
                     ent_all[rows, cols] = ent.cpu().to(ent_all.dtype)
                 continue
-            shared = mb.shared_contexts() if self.can_share_contexts() else None
             tok = shared.tokens if shared is not None else mb.response_window()
             logits = sequence_logits(self.policy, tok, shared)
             if k >= len(chunks):

@@ -124,6 +124,10 @@ class SharedContextBatch:
     position_ids: torch.Tensor    # [N, R] continuation positions (right after the context)
     tokens: TensorBatch           # [N, R] continuation ids as input and targets, per-token tensors re-indexed
 
+    def tokens_read(self) -> int:
+        """Token positions the shared-context pass computes, padding included: U·C contexts + N·R continuations."""
+        return self.ctx_ids.numel() + self.tokens.input_ids.numel()
+
 
 @dataclass
 class PackedBatch:

@@ -231,8 +231,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             dz = torch.sub(z, lse[s:e, None]).exp_().mul_(-g).scatter_add_(-1, ids[s:e, None], g)  # d/dz log p(id)
             if t != 1.0:
                 dz.div_(t)
-            if need_h:
-                grad_h[s:e] = (dz @ weight.to(dz.dtype)).to(hidden.dtype)
+            if need_h:   # in the weight's dtype, as autograd through a bf16 lm_head would (no fp32 weight copy)
+                grad_h[s:e] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
                 grad_w.addmm_(dz.t(), hidden[s:e].to(dz.dtype))
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
@@ -247,8 +247,9 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, ids: Tensor, temperatu
     gradients flow to both); ids: [K] next tokens. Returns fp32 (fp64 for fp64 inputs) [K] log-probs and [K]
     entropies (None unless ``with_entropy``; no gradient).
     Peak memory beyond the inputs: forward 2·c·V and backward 3·c·V fp32 elements for c = ``chunk_rows`` (default
-    ``CHUNK_ELEMENTS // V``, i.e. ≈ 64 MiB per [c, V] temporary, ≤ ~200 MiB in all, independent of K), plus the
-    [V, H] weight gradient when the weight trains; the unchunked path holds K·V logits and their gradient.
+    ``CHUNK_ELEMENTS // V``: ≈ 64 MiB per [c, V] temporary, ≤ ~200 MiB in all, independent of K), plus an fp32
+    [V, H] accumulator for the weight's gradient when the weight trains (not under LoRA); the unchunked path holds
+    the K·V logits and, in the backward, their gradient.
     Raises ValueError for mismatched shapes, ids outside [0, V) or temperature <= 0.
     """
     _check_temperature(temperature)
