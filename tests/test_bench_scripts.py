@@ -33,7 +33,7 @@ def test_response_lengths_are_the_stated_log_normal():
 
 
 def quick_args(bu) -> argparse.Namespace:
-    args = argparse.Namespace(**bu.QUICK, sigma=0.9, beta=0.001, tmp="/tmp/tirl_test_bench_update")
+    args = argparse.Namespace(**bu.QUICK, sigma=0.9, beta=0.001, tmp="/tmp/tirl_test_bench_update", profile=False)
     return args
 
 
