@@ -95,3 +95,16 @@ def test_forced_lengths_hold_in_tirl_sampler_and_hf_generate():
     assert got == lengths
     # outside ``during`` the hook does nothing: free sampling may stop anywhere
     assert forced.step is None
+
+
+def test_bench_model_vocab_widens_embedding_and_head_only():
+    from tirl.models.tiny import build_bench_model
+
+    small, _ = build_bench_model("tiny")
+    wide, tok = build_bench_model("tiny", vocab_size=4096)
+    assert wide.config.vocab_size == 4096 and wide.get_output_embeddings().weight.shape == (4096, 128)
+    extra = sum(p.numel() for p in wide.parameters()) - sum(p.numel() for p in small.parameters())
+    assert extra == (4096 - 1024) * 128                                     # tied embeddings: one matrix grows
+    assert wide(input_ids=torch.tensor([[1, 4000]])).logits.shape == (1, 2, 4096)
+    with pytest.raises(ValueError, match="below the tokenizer"):
+        build_bench_model("tiny", vocab_size=512)
