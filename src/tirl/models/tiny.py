@@ -82,9 +82,15 @@ BENCH_MODELS = {
 }
 
 
-def build_bench_model(name: str = "bench-40m", seed: int = 0) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerFast]:
-    """A benchmark model from ``BENCH_MODELS`` (Qwen3 architecture, tiny tokenizer, vocab 1,024), seeded."""
+def build_bench_model(name: str = "bench-40m", seed: int = 0,
+                      vocab_size: int | None = None) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerFast]:
+    """A benchmark model from ``BENCH_MODELS`` (Qwen3 architecture, tiny tokenizer), seeded. ``vocab_size``
+    (default the tokenizer's 1,024) widens the embedding and lm_head to a real model's (e.g. 32,768 or Qwen's
+    151,936) for benchmarks that feed token ids directly; ids beyond the tokenizer's 1,024 have no text."""
     if name not in BENCH_MODELS:
         raise ValueError(f"benchmark model '{name}' is not one of {sorted(BENCH_MODELS)}.")
-    return build_tiny(seed, **BENCH_MODELS[name])
+    if vocab_size is not None and vocab_size < TINY_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size} is below the tokenizer's {TINY_VOCAB_SIZE} tokens; pass at least that.")
+    extra = {"vocab_size": vocab_size} if vocab_size is not None else {}
+    return build_tiny(seed, **{**BENCH_MODELS[name], **extra})
 
