@@ -128,6 +128,13 @@ def test_rl_starts_at_the_sft_model_with_zero_kl_from_every_init_from_kind(stage
         counts = {lv: module.global_counts(tb, lv) for lv in ("episode", "step")}
         _, metrics = module.micro_batch_loss(tb, counts)
         assert float(metrics["kl"]) <= 1e-6
+        # what trains: every weight in a full fine-tune (a merged SFT adapter must not leave the base frozen), only
+        # the fresh RL adapter under LoRA
+        trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
+        if rl_lora:
+            assert trainable and all("lora_" in n for n in trainable)
+        else:
+            assert len(trainable) == len(list(module.policy.parameters()))
     finally:
         module.teardown("fit")
 

@@ -155,6 +155,13 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str
                                  f"model.name_or_path to the model that run trained.") from None
 
 
+def _trainable(model: PreTrainedModel) -> PreTrainedModel:
+    """A merged adapter's model with every weight trainable again: peft froze the base when it wrapped it, and a
+    full fine-tune from a LoRA run's weights would otherwise find nothing to train."""
+    model.requires_grad_(True)
+    return model
+
+
 def load_start_weights(model: PreTrainedModel, init_from: str, base: str) -> PreTrainedModel:
     """``model`` (plain, built from ``base``) with the weights of a ``.ckpt`` or an adapter directory, any LoRA
     adapter merged in: a plain model equal to the end of the run that wrote ``init_from``."""
@@ -166,7 +173,7 @@ def load_start_weights(model: PreTrainedModel, init_from: str, base: str) -> Pre
             return model
         peft_model = apply_lora(model, spec)
         load_weights(peft_model, weights, init_from, base)
-        return peft_model.merge_and_unload()
+        return _trainable(peft_model.merge_and_unload())
     if kind == "adapter":
         from peft import PeftModel
 
@@ -176,7 +183,7 @@ def load_start_weights(model: PreTrainedModel, init_from: str, base: str) -> Pre
                                                 "model.name_or_path='%s'.", init_from, wrote, base)
         try:
             with quiet_peft_wrap():
-                return PeftModel.from_pretrained(model, str(Path(init_from).expanduser())).merge_and_unload()
+                return _trainable(PeftModel.from_pretrained(model, str(Path(init_from).expanduser())).merge_and_unload())
         except RuntimeError as err:
             raise ModelNotFoundError(f"The adapter in '{init_from}' does not fit the model '{base}' "
                                      f"({str(err).splitlines()[-1][:160]}); set model.name_or_path to its base model.") from None
