@@ -305,3 +305,22 @@ def test_wandb_logger_leaves_out_the_anonymous_setting_wandb_warns_about(tmp_pat
 
     assert "anonymous" not in WandbLogger(offline=True, save_dir=str(tmp_path))._wandb_init
     assert WandbLogger(offline=True, save_dir=str(tmp_path), anonymous=True)._wandb_init["anonymous"] == "allow"
+
+
+def test_cpu_offload_on_cpu_ranks_is_refused_at_start(tmp_path):
+    from tirl.train import run
+
+    with pytest.raises(ConfigError, match=r"already run on the CPU \(trainer.accelerator=cpu\); set model.fsdp.cpu_offload=false"):
+        run(stub_cfg(tmp_path, "model.fsdp.cpu_offload=true"))
+    assert _open_loggers == []
+
+
+def test_a_round_that_does_not_split_over_the_ranks_is_refused_before_any_rank_starts(tmp_path):
+    """devices=3 with 8 prompts a round: said once, by the launching process, not after loading and validating on
+    every rank (StubModule would fail if it were built into a fit)."""
+    from tirl.rl.schedule import ScheduleError
+    from tirl.train import run
+
+    with pytest.raises(ScheduleError, match="must be a multiple of the 3 training processes; set it to 6"):
+        run(stub_cfg(tmp_path, "hardware=ddp", "trainer.accelerator=cpu", "trainer.devices=3",
+                     "trainer.precision=32-true", "method.rollout_batch_size=8"))

@@ -122,6 +122,9 @@ def run(cfg: DictConfig) -> float | None:
     record_provenance(cfg, OmegaConf.select(cfg, "paths.output_dir"))   # which file set which value, logged and saved
     check_trainer_keys(cfg.trainer)
     check_accelerator(cfg.trainer)
+    if str(cfg.trainer.get("accelerator", "auto")) == "cpu" and typed.model.fsdp.cpu_offload:
+        raise ConfigError("model.fsdp.cpu_offload=true moves shards off the GPUs to the CPU, but these ranks already "
+                          "run on the CPU (trainer.accelerator=cpu); set model.fsdp.cpu_offload=false.")
 
     import lightning.pytorch as pl
 
@@ -142,6 +145,10 @@ def run(cfg: DictConfig) -> float | None:
     # issue 18: val_check_interval is in optimizer steps; Lightning counts rounds (training_step calls)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           **lightning_step_counts(cfg, typed))
+    if typed.method.kind == "rl":   # known now, before any rank starts or any model loads: said once, not per rank
+        from tirl.rl.schedule import check_world_size
+
+        check_world_size(typed.method.rollout_batch_size, typed.method.mini_batch_size, trainer.world_size)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

@@ -38,7 +38,7 @@ from tirl.models.sharding import full_weights, is_sharded
 from tirl.modules import collectives
 from tirl.modules.policy import PolicyModule
 from tirl.modules.round_update import RoundUpdate
-from tirl.modules.validation import accuracy_by_kind, heldout_outcomes
+from tirl.modules.validation import accuracy_by_kind, heldout_means, heldout_outcomes, is_padding
 from tirl.rewards import ACCURACY_REWARDS, get_reward
 from tirl.rl import core
 from tirl.rl.batch import PackedBatch, Sample, SharedContextBatch, TensorBatch, collate_samples, pack_rows
@@ -81,6 +81,7 @@ class GRPOModule(RoundUpdate, PolicyModule):
         self._plain_cache: bool | None = None
         self.sandbox = None
         self._val_outputs: list[dict] = []
+        self._val_seen = 0
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, stage: str) -> None:
@@ -321,7 +322,10 @@ class GRPOModule(RoundUpdate, PolicyModule):
 
     def validation_step(self, batch: list[dict], batch_idx: int):
         trajs, rewards, correct = self.heldout_rollouts(batch)
-        self._val_outputs += heldout_outcomes(batch, trajs, rewards, correct)
+        # each outcome's record position on this rank, to drop the repeats a distributed sampler pads with
+        self._val_outputs += [{**o, "position": self._val_seen + o["record"]}
+                              for o in heldout_outcomes(batch, trajs, rewards, correct)]
+        self._val_seen += len(batch)
         return {"rollouts": (trajs, rewards, correct)}     # for the samples table (tirl.callbacks.SamplesTable)
 
     def test_step(self, batch: list[dict], batch_idx: int):
@@ -347,15 +351,24 @@ class GRPOModule(RoundUpdate, PolicyModule):
         return heldout_outcomes(records, *self.heldout_rollouts(records, temperature, samples))
 
     def _epoch_end(self, prefix: str) -> None:
-        outs, self._val_outputs = self._val_outputs, []
-        if not outs:
+        outs, self._val_outputs, self._val_seen = self._val_outputs, [], 0
+        loaders = getattr(self.trainer, f"{prefix}_dataloaders", None) if self._trainer is not None else None
+        sampler = getattr(loaders, "sampler", None)
+        # a distributed sampler gives every rank as many records by repeating a few: counted once, not twice
+        outs = [o for o in outs if not is_padding(o["position"], sampler)]
+        if collectives.all_reduce_scalar(float(len(outs)), "sum", self.device) == 0:
             return
-        n = len(outs)
-        self.log(f"{prefix}/acc", sum(o["correct"] for o in outs) / n, prog_bar=True, sync_dist=True)
-        self.log(f"{prefix}/reward", sum(o["reward"] for o in outs) / n, sync_dist=True)
-        self.log(f"{prefix}/response_len", sum(o["len"] for o in outs) / n, sync_dist=True)
+        means = heldout_means(outs, self.sum_over_ranks)
+        # the same value on every rank: sync_dist's mean keeps it (and Lightning asks for it in distributed runs)
+        self.log(f"{prefix}/acc", means["acc"], prog_bar=True, sync_dist=True)
+        self.log(f"{prefix}/reward", means["reward"], sync_dist=True)
+        self.log(f"{prefix}/response_len", means["response_len"], sync_dist=True)
         for kind, acc in self.accuracy_by_kind(outs).items():
-            self.log(f"{prefix}/acc/{kind}", acc, sync_dist=True)   # already the same on every rank: the mean keeps it
+            self.log(f"{prefix}/acc/{kind}", acc, sync_dist=True)
+
+    def sum_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return {k: v * world for k, v in self.mean_over_ranks(metrics).items()}
 
     def accuracy_by_kind(self, outs: list[dict]) -> dict[str, float]:
         return accuracy_by_kind(outs, self.mean_over_ranks)

@@ -104,7 +104,9 @@ class PolicyModule(L.LightningModule):
         f = self.model_cfg.fsdp
         param_dtype = DTYPES[f.param_dtype]
         if data_parallel.device_type == "cpu" and param_dtype != torch.float32:
-            log.warning("model.fsdp.param_dtype=%s is for GPUs; CPU ranks shard and compute in float32.", f.param_dtype)
+            if self.global_rank == 0 and not getattr(self, "_cpu_dtype_said", False):   # expected on CPU ranks: once
+                log.info("model.fsdp.param_dtype=%s is for GPUs; CPU ranks shard and compute in float32.", f.param_dtype)
+                self._cpu_dtype_said = True
             param_dtype = torch.float32
         mesh = sharding_mesh(data_parallel, f.sharding, self._trainer.num_nodes if self._trainer is not None else 1)
         log.info("FSDP2 shards the policy over mesh (%s), %s compute, %s gradient reduction",
