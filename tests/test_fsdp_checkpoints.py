@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -175,12 +176,15 @@ def dcp_dir(path: Path, state: dict, meta: dict | None = None) -> Path:
 @pytest.mark.parametrize("drop, says", [
     (".metadata", "incomplete sharded checkpoint directory (no .metadata)"),
     ("meta.pt", "incomplete sharded checkpoint directory (no meta.pt)"),
+    ("__0_0.distcp", "incomplete sharded checkpoint directory (no __0_0.distcp)"),   # a rank's shards lost
 ])
 def test_an_incomplete_sharded_directory_is_one_sentence_everywhere_it_is_read(tmp_path, drop, says):
     from tirl.config.preflight import check_paths
     from tirl.export import run as export_run
 
     ckpt = dcp_dir(tmp_path / "last.ckpt", {"state_dict": {"policy.w": torch.ones(2)}}, {"hyper_parameters": {}})
+    if drop.endswith(".distcp"):   # another rank's shard file stays, so only the index tells that one is missing
+        shutil.copy(ckpt / drop, ckpt / "__1_0.distcp")
     (ckpt / drop).unlink()
     raised = []
     for call in (lambda: read_checkpoint(str(ckpt)), lambda: load_policy("tiny", init_from=str(ckpt)),

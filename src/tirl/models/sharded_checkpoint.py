@@ -36,9 +36,27 @@ def sharded_checkpoint_problem(path: str | Path) -> str | None:
     if not any(p.glob("*.distcp")):
         missing.append("the *.distcp shard files")
     if not missing:
+        missing = missing_storage_files(p)
+    if not missing:
         return None
     return (f"'{path}' is an incomplete sharded checkpoint directory (no {' and no '.join(missing)}): the run was "
-            f"probably stopped while saving; pass an earlier checkpoint of that run (e.g. step_<n>.ckpt/) or last.ckpt/.")
+            f"probably stopped while saving, or files were lost when it was copied; pass an earlier checkpoint of "
+            f"that run (e.g. step_<n>.ckpt/) or last.ckpt/.")
+
+
+def missing_storage_files(path: str | Path) -> list[str]:
+    """The shard files (``__<rank>_0.distcp``) that the ``.metadata`` index of the directory ``path`` refers to and
+    that are not there (sorted names); ``[".metadata (unreadable)"]`` when the index itself cannot be read. Reads
+    the index only, not the shards."""
+    import torch.distributed.checkpoint as dcp
+
+    p = Path(path).expanduser()
+    try:
+        storage = dcp.FileSystemReader(str(p)).read_metadata().storage_data or {}
+    except Exception:   # a truncated or foreign index
+        return [f"readable {METADATA}"]
+    names = {getattr(info, "relative_path", None) for info in storage.values()}
+    return sorted(name for name in names if name and not (p / name).is_file())
 
 
 def read_sharded_checkpoint(path: str | Path) -> tuple[dict, dict]:
