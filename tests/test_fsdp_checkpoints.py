@@ -204,8 +204,17 @@ def test_a_directory_that_is_not_a_tirl_checkpoint_is_one_sentence(tmp_path):
     with pytest.raises(ModelNotFoundError, match="sharded checkpoint without policy weights"):
         read_checkpoint(str(foreign))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFoundError, match="is a directory but not a sharded checkpoint"):
-        read_checkpoint(str(tmp_path / "empty"))
+    from tirl.config.preflight import check_paths
+    from tirl.export import run as export_run
+
+    for call in (lambda: read_checkpoint(str(tmp_path / "empty")),   # e.g. ckpt=run/checkpoints: one wording everywhere
+                 lambda: check_paths(OmegaConf.create({"ckpt_path": str(tmp_path / "empty")}), None),
+                 lambda: export_run(OmegaConf.create({"ckpt": str(tmp_path / "empty"), "out": str(tmp_path / "o"),
+                                                      "merge_lora": True}))):
+        with pytest.raises((ModelNotFoundError, ConfigError)) as err:
+            call()
+        msg = str(err.value)
+        assert "empty" in msg and "is neither a file nor a sharded checkpoint directory;" in msg and "\n" not in msg
 
 
 # ------------------------------------------------------------------ the vLLM push (vLLM venv)

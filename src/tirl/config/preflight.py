@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from tirl.config.schema import EpisodeFilterConfig
 from tirl.config.tasks import REWARD_TASKS, is_local_path, source_task
 from tirl.config.validate import ConfigError, TypedConfig
-from tirl.models.sharded_checkpoint import looks_sharded, sharded_checkpoint_problem
+from tirl.models.sharded_checkpoint import NOT_A_CHECKPOINT, is_checkpoint_path, looks_sharded, sharded_checkpoint_problem
 
 # What each datamodule feeds: SFT chat samples or RL prompts (a user's own datamodule is not checked).
 DATAMODULE_KINDS: dict[str, str] = {
@@ -152,8 +152,8 @@ def check_paths(cfg: Any, typed: TypedConfig | None) -> None:
             raise ConfigError(f"ckpt_path={ckpt_path} is a sharded checkpoint directory, which only a sharded run "
                               f"resumes; add hardware=fsdp (on a CPU: trainer.accelerator=cpu trainer.devices=2), or "
                               f"start from its weights without resuming with init_from={ckpt_path}.")
-    elif ckpt_path and str(ckpt_path) not in LIGHTNING_CKPT_NAMES and not Path(str(ckpt_path)).expanduser().is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path} is neither a file nor a sharded checkpoint directory; point ckpt_path "
+    elif ckpt_path and str(ckpt_path) not in LIGHTNING_CKPT_NAMES and not is_checkpoint_path(str(ckpt_path)):
+        raise ConfigError(f"ckpt_path={ckpt_path} {NOT_A_CHECKPOINT}; point ckpt_path "
                           "at a Lightning .ckpt (or a hardware=fsdp run's .ckpt/ directory) to resume (init_from starts "
                           "from a checkpoint's weights without resuming), or set ckpt_path=null.")
     if typed is None:

@@ -23,6 +23,16 @@ META = "meta.pt"            # Lightning's non-tensor part
 WEIGHTS_PREFIX = "state_dict.policy."
 
 
+# What every reader (resume, init_from, export, evaluation) says of a path that is no checkpoint at all.
+NOT_A_CHECKPOINT = "is neither a file nor a sharded checkpoint directory"
+
+
+def is_checkpoint_path(path: str | Path) -> bool:
+    """Whether ``path`` is a file (a ``.ckpt``) or a directory holding any part of a sharded checkpoint; when not,
+    every reader says ``NOT_A_CHECKPOINT``."""
+    return Path(path).expanduser().is_file() or looks_sharded(path)
+
+
 def looks_sharded(path: str | Path) -> bool:
     """Whether ``path`` is a directory that holds any part of a sharded checkpoint (complete or not)."""
     p = Path(path).expanduser()
