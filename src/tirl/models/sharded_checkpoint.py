@@ -99,3 +99,28 @@ def read_sharded_checkpoint(path: str | Path) -> tuple[dict, dict]:
         raise ValueError(f"'{p / META}' could not be read ({type(err).__name__}); pass a checkpoint directory "
                          f"written by a tirl run.") from None
     return {key[len(WEIGHTS_PREFIX):]: t for key, t in wanted.items()}, dict(meta)
+
+
+def checkpoint_layout(path: str | Path) -> tuple[set[str], dict]:
+    """(the names in a checkpoint's ``state_dict``, e.g. ``policy.model.embed_tokens.weight``,
+    ``frozen_ref.model.…``; its ``hyper_parameters``) without reading its weights: a sharded directory's
+    ``.metadata`` index and ``meta.pt``, or a ``.ckpt`` file opened memory-mapped (tensors not read).
+
+    Raises ValueError (one sentence) when the file or directory cannot be read as a checkpoint."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    p = Path(path).expanduser()
+    try:
+        if looks_sharded(p):
+            entries = dcp.FileSystemReader(str(p)).read_metadata().state_dict_metadata
+            keys = {k[len("state_dict."):] for k in entries if k.startswith("state_dict.")}
+            meta = torch.load(p / META, map_location="cpu", weights_only=True)
+        else:
+            meta = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            keys = set((meta.get("state_dict") or {}) if isinstance(meta, dict) else ())
+    except Exception as err:   # a truncated file, an HF .bin, a foreign pickle
+        raise ValueError(f"'{path}' could not be read as a Lightning checkpoint ({type(err).__name__}); pass a "
+                         f"checkpoint written by a tirl run.") from None
+    hparams = meta.get("hyper_parameters") if isinstance(meta, dict) else None
+    return keys, dict(hparams or {})
