@@ -329,3 +329,11 @@ def test_resuming_with_settings_the_checkpoints_weights_do_not_fit_is_one_senten
         resume(ckpt, run_lora, run_kl, run_r)
     msg = str(err.value)
     assert says in msg and f"start a new run from its weights with init_from={ckpt}." in msg and "\n" not in msg, msg
+
+
+def test_resuming_from_a_file_that_is_no_checkpoint_is_one_sentence(tmp_path):
+    bad = tmp_path / "last.ckpt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match=r"^ckpt_path: '.*last.ckpt' could not be read as a Lightning checkpoint "
+                                          r"\(\w+\); pass a checkpoint written by a tirl run\.$"):
+        resume(bad, False, 0.0)
