@@ -18,7 +18,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from tirl.config import ConfigError
-from tirl.models.sharded_checkpoint import NOT_A_CHECKPOINT, is_checkpoint_path, looks_sharded, sharded_checkpoint_problem
+from tirl.models.sharded_checkpoint import (
+    NOT_A_CHECKPOINT,
+    is_checkpoint_path,
+    looks_sharded,
+    sharded_checkpoint_problem,
+)
 
 log = logging.getLogger(__name__)
 

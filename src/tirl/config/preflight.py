@@ -17,8 +17,13 @@ from omegaconf import OmegaConf
 from tirl.config.schema import EpisodeFilterConfig
 from tirl.config.tasks import REWARD_TASKS, is_local_path, source_task
 from tirl.config.validate import ConfigError, TypedConfig
-from tirl.models.sharded_checkpoint import (NOT_A_CHECKPOINT, checkpoint_layout, is_checkpoint_path, looks_sharded,
-                                           sharded_checkpoint_problem)
+from tirl.models.sharded_checkpoint import (
+    NOT_A_CHECKPOINT,
+    checkpoint_layout,
+    is_checkpoint_path,
+    looks_sharded,
+    sharded_checkpoint_problem,
+)
 
 # What each datamodule feeds: SFT chat samples or RL prompts (a user's own datamodule is not checked).
 DATAMODULE_KINDS: dict[str, str] = {
