@@ -349,7 +349,9 @@ def export_run(**cfg):
 
 
 @pytest.mark.parametrize("cfg,says", [
-    ({"ckpt": "/no/such.ckpt", "out": "x"}, "ckpt='/no/such.ckpt' does not exist; pass the path of a tirl .ckpt"),
+    ({"ckpt": "/no/such.ckpt", "out": "x"}, "ckpt='/no/such.ckpt' is neither a file nor a sharded checkpoint "
+                                            "directory; pass the path of a tirl .ckpt"),
+    ({"ckpt": "tests", "out": "x"}, "ckpt='tests' is neither a file nor a sharded checkpoint directory"),   # a run/checkpoints
     ({"out": "x"}, "Config value 'ckpt' is required; set it on the command line"),
     ({"ckpt": "README.md", "out": "x"}, "'README.md' could not be read as a Lightning checkpoint"),
     ({"ckpt": "lora_ckpt", "out": "hf"}, "already exists and is not an empty directory; pick a new directory"),
@@ -375,7 +377,7 @@ def test_export_command_mistakes_exit_2_without_a_traceback(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, timeout=120,
                        env={**__import__("os").environ, "HYDRA_FULL_ERROR": "0"})
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("Config error: ckpt='/no/such.ckpt' does not exist")
+    assert r.stderr.strip().splitlines()[-1].startswith("Config error: ckpt='/no/such.ckpt' is neither a file nor")
 
 
 def test_load_from_checkpoint_rebuilds_the_module_a_ckpt_was_saved_from(stages):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -175,12 +176,15 @@ def dcp_dir(path: Path, state: dict, meta: dict | None = None) -> Path:
 @pytest.mark.parametrize("drop, says", [
     (".metadata", "incomplete sharded checkpoint directory (no .metadata)"),
     ("meta.pt", "incomplete sharded checkpoint directory (no meta.pt)"),
+    ("__0_0.distcp", "incomplete sharded checkpoint directory (no __0_0.distcp)"),   # a rank's shards lost
 ])
 def test_an_incomplete_sharded_directory_is_one_sentence_everywhere_it_is_read(tmp_path, drop, says):
     from tirl.config.preflight import check_paths
     from tirl.export import run as export_run
 
     ckpt = dcp_dir(tmp_path / "last.ckpt", {"state_dict": {"policy.w": torch.ones(2)}}, {"hyper_parameters": {}})
+    if drop.endswith(".distcp"):   # another rank's shard file stays, so only the index tells that one is missing
+        shutil.copy(ckpt / drop, ckpt / "__1_0.distcp")
     (ckpt / drop).unlink()
     raised = []
     for call in (lambda: read_checkpoint(str(ckpt)), lambda: load_policy("tiny", init_from=str(ckpt)),
@@ -200,8 +204,17 @@ def test_a_directory_that_is_not_a_tirl_checkpoint_is_one_sentence(tmp_path):
     with pytest.raises(ModelNotFoundError, match="sharded checkpoint without policy weights"):
         read_checkpoint(str(foreign))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFoundError, match="is a directory but not a sharded checkpoint"):
-        read_checkpoint(str(tmp_path / "empty"))
+    from tirl.config.preflight import check_paths
+    from tirl.export import run as export_run
+
+    for call in (lambda: read_checkpoint(str(tmp_path / "empty")),   # e.g. ckpt=run/checkpoints: one wording everywhere
+                 lambda: check_paths(OmegaConf.create({"ckpt_path": str(tmp_path / "empty")}), None),
+                 lambda: export_run(OmegaConf.create({"ckpt": str(tmp_path / "empty"), "out": str(tmp_path / "o"),
+                                                      "merge_lora": True}))):
+        with pytest.raises((ModelNotFoundError, ConfigError)) as err:
+            call()
+        msg = str(err.value)
+        assert "empty" in msg and "is neither a file nor a sharded checkpoint directory;" in msg and "\n" not in msg
 
 
 # ------------------------------------------------------------------ the vLLM push (vLLM venv)
@@ -268,3 +281,59 @@ def test_resuming_a_sharded_directory_without_a_sharded_strategy_is_one_sentence
         with pytest.raises(ConfigError, match="only a sharded run resumes; add hardware=fsdp") as err:
             check_paths(OmegaConf.create({"ckpt_path": str(ckpt), "trainer": {"strategy": strategy}}), None)
         assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------ resuming with settings the weights do not fit
+FULL = {"policy.model.embed_tokens.weight": torch.ones(2)}
+LORA = {"policy.base_model.model.model.layers.0.q_proj.lora_A.default.weight": torch.ones(2),
+        "policy.base_model.model.model.layers.0.q_proj.base_layer.weight": torch.ones(2)}
+REF = {"frozen_ref.model.embed_tokens.weight": torch.ones(2)}
+
+
+def written(path: Path, sharded: bool, state: dict, lora: bool, kl_coef: float) -> Path:
+    """A checkpoint with ``state``'s key names and the hyper-parameters of such a run: a sharded directory (written
+    on this one process) or a plain ``.ckpt`` file."""
+    hp = {"model": {"lora": {"enabled": lora, "r": 8, "target_modules": ["q_proj"]}},
+          "method": {"kind": "rl", "loss": {"kl_coef": kl_coef}}}
+    if sharded:
+        return dcp_dir(path, {"state_dict": state}, {"hyper_parameters": hp})
+    torch.save({"state_dict": state, "hyper_parameters": hp}, path)
+    return path
+
+
+def resume(ckpt: Path, lora: bool, kl_coef: float, r: int = 8) -> None:
+    from tirl.config.preflight import check_paths
+
+    mp = {"_target_": "lightning.pytorch.strategies.ModelParallelStrategy"}
+    check_paths(OmegaConf.create({"ckpt_path": str(ckpt), "trainer": {"strategy": mp},
+                                  "model": {"lora": {"enabled": lora, "r": r, "target_modules": ["q_proj"]}},
+                                  "method": {"kind": "rl", "loss": {"kl_coef": kl_coef}}}), None)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "file"])
+@pytest.mark.parametrize("state, lora, kl, run_lora, run_kl, run_r, says", [
+    (FULL, False, 0.0, True, 0.0, 8, "was written with model.lora.enabled=false but this run has model.lora.enabled=true"),
+    (LORA, True, 0.05, False, 0.0, 8, "was written with model.lora.enabled=true but this run has model.lora.enabled=false"),
+    (LORA, True, 0.0, True, 0.0, 16, "was written with model.lora.r=8 but this run has model.lora.r=16"),
+    (FULL, False, 0.0, False, 0.05, 8,   # a THOR run (kl 0) resumed as method=dcore (kl > 0)
+     "was written with method.loss.kl_coef=0.0 (without a KL reference copy) but this run has method.loss.kl_coef=0.05"),
+    ({**FULL, **REF}, False, 0.05, False, 0.0, 8,
+     "was written with method.loss.kl_coef=0.05 (with a KL reference copy) but this run has method.loss.kl_coef=0.0"),
+])
+def test_resuming_with_settings_the_checkpoints_weights_do_not_fit_is_one_sentence(tmp_path, sharded, state, lora, kl,
+                                                                                   run_lora, run_kl, run_r, says):
+    ckpt = written(tmp_path / "last.ckpt", sharded, state, lora, kl)
+    resume(ckpt, lora, kl)   # the settings it was written with resume
+    with pytest.raises(ConfigError) as err:
+        resume(ckpt, run_lora, run_kl, run_r)
+    msg = str(err.value)
+    assert says in msg and f"start a new run from its weights with init_from={ckpt}." in msg and "\n" not in msg, msg
+
+
+def test_resuming_from_a_file_that_is_no_checkpoint_is_one_sentence(tmp_path):
+    bad = tmp_path / "last.ckpt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match=r"^ckpt_path: '.*last.ckpt' could not be read as a Lightning checkpoint "
+                                          r"\(\w+\); pass a checkpoint written by a tirl run\.$"):
+        resume(bad, False, 0.0)

@@ -266,6 +266,16 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(train_cfg, tmp_path
         assert any(full[s] != 0 for s in full) or key != "train/loss"
         for s in resumed:
             assert resumed[s] == pytest.approx(full[s], abs=1e-6), (key, s)
+    if schedule:
+        return
+    # a real dcore .ckpt (full fine-tune, kl > 0: it holds the KL reference copy) refuses settings it does not fit
+    from tirl.config import ConfigError
+    from tirl.config.preflight import check_paths
+
+    for change, says in (("method.loss.kl_coef=0.0", r"written with method.loss.kl_coef=0.001 \(with a KL reference"),
+                         ("model.lora.enabled=true", "was written with model.lora.enabled=false")):
+        with pytest.raises(ConfigError, match=says):
+            check_paths(train_cfg(*common, change, f"ckpt_path={ckpt}", out=tmp_path / "c"), None)
 
 
 def test_all_zero_advantage_step_leaves_the_weights_alone(train_cfg, tmp_path):

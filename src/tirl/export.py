@@ -18,7 +18,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from tirl.config import ConfigError
-from tirl.models.sharded_checkpoint import looks_sharded, sharded_checkpoint_problem
+from tirl.models.sharded_checkpoint import (
+    NOT_A_CHECKPOINT,
+    is_checkpoint_path,
+    looks_sharded,
+    sharded_checkpoint_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +55,8 @@ def run(cfg: DictConfig) -> str:
         problem = sharded_checkpoint_problem(ckpt)
         if problem:
             raise ConfigError(f"ckpt: {problem}")
-    elif not ckpt.is_file():   # before the seconds of importing torch and Lightning
-        raise ConfigError(f"ckpt='{cfg.ckpt}' does not exist; pass the path of a tirl .ckpt file (or a sharded "
+    elif not is_checkpoint_path(ckpt):   # before the seconds of importing torch and Lightning
+        raise ConfigError(f"ckpt='{cfg.ckpt}' {NOT_A_CHECKPOINT}; pass the path of a tirl .ckpt file (or a sharded "
                           f"checkpoint's .ckpt/ directory), e.g. ckpt=logs/<task>/runs/<run>/checkpoints/last.ckpt.")
     out = Path(str(cfg.out)).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

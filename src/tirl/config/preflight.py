@@ -17,7 +17,13 @@ from omegaconf import OmegaConf
 from tirl.config.schema import EpisodeFilterConfig
 from tirl.config.tasks import REWARD_TASKS, is_local_path, source_task
 from tirl.config.validate import ConfigError, TypedConfig
-from tirl.models.sharded_checkpoint import looks_sharded, sharded_checkpoint_problem
+from tirl.models.sharded_checkpoint import (
+    NOT_A_CHECKPOINT,
+    checkpoint_layout,
+    is_checkpoint_path,
+    looks_sharded,
+    sharded_checkpoint_problem,
+)
 
 # What each datamodule feeds: SFT chat samples or RL prompts (a user's own datamodule is not checked).
 DATAMODULE_KINDS: dict[str, str] = {
@@ -152,10 +158,12 @@ def check_paths(cfg: Any, typed: TypedConfig | None) -> None:
             raise ConfigError(f"ckpt_path={ckpt_path} is a sharded checkpoint directory, which only a sharded run "
                               f"resumes; add hardware=fsdp (on a CPU: trainer.accelerator=cpu trainer.devices=2), or "
                               f"start from its weights without resuming with init_from={ckpt_path}.")
-    elif ckpt_path and str(ckpt_path) not in LIGHTNING_CKPT_NAMES and not Path(str(ckpt_path)).expanduser().is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path} is neither a file nor a sharded checkpoint directory; point ckpt_path "
+    elif ckpt_path and str(ckpt_path) not in LIGHTNING_CKPT_NAMES and not is_checkpoint_path(str(ckpt_path)):
+        raise ConfigError(f"ckpt_path={ckpt_path} {NOT_A_CHECKPOINT}; point ckpt_path "
                           "at a Lightning .ckpt (or a hardware=fsdp run's .ckpt/ directory) to resume (init_from starts "
                           "from a checkpoint's weights without resuming), or set ckpt_path=null.")
+    if ckpt_path and str(ckpt_path) not in LIGHTNING_CKPT_NAMES:
+        check_resume_fits(cfg, str(ckpt_path))
     if typed is None:
         return
     for split in ("train", "val", "test"):
@@ -163,6 +171,48 @@ def check_paths(cfg: Any, typed: TypedConfig | None) -> None:
         if is_local_path(spec) and not Path(spec).expanduser().exists():
             raise ConfigError(f"data.{split}={spec} does not exist (relative paths start at {Path.cwd()}); point "
                               f"data.{split} at a .jsonl/.parquet file or a directory of them, or use hf:<dataset id>.")
+
+
+def _setting(hparams: dict, key: str) -> Any:
+    node: Any = hparams
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def check_resume_fits(cfg: Any, ckpt_path: str) -> None:
+    """The run's weights have the same names as those ``ckpt_path`` holds, so Lightning's strict load fits: a LoRA
+    adapter (``model.lora.enabled``; for LoRA also its ``r`` and ``target_modules``) and a full fine-tune's KL
+    reference copy (``frozen_ref.*``, kept when ``method.loss.kl_coef`` != 0) on both sides or on neither. Read from
+    the checkpoint's key names and saved hyper-parameters (``checkpoint_layout``), not its weights."""
+    try:
+        keys, hparams = checkpoint_layout(ckpt_path)
+    except ValueError as err:
+        raise ConfigError(f"ckpt_path: {err}") from None
+    fix = f"resume with the same setting, or start a new run from its weights with init_from={ckpt_path}"
+    run_lora = bool(OmegaConf.select(cfg, "model.lora.enabled", default=False))
+    ckpt_lora = any(".lora_A." in k for k in keys if k.startswith("policy."))
+    if run_lora != ckpt_lora:
+        raise ConfigError(f"ckpt_path={ckpt_path} was written with model.lora.enabled={str(ckpt_lora).lower()} but "
+                          f"this run has model.lora.enabled={str(run_lora).lower()}; {fix}.")
+    if run_lora:
+        for key in ("r", "target_modules"):
+            was, now = _setting(hparams, f"model.lora.{key}"), OmegaConf.select(cfg, f"model.lora.{key}")
+            now = OmegaConf.to_object(now) if OmegaConf.is_config(now) else now
+            if was is not None and now is not None and (sorted(was) if key == "target_modules" else was) != \
+                    (sorted(now) if key == "target_modules" else now):
+                raise ConfigError(f"ckpt_path={ckpt_path} was written with model.lora.{key}={was} but this run has "
+                                  f"model.lora.{key}={now}; {fix}.")
+    kl_coef = OmegaConf.select(cfg, "method.loss.kl_coef", default=0.0) or 0.0
+    run_ref = OmegaConf.select(cfg, "method.kind", default="rl") == "rl" and kl_coef != 0 and not run_lora
+    ckpt_ref = any(k.startswith("frozen_ref.") for k in keys)
+    if run_ref != ckpt_ref:
+        was = _setting(hparams, "method.loss.kl_coef")
+        was = f"method.loss.kl_coef={was}" if was is not None else "method.loss.kl_coef" + ("!=0" if ckpt_ref else "=0")
+        copy = "with" if ckpt_ref else "without"
+        raise ConfigError(f"ckpt_path={ckpt_path} was written with {was} ({copy} a KL reference copy) but this run has "
+                          f"method.loss.kl_coef={kl_coef}" + ("" if run_ref == bool(kl_coef) else
+                          f" and method.kind={OmegaConf.select(cfg, 'method.kind')}") + f"; {fix}.")
 
 
 def check_step_counts(cfg: Any, typed: TypedConfig) -> None:

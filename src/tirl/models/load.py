@@ -111,7 +111,7 @@ def read_checkpoint(ckpt_path: str) -> tuple[dict[str, torch.Tensor], LoraSpec |
     the directory of a sharded checkpoint (``hardware=fsdp``), consolidated here on one process.
 
     Raises ModelNotFoundError for a missing path or one that is not a (complete) tirl checkpoint."""
-    from tirl.models.sharded_checkpoint import looks_sharded, read_sharded_checkpoint
+    from tirl.models.sharded_checkpoint import NOT_A_CHECKPOINT, looks_sharded, read_sharded_checkpoint
 
     path = Path(ckpt_path).expanduser()
     if path.is_dir() and looks_sharded(path):
@@ -120,9 +120,7 @@ def read_checkpoint(ckpt_path: str) -> tuple[dict[str, torch.Tensor], LoraSpec |
         except ValueError as err:
             raise ModelNotFoundError(str(err)) from None
     elif not path.is_file():
-        kind = "is a directory but not a sharded checkpoint (no .metadata, meta.pt or *.distcp)" if path.is_dir() \
-            else "does not exist"
-        raise ModelNotFoundError(f"Checkpoint '{ckpt_path}' {kind}; pass a tirl .ckpt file or sharded checkpoint "
+        raise ModelNotFoundError(f"Checkpoint '{ckpt_path}' {NOT_A_CHECKPOINT}; pass a tirl .ckpt file or sharded checkpoint "
                                  f"directory (e.g. logs/<task>/runs/<run>/checkpoints/last.ckpt).")
     else:
         try:   # tirl saves plain containers only, so no pickled code from a downloaded file ever runs

@@ -23,6 +23,16 @@ META = "meta.pt"            # Lightning's non-tensor part
 WEIGHTS_PREFIX = "state_dict.policy."
 
 
+# What every reader (resume, init_from, export, evaluation) says of a path that is no checkpoint at all.
+NOT_A_CHECKPOINT = "is neither a file nor a sharded checkpoint directory"
+
+
+def is_checkpoint_path(path: str | Path) -> bool:
+    """Whether ``path`` is a file (a ``.ckpt``) or a directory holding any part of a sharded checkpoint; when not,
+    every reader says ``NOT_A_CHECKPOINT``."""
+    return Path(path).expanduser().is_file() or looks_sharded(path)
+
+
 def looks_sharded(path: str | Path) -> bool:
     """Whether ``path`` is a directory that holds any part of a sharded checkpoint (complete or not)."""
     p = Path(path).expanduser()
@@ -36,9 +46,27 @@ def sharded_checkpoint_problem(path: str | Path) -> str | None:
     if not any(p.glob("*.distcp")):
         missing.append("the *.distcp shard files")
     if not missing:
+        missing = missing_storage_files(p)
+    if not missing:
         return None
     return (f"'{path}' is an incomplete sharded checkpoint directory (no {' and no '.join(missing)}): the run was "
-            f"probably stopped while saving; pass an earlier checkpoint of that run (e.g. step_<n>.ckpt/) or last.ckpt/.")
+            f"probably stopped while saving, or files were lost when it was copied; pass an earlier checkpoint of "
+            f"that run (e.g. step_<n>.ckpt/) or last.ckpt/.")
+
+
+def missing_storage_files(path: str | Path) -> list[str]:
+    """The shard files (``__<rank>_0.distcp``) that the ``.metadata`` index of the directory ``path`` refers to and
+    that are not there (sorted names); ``[".metadata (unreadable)"]`` when the index itself cannot be read. Reads
+    the index only, not the shards."""
+    import torch.distributed.checkpoint as dcp
+
+    p = Path(path).expanduser()
+    try:
+        storage = dcp.FileSystemReader(str(p)).read_metadata().storage_data or {}
+    except Exception:   # a truncated or foreign index
+        return [f"readable {METADATA}"]
+    names = {getattr(info, "relative_path", None) for info in storage.values()}
+    return sorted(name for name in names if name and not (p / name).is_file())
 
 
 def read_sharded_checkpoint(path: str | Path) -> tuple[dict, dict]:
@@ -71,3 +99,28 @@ def read_sharded_checkpoint(path: str | Path) -> tuple[dict, dict]:
         raise ValueError(f"'{p / META}' could not be read ({type(err).__name__}); pass a checkpoint directory "
                          f"written by a tirl run.") from None
     return {key[len(WEIGHTS_PREFIX):]: t for key, t in wanted.items()}, dict(meta)
+
+
+def checkpoint_layout(path: str | Path) -> tuple[set[str], dict]:
+    """(the names in a checkpoint's ``state_dict``, e.g. ``policy.model.embed_tokens.weight``,
+    ``frozen_ref.model.…``; its ``hyper_parameters``) without reading its weights: a sharded directory's
+    ``.metadata`` index and ``meta.pt``, or a ``.ckpt`` file opened memory-mapped (tensors not read).
+
+    Raises ValueError (one sentence) when the file or directory cannot be read as a checkpoint."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    p = Path(path).expanduser()
+    try:
+        if looks_sharded(p):
+            entries = dcp.FileSystemReader(str(p)).read_metadata().state_dict_metadata
+            keys = {k[len("state_dict."):] for k in entries if k.startswith("state_dict.")}
+            meta = torch.load(p / META, map_location="cpu", weights_only=True)
+        else:
+            meta = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            keys = set((meta.get("state_dict") or {}) if isinstance(meta, dict) else ())
+    except Exception as err:   # a truncated file, an HF .bin, a foreign pickle
+        raise ValueError(f"'{path}' could not be read as a Lightning checkpoint ({type(err).__name__}); pass a "
+                         f"checkpoint written by a tirl run.") from None
+    hparams = meta.get("hyper_parameters") if isinstance(meta, dict) else None
+    return keys, dict(hparams or {})
