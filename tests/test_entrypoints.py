@@ -324,3 +324,11 @@ def test_a_round_that_does_not_split_over_the_ranks_is_refused_before_any_rank_s
     with pytest.raises(ScheduleError, match="must be a multiple of the 3 training processes; set it to 6"):
         run(stub_cfg(tmp_path, "hardware=ddp", "trainer.accelerator=cpu", "trainer.devices=3",
                      "trainer.precision=32-true", "method.rollout_batch_size=8"))
+
+
+def test_multinode_started_bare_on_one_machine_is_refused_instead_of_waiting(tmp_path, monkeypatch):
+    from tirl.train import run
+
+    monkeypatch.delenv("NODE_RANK", raising=False)
+    with pytest.raises(ConfigError, match="trainer.num_nodes=2 but this process was not started by a multi-node launcher"):
+        run(stub_cfg(tmp_path, "hardware=multinode", "trainer.accelerator=cpu", "trainer.devices=2"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,6 +56,24 @@ def check_accelerator(trainer_cfg: Mapping) -> None:
             "The config asks for a GPU (trainer.accelerator=gpu) but CUDA is not available here; "
             "use hardware=cpu or run on a machine with a GPU."
         )
+
+
+def check_multinode_launch(trainer) -> None:
+    """``trainer.num_nodes`` > 1 needs one process per node started by a launcher (srun, torchrun --nnodes, or
+    NODE_RANK/MASTER_ADDR set by hand on each node); started bare on one machine the ranks wait for nodes that never
+    come. Raises ConfigError then, before any rank starts."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.num_nodes > 1 and type(env).__name__ == "LightningEnvironment" and "NODE_RANK" not in os.environ:
+        raise ConfigError(f"trainer.num_nodes={trainer.num_nodes} but this process was not started by a multi-node "
+                          f"launcher, so its ranks would wait for the other nodes forever; launch with srun or torchrun "
+                          f"--nnodes (README: hardware=multinode), or set trainer.num_nodes=1 on one machine.")
+
+
+def quiet_other_ranks() -> None:
+    """Progress lines (data, model, before/after training) once: from rank 0. Lightning starts ranks 1.. with LOCAL_RANK
+    or NODE_RANK set; their tirl logs keep warnings and errors only."""
+    if int(os.environ.get("LOCAL_RANK", 0) or 0) > 0 or int(os.environ.get("NODE_RANK", 0) or 0) > 0:
+        logging.getLogger("tirl").setLevel(logging.WARNING)
 
 
 def build_datamodule(typed: TypedConfig, tokenizer: Any) -> Any:
@@ -117,6 +136,7 @@ def check_run_can_start(cfg: DictConfig, typed) -> None:
 def run(cfg: DictConfig) -> float | None:
     """Train (and test) as configured; return the value of ``cfg.optimized_metric``."""
     quiet_library_notices()
+    quiet_other_ranks()
     typed = validate(cfg)
     check_run_can_start(cfg, typed)   # method vs data, paths, rollout backend: before any model loads
     record_provenance(cfg, OmegaConf.select(cfg, "paths.output_dir"))   # which file set which value, logged and saved
@@ -145,6 +165,7 @@ def run(cfg: DictConfig) -> float | None:
     # issue 18: val_check_interval is in optimizer steps; Lightning counts rounds (training_step calls)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           **lightning_step_counts(cfg, typed))
+    check_multinode_launch(trainer)
     if typed.method.kind == "rl":   # known now, before any rank starts or any model loads: said once, not per rank
         from tirl.rl.schedule import check_world_size
 
