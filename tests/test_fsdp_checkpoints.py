@@ -285,7 +285,7 @@ def test_resuming_a_sharded_directory_without_a_sharded_strategy_is_one_sentence
 
 # ------------------------------------------------------------------ resuming with settings the weights do not fit
 FULL = {"policy.model.embed_tokens.weight": torch.ones(2)}
-LORA = {"policy.base_model.model.model.layers.0.q_proj.lora_A.default.weight": torch.ones(2),
+LORA_KEYS = {"policy.base_model.model.model.layers.0.q_proj.lora_A.default.weight": torch.ones(2),
         "policy.base_model.model.model.layers.0.q_proj.base_layer.weight": torch.ones(2)}
 REF = {"frozen_ref.model.embed_tokens.weight": torch.ones(2)}
 
@@ -314,8 +314,8 @@ def resume(ckpt: Path, lora: bool, kl_coef: float, r: int = 8) -> None:
 @pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "file"])
 @pytest.mark.parametrize("state, lora, kl, run_lora, run_kl, run_r, says", [
     (FULL, False, 0.0, True, 0.0, 8, "was written with model.lora.enabled=false but this run has model.lora.enabled=true"),
-    (LORA, True, 0.05, False, 0.0, 8, "was written with model.lora.enabled=true but this run has model.lora.enabled=false"),
-    (LORA, True, 0.0, True, 0.0, 16, "was written with model.lora.r=8 but this run has model.lora.r=16"),
+    (LORA_KEYS, True, 0.05, False, 0.0, 8, "was written with model.lora.enabled=true but this run has model.lora.enabled=false"),
+    (LORA_KEYS, True, 0.0, True, 0.0, 16, "was written with model.lora.r=8 but this run has model.lora.r=16"),
     (FULL, False, 0.0, False, 0.05, 8,   # a THOR run (kl 0) resumed as method=dcore (kl > 0)
      "was written with method.loss.kl_coef=0.0 (without a KL reference copy) but this run has method.loss.kl_coef=0.05"),
     ({**FULL, **REF}, False, 0.05, False, 0.0, 8,
