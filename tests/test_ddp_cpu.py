@@ -161,6 +161,19 @@ def rank_local_token_mean_gradient(samples: list[Sample], split: tuple[list[int]
     return torch.cat([p.grad.flatten() for p in module.policy.parameters()])
 
 
+def assert_one_process_gradient(ref: GRPOModule, rec: dict, samples: list[Sample], where: tuple) -> None:
+    """A rank's recorded step (its gathered ``grads`` and the ``weights`` they were taken at) has the one-process
+    full-batch gradient at those very weights, 1e-5 relative per tensor. (Comparing with an independent one-process
+    trajectory instead lets AdamW amplify fp32 noise across steps: 1e-3 at step 2.)"""
+    with torch.no_grad():
+        for name, p in ref.policy.named_parameters():
+            p.copy_(rec["weights"][name])
+    want = full_batch_gradient(ref, samples)
+    assert rec["grads"].keys() == want.keys() and want
+    for name, g in rec["grads"].items():
+        assert relative_error(g, want[name]) < 1e-5, (*where, name)
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """|got - want| / |want| over the whole tensor. A gradient taken at the same weights agrees to fp32 summation
     order (~1e-6); a halved gradient or a rank-local token-mean is off by 0.1 or more."""
@@ -206,13 +219,7 @@ def test_split_batch_under_ddp_gives_the_one_process_gradient_even_when_ranks_ar
             assert rec["passes"] == max(len(s) for s in split), (step, rank)
             # the one-process full-batch gradient at the very weights this step was taken at (comparing with an
             # independent one-process trajectory instead lets AdamW amplify fp32 noise across steps: 1e-3 at step 2)
-            with torch.no_grad():
-                for name, p in ref.policy.named_parameters():
-                    p.copy_(rec["weights"][name])
-            want = full_batch_gradient(ref, samples)
-            assert rec["grads"].keys() == want.keys()
-            for name, g in rec["grads"].items():
-                assert relative_error(g, want[name]) < 1e-5, (step, rank, name)
+            assert_one_process_gradient(ref, rec, samples, (step, rank))
         for name, g in seen[0]["grads"].items():
             assert torch.equal(g, seen[1]["grads"][name])   # DDP synced: the ranks step with the same gradient
     # the check above can tell: normalising by each rank's own 8 / 11 tokens instead of 19 moves the gradient a lot

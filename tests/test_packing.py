@@ -15,6 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_update_schedule import (
+    full_batch as loss_and_grads,  # the whole batch's loss and gradient in one pass
+)
 
 from tirl.config.schema import LoraConfig, LossConfig, MethodConfig, ModelConfig, RolloutConfig, SandboxConfig
 from tirl.models.forward import packed_logprobs
@@ -159,14 +162,6 @@ def make_module(lora: bool = False, **method_kw) -> GRPOModule:
     module._trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=0)
     return module
 
-
-def loss_and_grads(module: GRPOModule, tb) -> tuple[float, list[torch.Tensor]]:
-    counts = {lv: module.global_counts(tb, lv) for lv in ("episode", "step")}
-    counts["positive"] = (module.global_positive_tokens(tb), 0.0)
-    module.policy.zero_grad(set_to_none=True)
-    loss, _ = module.micro_batch_loss(tb, counts)
-    loss.backward()
-    return loss.item(), [p.grad.detach().clone() for p in module.trainable_parameters()]
 
 
 LOSSES = {
